@@ -1,0 +1,247 @@
+//! HTTP: classification by status, body tracking, and rejections as status-code responses.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::rejection::retry_after_secs;
+use super::{Classify, Outcome, Permit, RejectMode, Rejection};
+
+/// Decides the outcome of a streamed response at its end, from its trailers (`None` when the body ended without
+/// any). Only consulted when the response head left the outcome open, as gRPC does.
+pub trait ClassifyEos: Send + Sync + 'static {
+    /// The outcome, given the trailers seen at the end of the body.
+    fn classify_eos(&self, trailers: Option<&HeaderMap>) -> Outcome;
+}
+
+/// Plain HTTP: nothing is decided at end of stream.
+impl ClassifyEos for () {
+    fn classify_eos(&self, _trailers: Option<&HeaderMap>) -> Outcome {
+        Outcome::Success
+    }
+}
+
+pin_project! {
+    /// A response body that holds its request's [`Permit`] until the body is really done.
+    ///
+    /// The permit is released exactly once: at the end of the stream (with the outcome of the response head, or,
+    /// for gRPC, of the trailers), on a body error ([`Outcome::Failure`]), or when the body is dropped half-read
+    /// ([`Outcome::Ignored`]: the client went away). A body that is already at its end when the head arrives
+    /// releases the permit at once, since servers may never poll it.
+    pub struct TrackedBody<B, T = ()> {
+        #[pin]
+        inner: B,
+        permit: Option<Permit>,
+        outcome: Option<Outcome>,
+        eos: T,
+    }
+}
+
+impl<B: Body, T: ClassifyEos> TrackedBody<B, T> {
+    /// Wraps `inner`. `outcome` is the outcome decided from the head, or `None` to let `eos` decide from the
+    /// trailers.
+    pub fn new(inner: B, permit: Option<Permit>, outcome: Option<Outcome>, eos: T) -> Self {
+        let mut body = TrackedBody {
+            inner,
+            permit,
+            outcome,
+            eos,
+        };
+        if body.inner.is_end_stream() {
+            if let Some(permit) = body.permit.take() {
+                permit.complete(body.outcome.unwrap_or_else(|| body.eos.classify_eos(None)));
+            }
+        }
+        body
+    }
+}
+
+impl<B, T> TrackedBody<B, T> {
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// Whether this body still holds its request's permit.
+    pub fn holds_permit(&self) -> bool {
+        self.permit.is_some()
+    }
+}
+
+impl<B: Default, T: Default> Default for TrackedBody<B, T> {
+    fn default() -> Self {
+        TrackedBody {
+            inner: B::default(),
+            permit: None,
+            outcome: None,
+            eos: T::default(),
+        }
+    }
+}
+
+impl<B: Body, T: ClassifyEos> Body for TrackedBody<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let finished = match &frame {
+            Some(Ok(frame)) => {
+                if let (None, Some(trailers)) = (*this.outcome, frame.trailers_ref()) {
+                    *this.outcome = Some(this.eos.classify_eos(Some(trailers)));
+                }
+                this.inner.is_end_stream().then(|| this.outcome.unwrap_or_else(|| this.eos.classify_eos(None)))
+            }
+            Some(Err(_)) => Some(Outcome::Failure),
+            None => Some(this.outcome.unwrap_or_else(|| this.eos.classify_eos(None))),
+        };
+        if let Some(outcome) = finished {
+            if let Some(permit) = this.permit.take() {
+                permit.complete(outcome);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B, T> fmt::Debug for TrackedBody<B, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrackedBody")
+            .field("holds_permit", &self.permit.is_some())
+            .field("outcome", &self.outcome)
+            .finish()
+    }
+}
+
+/// Classifies HTTP responses by status code, and holds the permit until the body ends.
+///
+/// Defaults: 503, 429 and 504 are [`Outcome::Dropped`] (overload downstream), other 5xx are
+/// [`Outcome::Failure`], everything else (2xx, 3xx, and 4xx: the caller's mistake, not the service's) is
+/// [`Outcome::Success`]. An `Err` from the inner service is a failure. Any status can be remapped:
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_backpressure::core::{HttpStatus, Outcome};
+///
+/// let classify = HttpStatus::new().status(StatusCode::NOT_FOUND, Outcome::Ignored);
+/// assert_eq!(classify.outcome_for(StatusCode::NOT_FOUND), Outcome::Ignored);
+/// assert_eq!(classify.outcome_for(StatusCode::SERVICE_UNAVAILABLE), Outcome::Dropped);
+/// ```
+#[derive(Clone, Default)]
+pub struct HttpStatus {
+    // Only a customised classifier pays for a table (and an atomic per request for cloning it).
+    table: Option<Arc<[Outcome; 500]>>,
+}
+
+impl HttpStatus {
+    /// The default mapping.
+    pub fn new() -> Self {
+        HttpStatus::default()
+    }
+
+    /// Maps `status` to `outcome`.
+    #[must_use]
+    pub fn status(mut self, status: StatusCode, outcome: Outcome) -> Self {
+        let table = self.table.get_or_insert_with(|| {
+            let mut t = [Outcome::Success; 500];
+            for (i, slot) in t.iter_mut().enumerate() {
+                *slot = default_outcome(i as u16 + 100);
+            }
+            Arc::new(t)
+        });
+        Arc::make_mut(table)[usize::from(status.as_u16() - 100)] = outcome;
+        self
+    }
+
+    /// The outcome for a response with `status`.
+    pub fn outcome_for(&self, status: StatusCode) -> Outcome {
+        match &self.table {
+            Some(table) => table[usize::from(status.as_u16() - 100)],
+            None => default_outcome(status.as_u16()),
+        }
+    }
+}
+
+fn default_outcome(code: u16) -> Outcome {
+    match code {
+        429 | 503 | 504 => Outcome::Dropped,
+        500..=599 => Outcome::Failure,
+        _ => Outcome::Success,
+    }
+}
+
+impl fmt::Debug for HttpStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpStatus").field("customised", &self.table.is_some()).finish()
+    }
+}
+
+impl<B, E> Classify<http::Response<B>, E> for HttpStatus
+where
+    B: Body,
+{
+    type Response = http::Response<TrackedBody<B>>;
+
+    fn finish(
+        &self,
+        result: Result<http::Response<B>, E>,
+        permit: Option<Permit>,
+    ) -> Result<Self::Response, E> {
+        match result {
+            Ok(response) => {
+                let outcome = self.outcome_for(response.status());
+                Ok(response.map(|body| TrackedBody::new(body, permit, Some(outcome), ())))
+            }
+            Err(error) => {
+                if let Some(permit) = permit {
+                    permit.complete(Outcome::Failure);
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Rejections leave as HTTP responses: 503 Service Unavailable (overload, full queue, queue timeout, open
+/// circuit), 429 Too Many Requests (rate limit) or 504 Gateway Timeout (deadline), with `Retry-After` in whole
+/// seconds rounded up when the layer knows how long to wait (left out for a zero wait), and an empty body. The
+/// inner service's error type passes through untouched, so axum's `Infallible` holds and no `HandleErrorLayer` is
+/// needed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpMode;
+
+impl<B: Default, E> RejectMode<http::Response<B>, E> for HttpMode {
+    type Error = E;
+
+    fn inner_error(&self, error: E) -> E {
+        error
+    }
+
+    fn reject(&self, rejection: Rejection) -> Result<http::Response<B>, E> {
+        Ok(http_rejection(rejection))
+    }
+}
+
+/// The response [`HttpMode`] answers a rejection with.
+pub fn http_rejection<B: Default>(rejection: Rejection) -> http::Response<B> {
+    let mut response = http::Response::new(B::default());
+    *response.status_mut() = rejection.reason().http_status();
+    if let Some(secs) = rejection.retry_after().and_then(retry_after_secs) {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
