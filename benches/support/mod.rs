@@ -1,0 +1,152 @@
+//! The stacks every benchmark measures, built the same way for the criterion benches and the allocation count.
+//!
+//! One request is `ready().await` then `call(request).await` against an inner `service_fn` that answers at once,
+//! so what is measured is the middleware, not the work behind it. Every stack is configured so that it admits
+//! every request (limits far above what one or two tasks can hold in flight, breakers closed, no deadline
+//! pressure): the figures are the cost of the admitted path, which is what every request pays.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower::limit::ConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower::timeout::TimeoutLayer;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+/// The request every stack takes: an HTTP request with no body, so that header-reading layers (deadlines) take
+/// part on the same terms as the generic ones.
+pub(crate) type Req = http::Request<()>;
+/// The response of the inner service.
+pub(crate) type Res = http::Response<()>;
+
+/// A limit no benchmark reaches: the limiters admit every request and only their bookkeeping is measured.
+pub(crate) const LIMIT: usize = 1_000;
+/// A timeout no benchmark reaches.
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) fn request() -> Req {
+    http::Request::new(())
+}
+
+/// The inner service: answers at once, never fails.
+pub(crate) fn backend(
+) -> impl Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone + Send + 'static {
+    tower::service_fn(|_req: Req| std::future::ready(Ok::<_, Infallible>(http::Response::new(()))))
+}
+
+/// Sends one request through `svc` and checks it was answered, not refused.
+pub(crate) async fn one<S>(svc: &mut S)
+where
+    S: Service<Req>,
+{
+    let ready = svc.ready().await.is_ok();
+    assert!(ready, "service failed in poll_ready");
+    let answered = svc.call(request()).await.is_ok();
+    assert!(answered, "request refused: the stack is misconfigured for a benchmark");
+}
+
+/// Receives every stack in turn. The visitor decides how to measure it.
+pub(crate) trait Visit {
+    fn stack<S>(&mut self, name: &'static str, svc: S)
+    where
+        S: Service<Req> + Clone + Send + 'static,
+        S::Future: Send + 'static;
+}
+
+/// Hands every stack to `v`, in the order the tables list them. Must be called inside a tokio runtime context
+/// (some layers create timers on construction).
+pub(crate) fn stacks(v: &mut impl Visit) {
+    v.stack("bare service_fn", backend());
+
+    v.stack(
+        "tower ConcurrencyLimit",
+        ServiceBuilder::new()
+            .layer(ConcurrencyLimitLayer::new(LIMIT))
+            .service(backend()),
+    );
+    v.stack(
+        "tower LoadShed+ConcurrencyLimit",
+        ServiceBuilder::new()
+            .layer(LoadShedLayer::new())
+            .layer(ConcurrencyLimitLayer::new(LIMIT))
+            .service(backend()),
+    );
+    v.stack(
+        "tower Timeout",
+        ServiceBuilder::new()
+            .layer(TimeoutLayer::new(TIMEOUT))
+            .service(backend()),
+    );
+    v.stack(
+        "tower LoadShed+ConcurrencyLimit+Timeout",
+        ServiceBuilder::new()
+            .layer(LoadShedLayer::new())
+            .layer(ConcurrencyLimitLayer::new(LIMIT))
+            .layer(TimeoutLayer::new(TIMEOUT))
+            .service(backend()),
+    );
+
+    v.stack(
+        "failsafe breaker",
+        Failsafe {
+            breaker: failsafe::Config::new().build(),
+            inner: backend(),
+        },
+    );
+    v.stack(
+        "tower-resilience breaker",
+        ServiceBuilder::new()
+            .layer(
+                tower_resilience_circuitbreaker::CircuitBreakerLayer::builder()
+                    .build()
+                    .expect("default breaker config"),
+            )
+            .service(backend()),
+    );
+    v.stack(
+        "tower-resilience adaptive (AIMD)",
+        ServiceBuilder::new()
+            .layer(tower_resilience_adaptive::AdaptiveLimiterLayer::new(
+                tower_resilience_adaptive::Aimd::builder()
+                    .initial_limit(LIMIT)
+                    .min_limit(1)
+                    .max_limit(LIMIT)
+                    .latency_threshold(Duration::from_millis(100))
+                    .build()
+                    .expect("aimd config"),
+            ))
+            .service(backend()),
+    );
+}
+
+/// failsafe has no tower layer: this is the thinnest service that puts its futures-aware breaker around an inner
+/// service, which is how a tower user would adopt it.
+#[derive(Clone)]
+pub(crate) struct Failsafe<B, S> {
+    breaker: B,
+    inner: S,
+}
+
+impl<B, S> Service<Req> for Failsafe<B, S>
+where
+    B: failsafe::futures::CircuitBreaker,
+    S: Service<Req>,
+{
+    type Response = S::Response;
+    type Error = failsafe::Error<S::Error>;
+    type Future = failsafe::futures::ResponseFuture<
+        S::Future,
+        B::FailurePolicy,
+        B::Instrument,
+        failsafe::Any,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(failsafe::Error::Inner)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.breaker.call(self.inner.call(req))
+    }
+}
