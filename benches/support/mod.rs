@@ -20,6 +20,18 @@ pub(crate) type Req = http::Request<()>;
 /// The response of the inner service.
 pub(crate) type Res = http::Response<()>;
 
+/// Names of the stacks the goals of docs/PERFORMANCE.md refer to.
+pub(crate) mod name {
+    pub(crate) const BARE: &str = "bare service_fn";
+    pub(crate) const TOWER_LIMIT: &str = "tower ConcurrencyLimit";
+    pub(crate) const TOWER_SHED_LIMIT: &str = "tower LoadShed+ConcurrencyLimit";
+    pub(crate) const TOWER_TIMEOUT: &str = "tower Timeout";
+    pub(crate) const TOWER_SHED_LIMIT_TIMEOUT: &str = "tower LoadShed+ConcurrencyLimit+Timeout";
+    pub(crate) const FAILSAFE_BREAKER: &str = "failsafe breaker";
+    pub(crate) const TR_BREAKER: &str = "tower-resilience breaker";
+    pub(crate) const TR_ADAPTIVE: &str = "tower-resilience adaptive (AIMD)";
+}
+
 /// A limit no benchmark reaches: the limiters admit every request and only their bookkeeping is measured.
 pub(crate) const LIMIT: usize = 1_000;
 /// A timeout no benchmark reaches.
@@ -43,7 +55,10 @@ where
     let ready = svc.ready().await.is_ok();
     assert!(ready, "service failed in poll_ready");
     let answered = svc.call(request()).await.is_ok();
-    assert!(answered, "request refused: the stack is misconfigured for a benchmark");
+    assert!(
+        answered,
+        "request refused: the stack is misconfigured for a benchmark"
+    );
 }
 
 /// Receives every stack in turn. The visitor decides how to measure it.
@@ -57,29 +72,29 @@ pub(crate) trait Visit {
 /// Hands every stack to `v`, in the order the tables list them. Must be called inside a tokio runtime context
 /// (some layers create timers on construction).
 pub(crate) fn stacks(v: &mut impl Visit) {
-    v.stack("bare service_fn", backend());
+    v.stack(name::BARE, backend());
 
     v.stack(
-        "tower ConcurrencyLimit",
+        name::TOWER_LIMIT,
         ServiceBuilder::new()
             .layer(ConcurrencyLimitLayer::new(LIMIT))
             .service(backend()),
     );
     v.stack(
-        "tower LoadShed+ConcurrencyLimit",
+        name::TOWER_SHED_LIMIT,
         ServiceBuilder::new()
             .layer(LoadShedLayer::new())
             .layer(ConcurrencyLimitLayer::new(LIMIT))
             .service(backend()),
     );
     v.stack(
-        "tower Timeout",
+        name::TOWER_TIMEOUT,
         ServiceBuilder::new()
             .layer(TimeoutLayer::new(TIMEOUT))
             .service(backend()),
     );
     v.stack(
-        "tower LoadShed+ConcurrencyLimit+Timeout",
+        name::TOWER_SHED_LIMIT_TIMEOUT,
         ServiceBuilder::new()
             .layer(LoadShedLayer::new())
             .layer(ConcurrencyLimitLayer::new(LIMIT))
@@ -88,14 +103,14 @@ pub(crate) fn stacks(v: &mut impl Visit) {
     );
 
     v.stack(
-        "failsafe breaker",
+        name::FAILSAFE_BREAKER,
         Failsafe {
             breaker: failsafe::Config::new().build(),
             inner: backend(),
         },
     );
     v.stack(
-        "tower-resilience breaker",
+        name::TR_BREAKER,
         ServiceBuilder::new()
             .layer(
                 tower_resilience_circuitbreaker::CircuitBreakerLayer::builder()
@@ -105,7 +120,7 @@ pub(crate) fn stacks(v: &mut impl Visit) {
             .service(backend()),
     );
     v.stack(
-        "tower-resilience adaptive (AIMD)",
+        name::TR_ADAPTIVE,
         ServiceBuilder::new()
             .layer(tower_resilience_adaptive::AdaptiveLimiterLayer::new(
                 tower_resilience_adaptive::Aimd::builder()
