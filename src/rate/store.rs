@@ -235,4 +235,22 @@ mod tests {
         assert_eq!(shard.index.len(), 3);
         assert_eq!(shard.slots.len(), 3);
     }
+
+    #[test]
+    fn refused_keys_stay_fresh() {
+        // 32 keys over 16 shards: two per shard; small keys all land in shard 0.
+        let store = BoundedStore::new(32);
+        admit(&store, 1);
+        admit(&store, 2);
+        // Key 1 is refused (still throttled): that counts as being seen.
+        let refused = store.measure_and_replace(&1, |_| Err::<((), Nanos), ()>(()));
+        assert_eq!(refused, Err(()));
+        admit(&store, 3);
+        let shard = store.shards[0].lock().unwrap();
+        assert!(
+            shard.index.contains_key(&1),
+            "the throttled key kept its state"
+        );
+        assert!(!shard.index.contains_key(&2));
+    }
 }
