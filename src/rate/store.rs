@@ -253,4 +253,47 @@ mod tests {
         );
         assert!(!shard.index.contains_key(&2));
     }
+
+    proptest::proptest! {
+        /// The slab and its recency list agree with a plain model LRU under any sequence of admissions and
+        /// refusals.
+        #[test]
+        fn matches_a_model_lru(cap in 1usize..6, ops in proptest::collection::vec((0u64..10, proptest::bool::ANY), 0..200)) {
+            let mut shard = Shard::new(cap);
+            let mut model: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+            for (key, refuse) in ops {
+                match shard.index.get(&key).copied() {
+                    Some(i) => shard.touch(i),
+                    None if refuse => continue,
+                    None => shard.insert(key, 0),
+                }
+                if let Some(pos) = model.iter().position(|&k| k == key) {
+                    model.remove(pos);
+                } else if model.len() == cap {
+                    model.pop_back();
+                }
+                model.push_front(key);
+
+                let mut order = Vec::new();
+                let mut i = shard.head;
+                while i != NIL {
+                    order.push(shard.slots[i as usize].key);
+                    i = shard.slots[i as usize].next;
+                }
+                let mut backwards = Vec::new();
+                let mut i = shard.tail;
+                while i != NIL {
+                    backwards.push(shard.slots[i as usize].key);
+                    i = shard.slots[i as usize].prev;
+                }
+                backwards.reverse();
+                proptest::prop_assert_eq!(&order, &model.iter().copied().collect::<Vec<_>>());
+                proptest::prop_assert_eq!(&backwards, &order);
+                proptest::prop_assert_eq!(shard.index.len(), model.len());
+                for (k, &i) in &shard.index {
+                    proptest::prop_assert_eq!(shard.slots[i as usize].key, *k);
+                }
+            }
+        }
+    }
 }
