@@ -1,6 +1,7 @@
 //! The rate limit layer, in paused tokio time.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,7 +13,13 @@ use tower_backpressure::core::error::RateLimited;
 use tower_backpressure::core::{BoxError, Event, Reason};
 use tower_backpressure::rate::RateLimitLayer;
 
-fn echo() -> impl Service<u32, Response = u32, Error = Infallible> + Clone {
+fn echo() -> impl Service<
+    u32,
+    Response = u32,
+    Error = Infallible,
+    Future = impl Future<Output = Result<u32, Infallible>> + Send,
+> + Clone
+       + Send {
     service_fn(|n: u32| async move { Ok::<_, Infallible>(n) })
 }
 
@@ -91,6 +98,43 @@ async fn clones_and_layered_services_share_one_budget() {
         }
     }
     assert_eq!(total, 4, "six services, one budget of 4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_callers_never_exceed_the_budget() {
+    // Real parallel clones racing on one budget (global: one atomic cell; keyed: one shard lock). The period is
+    // an hour, so nothing is replenished while the test runs: exactly the burst gets through.
+    let global = RateLimitLayer::builder()
+        .rate(100, Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let keyed = RateLimitLayer::builder()
+        .rate(100, Duration::from_secs(3600))
+        .key(|_: &u32| Some("one client"))
+        .build()
+        .unwrap();
+    let global_svc = global.layer(echo());
+    let keyed_svc = keyed.layer(echo());
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (mut g, mut k) = (global_svc.clone(), keyed_svc.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut admitted_here = (0, 0);
+            for n in 0..500 {
+                admitted_here.0 += usize::from(admitted(&mut g, n).await);
+                admitted_here.1 += usize::from(admitted(&mut k, n).await);
+            }
+            admitted_here
+        }));
+    }
+    let (mut g, mut k) = (0, 0);
+    for task in tasks {
+        let (a, b) = task.await.unwrap();
+        g += a;
+        k += b;
+    }
+    assert_eq!((g, k), (100, 100));
+    assert_eq!(global.handle().snapshot().rejected, 8 * 500 - 100);
 }
 
 #[tokio::test(start_paused = true)]

@@ -340,7 +340,9 @@ impl<K, C, M, O: Observer> RateLimitLayer<K, C, M, O> {
             stats: self.shared.clone(),
         }
     }
+}
 
+impl<K, C, M, O> RateLimitLayer<K, C, M, O> {
     /// The advertised policy.
     pub fn policy(&self) -> &Policy {
         self.mode.policy()

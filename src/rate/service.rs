@@ -191,7 +191,7 @@ where
     S: Service<Req>,
     K: KeyExtractor<Req>,
     C: Classify<S::Response, S::Error>,
-    M: RateLimitReject<C::Response, S::Error> + Clone,
+    M: RateLimitReject<C::Response, S::Error>,
     O: Observer,
 {
     type Response = C::Response;
