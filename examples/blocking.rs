@@ -149,7 +149,9 @@ async fn main() -> Result<(), BoxError> {
     // 2. The same handler behind the pressure layer.
     let m = monitor();
     let guard = m.start()?;
-    let layer = PressureLayer::builder(&m).retry_after(Duration::from_secs(1)).build()?;
+    let layer = PressureLayer::builder(&m)
+        .retry_after(Duration::from_secs(1))
+        .build()?;
     let mut report = drive(layer.layer(service_fn(|id| handler(id, false)))).await;
     print_row("blocking + PressureLayer", &mut report, &m);
     guard.stop().await;
@@ -157,7 +159,9 @@ async fn main() -> Result<(), BoxError> {
     // 3. The fix.
     let m = monitor();
     let guard = m.start()?;
-    let layer = PressureLayer::builder(&m).retry_after(Duration::from_secs(1)).build()?;
+    let layer = PressureLayer::builder(&m)
+        .retry_after(Duration::from_secs(1))
+        .build()?;
     let mut report = drive(layer.layer(service_fn(|id| handler(id, true)))).await;
     print_row("spawn_blocking (the fix)", &mut report, &m);
     guard.stop().await;

@@ -39,6 +39,7 @@
 //! let monitor = RuntimeMonitor::builder()
 //!     .interval(Duration::from_millis(5))
 //!     .max_lag(Duration::from_millis(50), Duration::from_millis(10))
+//!     .min_recovery(Duration::from_millis(100))
 //!     .build()?;
 //! let guard = monitor.start()?;
 //!
@@ -46,18 +47,21 @@
 //! let svc = layer.layer(service_fn(|n: u32| async move { Ok::<_, BoxError>(n * 2) }));
 //! assert_eq!(svc.clone().oneshot(21).await?, 42);
 //!
-//! // A handler that blocks the (only) worker for 100 ms.
+//! // A handler that blocks the (only) worker for 100 ms: the probe's next sample is about 95 ms late.
 //! monitor.next_sample().await;
 //! tokio::spawn(async { std::thread::sleep(Duration::from_millis(100)) }).await?;
 //! monitor.next_sample().await;
 //! assert!(monitor.snapshot().max_lag >= Duration::from_millis(90));
+//! assert!(monitor.is_under_pressure());
 //!
 //! let err = svc.clone().oneshot(1).await.unwrap_err();
 //! let shed = err.downcast_ref::<error::Overloaded>().expect("shed as overloaded");
 //! assert_eq!(shed.retry_after(), Some(Duration::from_secs(1)));
 //!
-//! // Calm again: the next sample clears the pressure (no `min_recovery` here).
-//! monitor.next_sample().await;
+//! // Calm again: after 100 ms of calm samples the pressure clears.
+//! while monitor.is_under_pressure() {
+//!     monitor.next_sample().await;
+//! }
 //! assert_eq!(svc.oneshot(2).await?, 4);
 //! guard.stop().await;
 //! # Ok(())
