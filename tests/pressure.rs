@@ -58,15 +58,20 @@ async fn a_blocked_worker_shows_up_as_lag_at_least_as_long_as_the_block() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_idle_runtime_shows_near_zero_lag() {
-    let monitor = RuntimeMonitor::builder().interval(5 * MS).build().unwrap();
+    let monitor = RuntimeMonitor::builder()
+        .interval(5 * MS)
+        .window(100)
+        .build()
+        .unwrap();
     let _guard = monitor.start().unwrap();
-    while monitor.snapshot().samples < 40 {
+    while monitor.snapshot().samples < 100 {
         next_sample(&monitor).await;
     }
     let snap = monitor.snapshot();
-    // Loose, for a noisy shared 2-core machine, yet an order of magnitude below the stall test above.
-    assert!(snap.max_lag < 50 * MS, "idle max lag {:?}", snap.max_lag);
-    assert!(snap.p50_lag < 5 * MS, "idle median lag {:?}", snap.p50_lag);
+    // Loose, for a noisy shared 2-core machine (the p99 of 100 samples forgives one sample the OS delayed), yet far
+    // below the stall test above. Timer rounding alone gives about 1 ms.
+    assert!(snap.p99_lag < 50 * MS, "idle p99 lag {:?}", snap.p99_lag);
+    assert!(snap.p50_lag < 4 * MS, "idle median lag {:?}", snap.p50_lag);
     assert_eq!(snap.workers, 1);
 }
 
@@ -243,5 +248,39 @@ fn bad_configuration_is_an_error_with_a_clear_message() {
         PressureLayer::builder(&unthresholded).build().unwrap_err().to_string(),
         "invalid pressure config: monitor: has no threshold (max_lag, max_alive_tasks or max_probe), so the layer \
          would never shed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_multi_thread_runtime_lag_shows_when_every_worker_is_blocked() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let monitor = RuntimeMonitor::builder().interval(5 * MS).build().unwrap();
+    let _guard = monitor.start().unwrap();
+    next_sample(&monitor).await;
+    assert_eq!(monitor.snapshot().workers, 2);
+
+    // Two tasks that each hold a worker for 100 ms, started together so that both workers are blocked at once.
+    let started = Arc::new(AtomicUsize::new(0));
+    let block = |started: Arc<AtomicUsize>| async move {
+        started.fetch_add(1, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while started.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(100 * MS);
+    };
+    let a = tokio::spawn(block(started.clone()));
+    let b = tokio::spawn(block(started.clone()));
+    a.await.unwrap();
+    b.await.unwrap();
+    assert_eq!(started.load(Ordering::SeqCst), 2);
+    next_sample(&monitor).await;
+    let snap = monitor.snapshot();
+    assert!(
+        snap.max_lag >= 50 * MS,
+        "max lag {:?} with both workers blocked",
+        snap.max_lag
     );
 }
