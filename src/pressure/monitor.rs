@@ -364,14 +364,15 @@ impl Shared {
             alive_tasks: sample.alive_tasks,
             global_queue_depth: sample.global_queue_depth,
         });
-        if was != pressured {
+        // The overall state only changes when some signal does, so `changed` names it.
+        if let (true, Some(signal)) = (was != pressured, changed) {
             if pressured {
                 self.trips.fetch_add(1, Relaxed);
             }
             self.observer.on_event(&Event::PressureChanged {
                 layer: LAYER,
                 under_pressure: pressured,
-                signal: changed.unwrap_or("lag"),
+                signal,
             });
         }
         self.sampled.notify_waiters();
