@@ -144,7 +144,7 @@ mod report {
     /// Goals of the form "ours ≤ ratio × theirs" on the added cost per request in the single-task group.
     const COST_GOALS: &[(&str, &str, f64)] = &[];
     /// Stacks whose two-task throughput must reach tower's `ConcurrencyLimit`.
-    const CONTENTION_GOALS: &[&str] = &[];
+    const CONTENTION_GOALS: &[&str] = name::OURS;
 
     struct Names(Vec<&'static str>);
 

@@ -13,6 +13,8 @@ use tower::limit::ConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 use tower::timeout::TimeoutLayer;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_backpressure::pressure::{PressureLayer, RuntimeMonitor};
+use tower_backpressure::rate::RateLimitLayer;
 
 /// The request every stack takes: an HTTP request with no body, so that header-reading layers (deadlines) take
 /// part on the same terms as the generic ones.
@@ -30,6 +32,11 @@ pub(crate) mod name {
     pub(crate) const FAILSAFE_BREAKER: &str = "failsafe breaker";
     pub(crate) const TR_BREAKER: &str = "tower-resilience breaker";
     pub(crate) const TR_ADAPTIVE: &str = "tower-resilience adaptive (AIMD)";
+    pub(crate) const RATE: &str = "ours RateLimit (global)";
+    pub(crate) const PRESSURE: &str = "ours Pressure (calm runtime)";
+
+    /// Our layers, each alone: held to zero allocations and to tower's `ConcurrencyLimit` throughput.
+    pub(crate) const OURS: &[&str] = &[RATE, PRESSURE];
 }
 
 /// A limit no benchmark reaches: the limiters admit every request and only their bookkeeping is measured.
@@ -99,6 +106,34 @@ pub(crate) fn stacks(v: &mut impl Visit) {
             .layer(LoadShedLayer::new())
             .layer(ConcurrencyLimitLayer::new(LIMIT))
             .layer(TimeoutLayer::new(TIMEOUT))
+            .service(backend()),
+    );
+
+    v.stack(
+        name::RATE,
+        ServiceBuilder::new()
+            .layer(
+                RateLimitLayer::builder()
+                    .rate(1_000_000_000, Duration::from_secs(1))
+                    .build()
+                    .expect("rate config"),
+            )
+            .service(backend()),
+    );
+    // The hot path reads one atomic flag whether or not the monitor task runs; leaving it stopped keeps a
+    // sampling task from competing with the measured one.
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(Duration::from_millis(50), Duration::from_millis(10))
+        .build()
+        .expect("monitor config");
+    v.stack(
+        name::PRESSURE,
+        ServiceBuilder::new()
+            .layer(
+                PressureLayer::builder(&monitor)
+                    .build()
+                    .expect("pressure config"),
+            )
             .service(backend()),
     );
 
