@@ -3,3 +3,5 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod core;
+#[cfg(feature = "sim")]
+pub mod sim;
