@@ -12,7 +12,7 @@
 //!   service time is constant, exponential or lognormal; a share `error_rate` of served requests fail with
 //!   HTTP 500. Both can change at phase boundaries (slow-downs, outages, recovery). Dropping a request's future
 //!   leaves the queue or frees the worker at once, as a cancelled server handler does.
-//! - **Clients**: open loop. Arrivals are Poisson with a rate per phase, optionally ramping linearly
+//! - **Clients**: open loop. Arrivals are Poisson (or evenly spaced, `arrivals = "uniform"`) with a rate per phase, optionally ramping linearly
 //!   (`rps` → `rps_end`) or given per class (`class_rps`). Each request carries its class's priority in the
 //!   [`PRIORITY_HEADER`] header and, with `send_deadline`, its remaining budget in a `grpc-timeout` header
 //!   (milliseconds, `NNNm`). The client gives up after its timeout; the server keeps working on the request
@@ -47,6 +47,7 @@
 //! send_deadline = false          # optional: send grpc-timeout
 //! cancel_on_timeout = false      # optional
 //! retries = 0                    # optional
+//! arrivals = "poisson"           # optional: "poisson" or "uniform" (evenly spaced)
 //!
 //! [[class]]                      # optional; default: one class "default", priority critical
 //! name = "critical"
@@ -129,7 +130,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 
 pub use self::report::{to_json, Report, Row, SeriesPoint};
 pub use self::run::{run, run_stack};
-pub use self::scenario::{Backend, BackendChange, Class, Client, Phase, Priority, Scenario, ScenarioError, ServiceTime};
+pub use self::scenario::{Arrivals, Backend, BackendChange, Class, Client, Phase, Priority, Scenario, ScenarioError, ServiceTime};
 pub use self::strategy::{boxed, strategy, BuildStack, Probe, Probes, Stack, Strategy, STRATEGIES};
 
 use crate::core::BoxError;

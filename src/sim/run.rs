@@ -16,7 +16,7 @@ use tower::ServiceExt;
 use super::record::{Recorder, Verdict};
 use super::report::Report;
 use super::strategy::{Probes, Stack, Strategy};
-use super::{Scenario, ScenarioError, ServiceTime, SimBody, SimResponseBody, SimService, PRIORITY_HEADER, WINDOW};
+use super::{Arrivals, Scenario, ScenarioError, ServiceTime, SimBody, SimResponseBody, SimService, PRIORITY_HEADER, WINDOW};
 use crate::core::BoxError;
 
 /// What the backend needs to know about a request, carried in its extensions.
@@ -47,7 +47,9 @@ struct Shared {
     start: Instant,
     backend: Vec<(u64, ServiceTime, f64)>,
     workers: Semaphore,
-    recorder: Mutex<Recorder>,
+    /// `None` once the report is taken: tasks still running then (orphaned attempts) are dropped with the
+    /// runtime, and their guards must find nothing to update.
+    recorder: Mutex<Option<Recorder>>,
     probes: OnceLock<Probes>,
 }
 
@@ -56,17 +58,18 @@ impl Shared {
         Instant::now().saturating_duration_since(self.start).as_nanos() as u64
     }
 
-    fn recorder(&self) -> MutexGuard<'_, Recorder> {
+    fn record<T: Default>(&self, f: impl FnOnce(&mut Recorder) -> T) -> T {
         // Only one thread ever touches a run; a poisoned lock means a layer panicked mid-run, and the figures
         // recorded so far are still sound.
-        self.recorder.lock().unwrap_or_else(|e| e.into_inner())
+        let mut guard: MutexGuard<'_, _> = self.recorder.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_mut().map(f).unwrap_or_default()
     }
 
     fn sample(&self, now: u64) {
         let probes = self.probes.get();
         let limit = probes.and_then(|p| p.limit.as_ref()).map(|f| f());
         let queue = probes.and_then(|p| p.queue_depth.as_ref()).map(|f| f());
-        self.recorder().sample(now, limit, queue);
+        self.record(|r| r.sample(now, limit, queue));
     }
 
     fn backend_at(&self, t: u64) -> (ServiceTime, f64) {
@@ -123,7 +126,7 @@ where
         start: Instant::now(),
         backend,
         workers: Semaphore::new(scenario.backend.workers),
-        recorder: Mutex::new(Recorder::new(ends, classes, WINDOW.as_nanos() as u64)),
+        recorder: Mutex::new(Some(Recorder::new(ends, classes, WINDOW.as_nanos() as u64))),
         probes: OnceLock::new(),
     });
 
@@ -147,7 +150,12 @@ where
     let settle = shared.start + scenario.duration() + Duration::from_millis(longest + 1);
     tokio::time::sleep_until(settle).await;
 
-    let recorder = std::mem::replace(&mut *shared.recorder(), Recorder::new(vec![1], 1, 1));
+    let recorder = shared
+        .recorder
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .expect("the report is taken once");
     let (rows, series, requests, attempts) = recorder.report(scenario, name);
     Report {
         scenario: scenario.name.clone(),
@@ -197,7 +205,10 @@ async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimServic
     let mut phase = 0;
     let mut id: u32 = 0;
     loop {
-        let hazard: f64 = Exp1.sample(&mut rng);
+        let hazard: f64 = match scenario.client.arrivals {
+            Arrivals::Poisson => Exp1.sample(&mut rng),
+            Arrivals::Uniform => 1.0,
+        };
         let Some((next, next_phase)) = schedule.next_arrival(t, phase, hazard) else {
             break;
         };
@@ -208,7 +219,7 @@ async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimServic
         sleep.as_mut().await;
         let class = schedule.pick_class(phase, rng.random::<f64>());
         let now = shared.now();
-        let issue_phase = shared.recorder().issue(now, id, class);
+        let issue_phase = shared.record(|r| r.issue(now, id, class));
         shared.sample(now);
         let mut request_rng = demand_rng.clone();
         request_rng.set_stream(u64::from(id) + 1);
@@ -256,14 +267,9 @@ async fn client(shared: Arc<Shared>, service: SimService, specs: Arc<Vec<ClassSp
             Ok(_) => retries -= 1,
             Err(_) => {
                 let now = Instant::now();
-                shared.recorder().finish(
-                    shared.now(),
-                    req.id,
-                    req.class,
-                    req.phase,
-                    Verdict::Timeout,
-                    (now - req.issued).as_nanos() as u64,
-                );
+                let latency = (now - req.issued).as_nanos() as u64;
+                let at = shared.now();
+                shared.record(|r| r.finish(at, req.id, req.class, req.phase, Verdict::Timeout, latency));
                 if !req.cancel_on_timeout {
                     // Across a real network the server does not notice that the client left.
                     attempt.await;
@@ -273,7 +279,8 @@ async fn client(shared: Arc<Shared>, service: SimService, specs: Arc<Vec<ClassSp
         }
     };
     let latency = (Instant::now() - req.issued).as_nanos() as u64;
-    shared.recorder().finish(shared.now(), req.id, req.class, req.phase, verdict, latency);
+    let at = shared.now();
+    shared.record(|r| r.finish(at, req.id, req.class, req.phase, verdict, latency));
 }
 
 fn build_request(req: &mut Pending, spec: &ClassSpec, deadline: Instant) -> http::Request<SimBody> {
@@ -349,7 +356,7 @@ struct InFlight<'a>(&'a Shared);
 impl<'a> InFlight<'a> {
     fn enter(shared: &'a Shared) -> Self {
         let now = shared.now();
-        shared.recorder().attempt_started(now);
+        shared.record(|r| r.attempt_started(now));
         InFlight(shared)
     }
 }
@@ -357,7 +364,7 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let now = self.0.now();
-        self.0.recorder().attempt_ended(now);
+        self.0.record(|r| r.attempt_ended(now));
         self.0.sample(now);
     }
 }
@@ -373,7 +380,7 @@ async fn serve(shared: Arc<Shared>, request: http::Request<SimBody>) -> Result<R
     };
     let start = shared.now();
     let (service, error_rate) = shared.backend_at(start);
-    shared.recorder().service_started(start, usize::from(demand.class));
+    shared.record(|r| r.service_started(start, usize::from(demand.class)));
     let _busy = Busy {
         shared: &shared,
         start,
@@ -391,14 +398,14 @@ struct Queued<'a>(&'a Shared);
 
 impl<'a> Queued<'a> {
     fn enter(shared: &'a Shared) -> Self {
-        shared.recorder().backend_enqueued();
+        shared.record(Recorder::backend_enqueued);
         Queued(shared)
     }
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.0.recorder().backend_dequeued();
+        self.0.record(Recorder::backend_dequeued);
     }
 }
 
@@ -412,9 +419,9 @@ struct Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let end = self.shared.now();
+        let (start, demand) = (self.start, self.demand);
         self.shared
-            .recorder()
-            .service_ended(self.start, end, self.demand.id, usize::from(self.demand.class));
+            .record(|r| r.service_ended(start, end, demand.id, usize::from(demand.class)));
     }
 }
 

@@ -148,6 +148,20 @@ pub struct Client {
     /// Immediate retries after a rejection or an error, within the timeout.
     #[serde(default)]
     pub retries: u32,
+    /// How arrivals are spaced.
+    #[serde(default)]
+    pub arrivals: Arrivals,
+}
+
+/// How client arrivals are spaced in time, at the phase's rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arrivals {
+    /// Independent arrivals (a Poisson process): open-loop traffic from many clients. The default.
+    #[default]
+    Poisson,
+    /// Evenly spaced arrivals: no burstiness at all, for answers known in advance.
+    Uniform,
 }
 
 /// A request class.
@@ -402,11 +416,10 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> (String, String) 
         let trimmed = line.trim();
         if offset + line.len() > span.start || offset >= span.start {
             let prefix = &text[offset..span.start.max(offset)];
-            let is_header = trimmed.starts_with('[');
-            if !is_header {
+            if !trimmed.starts_with('[') {
                 line_key = key_at(prefix.trim_start().trim_end_matches('\n'), trimmed);
+                break;
             }
-            break;
         }
         if let Some(name) = trimmed.strip_prefix("[[").and_then(|s| s.split("]]").next()) {
             let name = name.trim().to_owned();
@@ -425,6 +438,9 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> (String, String) 
             table = name.trim().to_owned();
         }
         offset += line.len();
+        if offset > span.start {
+            break;
+        }
     }
     let mut key = table;
     for part in [line_key, quoted_after(&problem, "field `")] {
