@@ -40,7 +40,7 @@ duration_s = 5
 rps = 100.0
 [[phase]]
 name = "2x"
-duration_s = 20
+duration_s = 10
 rps = 400.0
 "#;
 
