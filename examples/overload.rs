@@ -117,7 +117,11 @@ fn list() {
     }
     println!("built-in scenarios:");
     for s in Scenario::builtin() {
-        println!("  {:<15} {}", s.name, s.description.as_deref().unwrap_or(""));
+        println!(
+            "  {:<15} {}",
+            s.name,
+            s.description.as_deref().unwrap_or("")
+        );
     }
 }
 
@@ -145,7 +149,10 @@ fn inputs(args: &Args) -> Result<(Vec<Scenario>, Vec<&'static Strategy>), String
             .map(|name| {
                 sim::strategy(name.trim()).ok_or_else(|| {
                     let known: Vec<_> = STRATEGIES.iter().map(|s| s.name).collect();
-                    format!("--strategy: unknown strategy `{name}` (known: {})", known.join(", "))
+                    format!(
+                        "--strategy: unknown strategy `{name}` (known: {})",
+                        known.join(", ")
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?
@@ -168,7 +175,9 @@ fn run_all(scenarios: &[Scenario], strategies: &[&'static Strategy]) -> Vec<Repo
     );
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Report>>> = Mutex::new(vec![None; pairs.len()]);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(pairs.len());
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(pairs.len());
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
@@ -177,7 +186,8 @@ fn run_all(scenarios: &[Scenario], strategies: &[&'static Strategy]) -> Vec<Repo
                     break;
                 };
                 progress.set_message(format!("{} / {}", scenario.name, strategy.name));
-                let report = sim::run(scenario, strategy).expect("scenarios were validated when loaded");
+                let report =
+                    sim::run(scenario, strategy).expect("scenarios were validated when loaded");
                 results.lock().expect("no panics while holding the lock")[i] = Some(report);
                 progress.inc(1);
             });
@@ -198,22 +208,37 @@ fn table(scenario: &Scenario, runs: &[Report]) {
         "{} ({} workers){}",
         scenario.name,
         scenario.backend.workers,
-        scenario.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+        scenario
+            .description
+            .as_deref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default()
     );
     let cell = 32;
     let mut head = format!("{:<14} {:>8} {:>8} |", "phase", "cap rps", "offered");
     let mut sub = format!("{:<14} {:>8} {:>8} |", "", "", "");
     for run in runs {
         head.push_str(&format!(" {:^w$} |", run.strategy, w = cell));
-        sub.push_str(&format!(" {:>5} {:>7} {:>5} {:>5} {:>5} |", "good%", "p99 ms", "rej%", "wst%", "limit"));
+        sub.push_str(&format!(
+            " {:>5} {:>7} {:>5} {:>5} {:>5} |",
+            "good%", "p99 ms", "rej%", "wst%", "limit"
+        ));
     }
     println!("{head}");
     println!("{sub}");
     let phases = runs[0].rows.iter().filter(|r| r.class == "all");
     for (i, phase) in phases.enumerate() {
-        let mut line = format!("{:<14} {:>8.0} {:>8.0} |", phase.phase, phase.capacity_rps, phase.offered_rps);
+        let mut line = format!(
+            "{:<14} {:>8.0} {:>8.0} |",
+            phase.phase, phase.capacity_rps, phase.offered_rps
+        );
         for run in runs {
-            let row: &Row = run.rows.iter().filter(|r| r.class == "all").nth(i).expect("same phases");
+            let row: &Row = run
+                .rows
+                .iter()
+                .filter(|r| r.class == "all")
+                .nth(i)
+                .expect("same phases");
             let pct = |v: f64, of: f64| if of > 0.0 { 100.0 * v / of } else { 0.0 };
             line.push_str(&format!(
                 " {:>5.0} {:>7} {:>5.1} {:>5.1} {:>5} |",
@@ -269,7 +294,9 @@ fn chart(path: &Path, scenario: &Scenario, runs: &[Report]) -> ChartResult {
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))?
                 .label(run.strategy.as_str())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()

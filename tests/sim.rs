@@ -64,7 +64,11 @@ fn same_seed_same_json_other_seed_differs() {
 fn one_worker_below_capacity_is_served_exactly() {
     let report = sim::run(&scenario(ONE_WORKER), strategy("unprotected")).unwrap();
     let row = report.row("steady", "all").unwrap();
-    assert!((row.goodput_rps - 50.0).abs() < 0.1, "goodput {}", row.goodput_rps);
+    assert!(
+        (row.goodput_rps - 50.0).abs() < 0.1,
+        "goodput {}",
+        row.goodput_rps
+    );
     assert_eq!(row.goodput_rps, row.offered_rps);
     assert_eq!(row.availability, Some(1.0));
     assert_eq!(row.capacity_rps, 100.0);
@@ -78,15 +82,31 @@ fn one_worker_below_capacity_is_served_exactly() {
     assert!((p99 - 10.0).abs() <= 0.01, "p99 {p99}");
     assert_eq!(row.mean_limit, None);
     assert_eq!(row.max_queue_depth, None);
-    assert_eq!(report.rows.len(), 2, "one `all` row and one for the default class");
+    assert_eq!(
+        report.rows.len(),
+        2,
+        "one `all` row and one for the default class"
+    );
 }
 
 #[test]
 fn poisson_arrivals_queue_at_half_load() {
-    let report = sim::run(&scenario(&ONE_WORKER.replace("arrivals = \"uniform\"", "")), strategy("unprotected")).unwrap();
+    let report = sim::run(
+        &scenario(&ONE_WORKER.replace("arrivals = \"uniform\"", "")),
+        strategy("unprotected"),
+    )
+    .unwrap();
     let row = report.row("steady", "all").unwrap();
-    assert!((row.goodput_rps - 50.0).abs() < 3.0, "goodput {}", row.goodput_rps);
-    assert!(row.p99_ms.unwrap() > 20.0, "M/D/1 at 50 % load queues: p99 {:?}", row.p99_ms);
+    assert!(
+        (row.goodput_rps - 50.0).abs() < 3.0,
+        "goodput {}",
+        row.goodput_rps
+    );
+    assert!(
+        row.p99_ms.unwrap() > 20.0,
+        "M/D/1 at 50 % load queues: p99 {:?}",
+        row.p99_ms
+    );
     assert_eq!(row.wasted_work, 0.0);
 }
 
@@ -97,9 +117,17 @@ fn unprotected_collapses_and_wastes_work_under_2x() {
     assert!(calm.availability.unwrap() > 0.99);
     assert!(calm.wasted_work < 0.01);
     let row = report.row("2x", "all").unwrap();
-    assert!(row.goodput_rps < 0.3 * row.capacity_rps, "goodput {}", row.goodput_rps);
+    assert!(
+        row.goodput_rps < 0.3 * row.capacity_rps,
+        "goodput {}",
+        row.goodput_rps
+    );
     assert!(row.wasted_work > 0.5, "wasted {}", row.wasted_work);
-    assert!(row.backend_rps > 0.95 * row.capacity_rps, "the backend stays busy: {}", row.backend_rps);
+    assert!(
+        row.backend_rps > 0.95 * row.capacity_rps,
+        "the backend stays busy: {}",
+        row.backend_rps
+    );
     assert_eq!(row.rejected_rps, 0.0);
 }
 
@@ -107,8 +135,16 @@ fn unprotected_collapses_and_wastes_work_under_2x() {
 fn static_limit_keeps_goodput_near_capacity_under_2x() {
     let report = sim::run(&scenario(OVERLOAD), strategy("static")).unwrap();
     let row = report.row("2x", "all").unwrap();
-    assert!(row.goodput_rps > 0.9 * row.capacity_rps, "goodput {}", row.goodput_rps);
-    assert!(row.rejected_rps > 0.4 * row.offered_rps, "rejected {}", row.rejected_rps);
+    assert!(
+        row.goodput_rps > 0.9 * row.capacity_rps,
+        "goodput {}",
+        row.goodput_rps
+    );
+    assert!(
+        row.rejected_rps > 0.4 * row.offered_rps,
+        "rejected {}",
+        row.rejected_rps
+    );
     assert!(row.wasted_work < 0.01, "wasted {}", row.wasted_work);
     assert_eq!(row.mean_limit, Some(20.0));
     assert!(row.p99_ms.unwrap() < 1000.0);
@@ -116,11 +152,18 @@ fn static_limit_keeps_goodput_near_capacity_under_2x() {
 
 #[test]
 fn cancel_on_timeout_frees_the_backend() {
-    let text = OVERLOAD.replace("timeout_ms = 1000", "timeout_ms = 1000\ncancel_on_timeout = true");
+    let text = OVERLOAD.replace(
+        "timeout_ms = 1000",
+        "timeout_ms = 1000\ncancel_on_timeout = true",
+    );
     let report = sim::run(&scenario(&text), strategy("unprotected")).unwrap();
     let row = report.row("2x", "all").unwrap();
     assert_eq!(row.wasted_work, 0.0);
-    assert!(row.goodput_rps > 0.3 * row.capacity_rps, "goodput {}", row.goodput_rps);
+    assert!(
+        row.goodput_rps > 0.3 * row.capacity_rps,
+        "goodput {}",
+        row.goodput_rps
+    );
 }
 
 #[test]
@@ -145,7 +188,11 @@ rps = 50.0
     let failed = row.error_rps / row.offered_rps;
     assert!((0.03..0.10).contains(&failed), "failed share {failed}");
     assert!(report.attempts as f64 > 1.7 * report.requests as f64);
-    assert!((row.backend_rps / row.offered_rps - 1.875).abs() < 0.15, "backend {}", row.backend_rps);
+    assert!(
+        (row.backend_rps / row.offered_rps - 1.875).abs() < 0.15,
+        "backend {}",
+        row.backend_rps
+    );
 }
 
 #[test]
@@ -174,7 +221,12 @@ class_rps = { gold = 30.0, bulk = 60.0 }
     let report = sim::run_stack(&scenario(text), "spy", move |backend, _| {
         use tower::ServiceExt;
         let spy = backend.map_request(move |req: http::Request<sim::SimBody>| {
-            log.lock().unwrap().push(req.headers()[sim::PRIORITY_HEADER].to_str().unwrap().to_owned());
+            log.lock().unwrap().push(
+                req.headers()[sim::PRIORITY_HEADER]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
             req
         });
         sim::Stack::new(sim::boxed(spy))
@@ -194,13 +246,18 @@ class_rps = { gold = 30.0, bulk = 60.0 }
 
 #[test]
 fn send_deadline_sends_grpc_timeout_within_the_budget() {
-    let text = ONE_WORKER.replace("timeout_ms = 1000", "timeout_ms = 250\nsend_deadline = true");
+    let text = ONE_WORKER.replace(
+        "timeout_ms = 1000",
+        "timeout_ms = 250\nsend_deadline = true",
+    );
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
     sim::run_stack(&scenario(&text), "spy", move |backend, _| {
         use tower::ServiceExt;
         let spy = backend.map_request(move |req: http::Request<sim::SimBody>| {
-            log.lock().unwrap().push(req.headers()["grpc-timeout"].to_str().unwrap().to_owned());
+            log.lock()
+                .unwrap()
+                .push(req.headers()["grpc-timeout"].to_str().unwrap().to_owned());
             req
         });
         sim::Stack::new(sim::boxed(spy))
@@ -232,7 +289,11 @@ rps = 10.0
 "#;
     let report = sim::run(&scenario(text), strategy("static")).unwrap();
     let ramp = report.row("ramp", "all").unwrap();
-    assert!((ramp.offered_rps - 100.0).abs() < 8.0, "mean of a 0..200 ramp: {}", ramp.offered_rps);
+    assert!(
+        (ramp.offered_rps - 100.0).abs() < 8.0,
+        "mean of a 0..200 ramp: {}",
+        ramp.offered_rps
+    );
     assert_eq!(report.series.len(), 13);
     let early: f64 = report.series[..3].iter().map(|p| p.goodput_rps).sum();
     let late: f64 = report.series[7..10].iter().map(|p| p.goodput_rps).sum();
@@ -247,12 +308,37 @@ fn error_of(text: &str) -> sim::ScenarioError {
 #[test]
 fn bad_input_names_file_key_and_problem() {
     let cases: [(&str, &str, &str, &str); 7] = [
-        ("unknown key", "timeout_ms = 1000", "timeout_ms = 1000\ntimeout = 3", "client.timeout"),
-        ("missing key", "timeout_ms = 1000", "send_deadline = true", "client.timeout_ms"),
-        ("no workers", "workers = 1", "workers = 0", "backend.workers"),
+        (
+            "unknown key",
+            "timeout_ms = 1000",
+            "timeout_ms = 1000\ntimeout = 3",
+            "client.timeout",
+        ),
+        (
+            "missing key",
+            "timeout_ms = 1000",
+            "send_deadline = true",
+            "client.timeout_ms",
+        ),
+        (
+            "no workers",
+            "workers = 1",
+            "workers = 0",
+            "backend.workers",
+        ),
         ("negative rate", "rps = 50.0", "rps = -5.0", "phase[0].rps"),
-        ("unknown dist", "dist = \"constant\", ms", "dist = \"gamma\", ms", "backend.service.dist"),
-        ("bad error rate", "workers = 1", "workers = 1\nerror_rate = 1.5", "backend.error_rate"),
+        (
+            "unknown dist",
+            "dist = \"constant\", ms",
+            "dist = \"gamma\", ms",
+            "backend.service.dist",
+        ),
+        (
+            "bad error rate",
+            "workers = 1",
+            "workers = 1\nerror_rate = 1.5",
+            "backend.error_rate",
+        ),
         (
             "unknown priority",
             "[[phase]]",
@@ -269,12 +355,19 @@ fn bad_input_names_file_key_and_problem() {
         assert!(!error.problem().is_empty(), "{what}");
         let line = error.to_string();
         assert!(!line.contains('\n'), "{what}: one line: {line}");
-        assert!(line.starts_with(&format!("bad.toml: {key}: ")), "{what}: {line}");
+        assert!(
+            line.starts_with(&format!("bad.toml: {key}: ")),
+            "{what}: {line}"
+        );
     }
-    assert!(error_of(&ONE_WORKER.replace("dist = \"constant\", ms", "dist = \"gamma\", ms"))
+    assert!(
+        error_of(&ONE_WORKER.replace("dist = \"constant\", ms", "dist = \"gamma\", ms"))
+            .problem()
+            .contains("gamma")
+    );
+    assert!(error_of(&ONE_WORKER.replace("rps = 50.0", "rps = -5.0"))
         .problem()
-        .contains("gamma"));
-    assert!(error_of(&ONE_WORKER.replace("rps = 50.0", "rps = -5.0")).problem().contains("-5"));
+        .contains("-5"));
 }
 
 #[test]
@@ -288,7 +381,10 @@ fn builtin_scenarios_parse() {
 /// `cargo test` builds the examples next to the test binaries; a focused `--test sim` run may not have.
 fn overload_example() -> Option<std::path::PathBuf> {
     let deps = std::env::current_exe().ok()?.parent()?.to_path_buf();
-    let exe = deps.parent()?.join("examples").join(format!("overload{}", std::env::consts::EXE_SUFFIX));
+    let exe = deps
+        .parent()?
+        .join("examples")
+        .join(format!("overload{}", std::env::consts::EXE_SUFFIX));
     exe.exists().then_some(exe)
 }
 
@@ -302,9 +398,18 @@ fn overload_example_exits_2_on_bad_input() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bad.toml");
     std::fs::write(&file, ONE_WORKER.replace("workers = 1", "workers = 0")).unwrap();
-    let output = std::process::Command::new(exe).arg("--scenario").arg(&file).output().unwrap();
+    let output = std::process::Command::new(exe)
+        .arg("--scenario")
+        .arg(&file)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.trim_end().ends_with("bad.toml: backend.workers: must be at least 1"), "{stderr}");
+    assert!(
+        stderr
+            .trim_end()
+            .ends_with("bad.toml: backend.workers: must be at least 1"),
+        "{stderr}"
+    );
 }

@@ -130,7 +130,10 @@ use http_body_util::combinators::UnsyncBoxBody;
 
 pub use self::report::{to_json, Report, Row, SeriesPoint};
 pub use self::run::{run, run_stack};
-pub use self::scenario::{Arrivals, Backend, BackendChange, Class, Client, Phase, Priority, Scenario, ScenarioError, ServiceTime};
+pub use self::scenario::{
+    Arrivals, Backend, BackendChange, Class, Client, Phase, Priority, Scenario, ScenarioError,
+    ServiceTime,
+};
 pub use self::strategy::{boxed, strategy, BuildStack, Probe, Probes, Stack, Strategy, STRATEGIES};
 
 use crate::core::BoxError;
@@ -149,4 +152,5 @@ pub type SimBody = http_body_util::Empty<Bytes>;
 pub type SimResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The stack under test, boxed.
-pub type SimService = tower::util::BoxCloneService<http::Request<SimBody>, http::Response<SimResponseBody>, BoxError>;
+pub type SimService =
+    tower::util::BoxCloneService<http::Request<SimBody>, http::Response<SimResponseBody>, BoxError>;

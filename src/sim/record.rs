@@ -203,7 +203,15 @@ impl Recorder {
     }
 
     /// The client of request `id` is done with it: any backend work on it from now on is wasted.
-    pub(crate) fn finish(&mut self, now: u64, id: u32, class: usize, phase: usize, verdict: Verdict, latency_ns: u64) {
+    pub(crate) fn finish(
+        &mut self,
+        now: u64,
+        id: u32,
+        class: usize,
+        phase: usize,
+        verdict: Verdict,
+        latency_ns: u64,
+    ) {
         self.advance(now);
         self.give_up[id as usize] = now;
         let stats = &mut self.phases[phase].classes[class];
@@ -257,7 +265,11 @@ impl Recorder {
     }
 
     /// The rows and series of the finished run.
-    pub(crate) fn report(mut self, scenario: &Scenario, strategy: &str) -> (Vec<Row>, Vec<SeriesPoint>, u64, u64) {
+    pub(crate) fn report(
+        mut self,
+        scenario: &Scenario,
+        strategy: &str,
+    ) -> (Vec<Row>, Vec<SeriesPoint>, u64, u64) {
         let end = self.end();
         self.advance(end);
         let has_limit = self.limit.is_some();
@@ -293,7 +305,8 @@ impl Recorder {
             requests += all.offered;
             let row = |name: &str, c: &ClassStats| {
                 let rate = |n: u64| n as f64 / duration;
-                let quantile = |q: f64| (c.good > 0).then(|| c.latency.value_at_quantile(q) as f64 / 1e3);
+                let quantile =
+                    |q: f64| (c.good > 0).then(|| c.latency.value_at_quantile(q) as f64 / 1e3);
                 Row {
                     scenario: scenario.name.clone(),
                     strategy: strategy.to_owned(),

@@ -89,7 +89,9 @@ pub struct Report {
 impl Report {
     /// The row of `phase` and `class` (`"all"` for the sum).
     pub fn row(&self, phase: &str, class: &str) -> Option<&Row> {
-        self.rows.iter().find(|r| r.phase == phase && r.class == class)
+        self.rows
+            .iter()
+            .find(|r| r.phase == phase && r.class == class)
     }
 }
 

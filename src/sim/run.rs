@@ -16,7 +16,10 @@ use tower::ServiceExt;
 use super::record::{Recorder, Verdict};
 use super::report::Report;
 use super::strategy::{Probes, Stack, Strategy};
-use super::{Arrivals, Scenario, ScenarioError, ServiceTime, SimBody, SimResponseBody, SimService, PRIORITY_HEADER, WINDOW};
+use super::{
+    Arrivals, Scenario, ScenarioError, ServiceTime, SimBody, SimResponseBody, SimService,
+    PRIORITY_HEADER, WINDOW,
+};
 use crate::core::BoxError;
 
 /// What the backend needs to know about a request, carried in its extensions.
@@ -55,7 +58,9 @@ struct Shared {
 
 impl Shared {
     fn now(&self) -> u64 {
-        Instant::now().saturating_duration_since(self.start).as_nanos() as u64
+        Instant::now()
+            .saturating_duration_since(self.start)
+            .as_nanos() as u64
     }
 
     fn record<T: Default>(&self, f: impl FnOnce(&mut Recorder) -> T) -> T {
@@ -131,7 +136,9 @@ where
     });
 
     let backend_shared = shared.clone();
-    let backend = SimService::new(tower::service_fn(move |request| serve(backend_shared.clone(), request)));
+    let backend = SimService::new(tower::service_fn(move |request| {
+        serve(backend_shared.clone(), request)
+    }));
     let stack = build(backend, scenario);
     let service = stack.service;
     shared.probes.set(stack.probes).expect("probes set once");
@@ -254,7 +261,12 @@ struct Pending {
 }
 
 /// One client request: attempts until success, a final failure or the deadline.
-async fn client(shared: Arc<Shared>, service: SimService, specs: Arc<Vec<ClassSpec>>, mut req: Pending) {
+async fn client(
+    shared: Arc<Shared>,
+    service: SimService,
+    specs: Arc<Vec<ClassSpec>>,
+    mut req: Pending,
+) {
     let spec = &specs[req.class];
     let deadline = req.issued + spec.timeout;
     let mut retries = req.retries;
@@ -269,7 +281,9 @@ async fn client(shared: Arc<Shared>, service: SimService, specs: Arc<Vec<ClassSp
                 let now = Instant::now();
                 let latency = (now - req.issued).as_nanos() as u64;
                 let at = shared.now();
-                shared.record(|r| r.finish(at, req.id, req.class, req.phase, Verdict::Timeout, latency));
+                shared.record(|r| {
+                    r.finish(at, req.id, req.class, req.phase, Verdict::Timeout, latency)
+                });
                 if !req.cancel_on_timeout {
                     // Across a real network the server does not notice that the client left.
                     attempt.await;
@@ -292,10 +306,14 @@ fn build_request(req: &mut Pending, spec: &ClassSpec, deadline: Instant) -> http
         uniform: req.rng.random::<f64>(),
     };
     let mut request = http::Request::new(SimBody::new());
-    request.headers_mut().insert(PRIORITY_HEADER, spec.priority.clone());
+    request
+        .headers_mut()
+        .insert(PRIORITY_HEADER, spec.priority.clone());
     if req.send_deadline {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        request.headers_mut().insert("grpc-timeout", grpc_timeout(remaining));
+        request
+            .headers_mut()
+            .insert("grpc-timeout", grpc_timeout(remaining));
     }
     request.extensions_mut().insert(demand);
     request
@@ -315,7 +333,8 @@ fn grpc_timeout(budget: Duration) -> HeaderValue {
     } else {
         ((ms / 3_600_000).min(MAX), 'H')
     };
-    HeaderValue::try_from(format!("{value}{unit}")).expect("digits and a unit letter are a valid header value")
+    HeaderValue::try_from(format!("{value}{unit}"))
+        .expect("digits and a unit letter are a valid header value")
 }
 
 /// One attempt through the stack, the response body read to its end.
@@ -337,12 +356,16 @@ async fn attempt(shared: &Shared, service: SimService, request: http::Request<Si
 
 fn classify(response: &Response<SimResponseBody>) -> Verdict {
     match response.status() {
-        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS | StatusCode::GATEWAY_TIMEOUT => {
-            Verdict::Rejected
-        }
+        StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::GATEWAY_TIMEOUT => Verdict::Rejected,
         status if status.is_server_error() => Verdict::Error,
         // gRPC-mode layers answer trailers-only with HTTP 200 and the status in the headers.
-        _ => match response.headers().get("grpc-status").map(HeaderValue::as_bytes) {
+        _ => match response
+            .headers()
+            .get("grpc-status")
+            .map(HeaderValue::as_bytes)
+        {
             None | Some(b"0") => Verdict::Good,
             Some(b"4" | b"8" | b"14") => Verdict::Rejected,
             Some(_) => Verdict::Error,
@@ -371,8 +394,15 @@ impl Drop for InFlight<'_> {
 
 /// The backend: waits for a worker in FIFO order, works for the request's service time, answers 200 or 500.
 /// Dropping the future leaves the queue or frees the worker at once, as a cancelled server handler does.
-async fn serve(shared: Arc<Shared>, request: http::Request<SimBody>) -> Result<Response<SimResponseBody>, BoxError> {
-    let demand = request.extensions().get::<Demand>().copied().unwrap_or_default();
+async fn serve(
+    shared: Arc<Shared>,
+    request: http::Request<SimBody>,
+) -> Result<Response<SimResponseBody>, BoxError> {
+    let demand = request
+        .extensions()
+        .get::<Demand>()
+        .copied()
+        .unwrap_or_default();
     drop(request);
     let _worker = {
         let _queued = Queued::enter(&shared);
@@ -496,7 +526,10 @@ impl Schedule {
 
     fn pick_class(&self, phase: usize, u: f64) -> usize {
         let cumulative = &self.phases[phase].4;
-        cumulative.iter().position(|&c| u < c).unwrap_or(cumulative.len() - 1)
+        cumulative
+            .iter()
+            .position(|&c| u < c)
+            .unwrap_or(cumulative.len() - 1)
     }
 }
 

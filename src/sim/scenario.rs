@@ -114,7 +114,10 @@ impl ServiceTime {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err((format!("{key}.{name}"), format!("must be a positive number of milliseconds, got {v}")))
+                Err((
+                    format!("{key}.{name}"),
+                    format!("must be a positive number of milliseconds, got {v}"),
+                ))
             }
         };
         match *self {
@@ -125,7 +128,10 @@ impl ServiceTime {
                 if sigma.is_finite() && sigma >= 0.0 {
                     Ok(())
                 } else {
-                    Err((format!("{key}.sigma"), format!("must be a non-negative number, got {sigma}")))
+                    Err((
+                        format!("{key}.sigma"),
+                        format!("must be a non-negative number, got {sigma}"),
+                    ))
                 }
             }
         }
@@ -249,7 +255,11 @@ impl ScenarioError {
     }
 
     pub(crate) fn runtime(scenario: &str, error: std::io::Error) -> Self {
-        ScenarioError::new(scenario, "", format!("cannot start the simulation runtime: {error}"))
+        ScenarioError::new(
+            scenario,
+            "",
+            format!("cannot start the simulation runtime: {error}"),
+        )
     }
 
     /// The file (or the name given to [`Scenario::from_toml`]).
@@ -287,7 +297,9 @@ impl Scenario {
             let (key, problem) = describe_toml_error(text, &e);
             ScenarioError::new(file, key, problem)
         })?;
-        scenario.check().map_err(|(key, problem)| ScenarioError::new(file, key, problem))?;
+        scenario
+            .check()
+            .map_err(|(key, problem)| ScenarioError::new(file, key, problem))?;
         Ok(scenario)
     }
 
@@ -295,7 +307,8 @@ impl Scenario {
     pub fn load(path: impl AsRef<Path>) -> Result<Scenario, ScenarioError> {
         let path = path.as_ref();
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError::new(&file, "", e.to_string()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ScenarioError::new(&file, "", e.to_string()))?;
         Scenario::from_toml(&text, &file)
     }
 
@@ -303,7 +316,9 @@ impl Scenario {
     pub fn builtin() -> Vec<Scenario> {
         BUILTIN
             .iter()
-            .map(|(file, text)| Scenario::from_toml(text, file).expect("built-in scenarios are valid"))
+            .map(|(file, text)| {
+                Scenario::from_toml(text, file).expect("built-in scenarios are valid")
+            })
             .collect()
     }
 
@@ -311,7 +326,8 @@ impl Scenario {
     /// are already checked; this is for scenarios built or changed in code (the error names the scenario
     /// instead of a file).
     pub fn validate(&self) -> Result<(), ScenarioError> {
-        self.check().map_err(|(key, problem)| ScenarioError::new(&self.name, key, problem))
+        self.check()
+            .map_err(|(key, problem)| ScenarioError::new(&self.name, key, problem))
     }
 
     fn check(&self) -> Result<(), (String, String)> {
@@ -331,10 +347,16 @@ impl Scenario {
                 return Err((format!("class[{i}].name"), "must not be empty".into()));
             }
             if self.classes[..i].iter().any(|c| c.name == class.name) {
-                return Err((format!("class[{i}].name"), format!("duplicate class `{}`", class.name)));
+                return Err((
+                    format!("class[{i}].name"),
+                    format!("duplicate class `{}`", class.name),
+                ));
             }
             if class.timeout_ms == Some(0) {
-                return Err((format!("class[{i}].timeout_ms"), "must be at least 1".into()));
+                return Err((
+                    format!("class[{i}].timeout_ms"),
+                    "must be at least 1".into(),
+                ));
             }
         }
         if self.phases.is_empty() {
@@ -343,10 +365,18 @@ impl Scenario {
         for (i, phase) in self.phases.iter().enumerate() {
             let key = |field: &str| format!("phase[{i}].{field}");
             if !(phase.duration_s.is_finite() && phase.duration_s > 0.0) {
-                return Err((key("duration_s"), format!("must be a positive number, got {}", phase.duration_s)));
+                return Err((
+                    key("duration_s"),
+                    format!("must be a positive number, got {}", phase.duration_s),
+                ));
             }
             match (&phase.rps, &phase.class_rps) {
-                (Some(_), Some(_)) => return Err((key("class_rps"), "give either rps or class_rps, not both".into())),
+                (Some(_), Some(_)) => {
+                    return Err((
+                        key("class_rps"),
+                        "give either rps or class_rps, not both".into(),
+                    ))
+                }
                 (None, None) => return Err((key("rps"), "missing: give rps or class_rps".into())),
                 (Some(rps), None) => check_rate(&key("rps"), *rps)?,
                 (None, Some(rates)) => {
@@ -358,7 +388,10 @@ impl Scenario {
                     }
                     for (name, rate) in rates {
                         if !self.classes.iter().any(|c| &c.name == name) {
-                            return Err((format!("{}.{name}", key("class_rps")), "no such class".into()));
+                            return Err((
+                                format!("{}.{name}", key("class_rps")),
+                                "no such class".into(),
+                            ));
                         }
                         check_rate(&format!("{}.{name}", key("class_rps")), *rate)?;
                     }
@@ -389,7 +422,10 @@ fn check_rate(key: &str, rate: f64) -> Result<(), (String, String)> {
     if rate.is_finite() && rate >= 0.0 {
         Ok(())
     } else {
-        Err((key.into(), format!("must be a non-negative rate per second, got {rate}")))
+        Err((
+            key.into(),
+            format!("must be a non-negative rate per second, got {rate}"),
+        ))
     }
 }
 
@@ -404,7 +440,13 @@ fn check_fraction(key: &str, v: f64) -> Result<(), (String, String)> {
 /// Turns a TOML/serde error into a key path and a one-line problem. toml reports the span of the offending
 /// item but no key path, so the path is rebuilt from the table headers above the span and the key at it.
 fn describe_toml_error(text: &str, error: &toml::de::Error) -> (String, String) {
-    let problem = error.message().lines().next().unwrap_or("invalid TOML").trim().to_owned();
+    let problem = error
+        .message()
+        .lines()
+        .next()
+        .unwrap_or("invalid TOML")
+        .trim()
+        .to_owned();
     let Some(span) = error.span() else {
         return (String::new(), problem);
     };
@@ -421,7 +463,10 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> (String, String) 
                 break;
             }
         }
-        if let Some(name) = trimmed.strip_prefix("[[").and_then(|s| s.split("]]").next()) {
+        if let Some(name) = trimmed
+            .strip_prefix("[[")
+            .and_then(|s| s.split("]]").next())
+        {
             let name = name.trim().to_owned();
             let index = match counts.iter_mut().find(|(n, _)| *n == name) {
                 Some((_, c)) => {
@@ -486,14 +531,44 @@ fn quoted_after(message: &str, marker: &str) -> String {
 }
 
 const BUILTIN: [(&str, &str); 10] = [
-    ("scenarios/s1-step.toml", include_str!("../../scenarios/s1-step.toml")),
-    ("scenarios/s2-sustained.toml", include_str!("../../scenarios/s2-sustained.toml")),
-    ("scenarios/s3-convergence.toml", include_str!("../../scenarios/s3-convergence.toml")),
-    ("scenarios/s4-slowdown.toml", include_str!("../../scenarios/s4-slowdown.toml")),
-    ("scenarios/s5a-hang.toml", include_str!("../../scenarios/s5a-hang.toml")),
-    ("scenarios/s5b-creep.toml", include_str!("../../scenarios/s5b-creep.toml")),
-    ("scenarios/s6-priority.toml", include_str!("../../scenarios/s6-priority.toml")),
-    ("scenarios/s7-deadline.toml", include_str!("../../scenarios/s7-deadline.toml")),
-    ("scenarios/s8-bursts.toml", include_str!("../../scenarios/s8-bursts.toml")),
-    ("scenarios/s9-outage.toml", include_str!("../../scenarios/s9-outage.toml")),
+    (
+        "scenarios/s1-step.toml",
+        include_str!("../../scenarios/s1-step.toml"),
+    ),
+    (
+        "scenarios/s2-sustained.toml",
+        include_str!("../../scenarios/s2-sustained.toml"),
+    ),
+    (
+        "scenarios/s3-convergence.toml",
+        include_str!("../../scenarios/s3-convergence.toml"),
+    ),
+    (
+        "scenarios/s4-slowdown.toml",
+        include_str!("../../scenarios/s4-slowdown.toml"),
+    ),
+    (
+        "scenarios/s5a-hang.toml",
+        include_str!("../../scenarios/s5a-hang.toml"),
+    ),
+    (
+        "scenarios/s5b-creep.toml",
+        include_str!("../../scenarios/s5b-creep.toml"),
+    ),
+    (
+        "scenarios/s6-priority.toml",
+        include_str!("../../scenarios/s6-priority.toml"),
+    ),
+    (
+        "scenarios/s7-deadline.toml",
+        include_str!("../../scenarios/s7-deadline.toml"),
+    ),
+    (
+        "scenarios/s8-bursts.toml",
+        include_str!("../../scenarios/s8-bursts.toml"),
+    ),
+    (
+        "scenarios/s9-outage.toml",
+        include_str!("../../scenarios/s9-outage.toml"),
+    ),
 ];

@@ -111,7 +111,9 @@ pub struct Strategy {
 
 impl fmt::Debug for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Strategy").field("name", &self.name).finish()
+        f.debug_struct("Strategy")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -140,7 +142,10 @@ fn unprotected(backend: SimService, _scenario: &Scenario) -> Stack {
 
 fn static_limit(backend: SimService, scenario: &Scenario) -> Stack {
     let limit = 2 * scenario.backend.workers;
-    let service = ServiceBuilder::new().load_shed().concurrency_limit(limit).service(backend);
+    let service = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(limit)
+        .service(backend);
     Stack::new(BoxCloneService::new(service)).probes(Probes::none().limit(move || limit))
 }
 
