@@ -29,6 +29,9 @@
 //! Each request's demand (its service time draw and whether it fails) comes from its own RNG stream, and
 //! arrivals from another, so every strategy faces exactly the same requests.
 //!
+//! Determinism holds as long as the stack does too: time from `tokio::time`, no thread-local randomness, and
+//! `biased;` in any `tokio::select!` (tokio picks among ready branches at random otherwise).
+//!
 //! # The scenario file
 //!
 //! ```toml

@@ -42,7 +42,8 @@ pub struct Row {
     /// Share of the backend's busy time spent on requests whose client had already given up (or had already
     /// received its answer).
     pub wasted_work: f64,
-    /// Time-averaged concurrency limit of the stack (`null` when it has no limit probe).
+    /// Time-averaged concurrency limit of the stack (`null` when it has no limit probe). Phase-wide: the same in
+    /// every class row of the phase, as is `max_queue_depth`.
     pub mean_limit: Option<f64>,
     /// Deepest queue seen in the stack (`null` when it has no queue probe).
     pub max_queue_depth: Option<usize>,

@@ -92,8 +92,9 @@ pub fn run(scenario: &Scenario, strategy: &Strategy) -> Result<Report, ScenarioE
 /// Runs `scenario` against the stack `build` makes around the backend; `name` labels the report.
 ///
 /// The run happens on a fresh current-thread tokio runtime with paused time on the calling thread, so it takes
-/// a fraction of the simulated time and the same scenario and seed give the same report. Fails only when the
-/// scenario is invalid.
+/// a fraction of the simulated time and the same scenario and seed give the same report. Call it from
+/// synchronous code (a plain `#[test]`, a thread, `spawn_blocking`), not from inside a runtime; independent runs
+/// can go on separate threads in parallel. Fails only when the scenario is invalid.
 pub fn run_stack<F>(scenario: &Scenario, name: &str, build: F) -> Result<Report, ScenarioError>
 where
     F: FnOnce(SimService, &Scenario) -> Stack,
