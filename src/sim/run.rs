@@ -206,8 +206,6 @@ async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimServic
     let specs = Arc::new(specs);
     let schedule = Schedule::new(scenario);
     let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed);
-    // Each request draws its demand from its own stream, so its work is the same whatever the strategy does.
-    let demand_rng = rng.clone();
     let mut sleep = pin!(tokio::time::sleep_until(shared.start));
     let mut t = 0.0;
     let mut phase = 0;
@@ -229,8 +227,6 @@ async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimServic
         let now = shared.now();
         let issue_phase = shared.record(|r| r.issue(now, id, class));
         shared.sample(now);
-        let mut request_rng = demand_rng.clone();
-        request_rng.set_stream(u64::from(id) + 1);
         tokio::spawn(client(
             shared.clone(),
             service.clone(),
@@ -240,7 +236,8 @@ async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimServic
                 class,
                 phase: issue_phase,
                 issued: Instant::now(),
-                rng: request_rng,
+                seed: scenario.seed,
+                attempt: 0,
                 send_deadline: scenario.client.send_deadline,
                 cancel_on_timeout: scenario.client.cancel_on_timeout,
                 retries: scenario.client.retries,
@@ -255,7 +252,8 @@ struct Pending {
     class: usize,
     phase: usize,
     issued: Instant,
-    rng: ChaCha8Rng,
+    seed: u64,
+    attempt: u32,
     send_deadline: bool,
     cancel_on_timeout: bool,
     retries: u32,
@@ -271,9 +269,16 @@ async fn client(
     let spec = &specs[req.class];
     let deadline = req.issued + spec.timeout;
     let mut retries = req.retries;
+    let mut service = Some(service);
     let verdict = loop {
         let request = build_request(&mut req, spec, deadline);
-        let mut attempt = pin!(attempt(&shared, service.clone(), request));
+        let this_attempt = if retries == 0 {
+            service.take()
+        } else {
+            service.clone()
+        };
+        let this_attempt = this_attempt.expect("a service is kept while retries remain");
+        let mut attempt = pin!(attempt(&shared, this_attempt, request));
         match tokio::time::timeout_at(deadline, attempt.as_mut()).await {
             Ok(Verdict::Good) => break Verdict::Good,
             Ok(verdict) if retries == 0 || Instant::now() >= deadline => break verdict,
@@ -299,12 +304,19 @@ async fn client(
 }
 
 fn build_request(req: &mut Pending, spec: &ClassSpec, deadline: Instant) -> http::Request<SimBody> {
+    // Each attempt draws its demand from its own place in its request's own stream, so its work is the same
+    // whatever the strategy does and whatever other requests drew. Built per attempt rather than kept in the
+    // task, whose size every spawn copies.
+    let mut rng = ChaCha8Rng::seed_from_u64(req.seed);
+    rng.set_stream(u64::from(req.id) + 1);
+    rng.set_word_pos(u128::from(req.attempt) * ATTEMPT_WORDS);
+    req.attempt += 1;
     let demand = Demand {
         id: req.id,
         class: req.class as u16,
-        normal: StandardNormal.sample(&mut req.rng),
-        exp: Exp1.sample(&mut req.rng),
-        uniform: req.rng.random::<f64>(),
+        normal: StandardNormal.sample(&mut rng),
+        exp: Exp1.sample(&mut rng),
+        uniform: rng.random::<f64>(),
     };
     let mut request = http::Request::new(SimBody::new());
     request
@@ -319,6 +331,9 @@ fn build_request(req: &mut Pending, spec: &ClassSpec, deadline: Instant) -> http
     request.extensions_mut().insert(demand);
     request
 }
+
+/// Words of the RNG stream reserved per attempt: far more than three draws ever take.
+const ATTEMPT_WORDS: u128 = 64;
 
 /// Encodes a `grpc-timeout` value: at most 8 digits and a unit, in the finest unit that fits, rounded down so
 /// the server never believes it has more time than the client gives it.
