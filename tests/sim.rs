@@ -413,3 +413,62 @@ fn overload_example_exits_2_on_bad_input() {
         "{stderr}"
     );
 }
+
+#[test]
+fn dropping_the_backend_future_frees_the_worker() {
+    // A 10 ms timeout layer in front of 30 ms work: every attempt is cut off, and each cut must free the only
+    // worker at once, or requests would queue behind abandoned work.
+    let text = ONE_WORKER.replace("ms = 10.0", "ms = 30.0");
+    let report = sim::run_stack(&scenario(&text), "timeout", |backend, _| {
+        let service = tower::ServiceBuilder::new()
+            .timeout(std::time::Duration::from_millis(10))
+            .service(backend);
+        sim::Stack::new(sim::boxed(service))
+    })
+    .unwrap();
+    let row = report.row("steady", "all").unwrap();
+    assert_eq!(row.rejected_rps, row.offered_rps);
+    assert_eq!(
+        row.backend_rps, row.offered_rps,
+        "every attempt found the worker free"
+    );
+    assert_eq!(row.wasted_work, 0.0);
+    assert!(report.series.iter().all(|p| p.backend_queue == 0));
+}
+
+#[test]
+fn backend_changes_at_phase_boundaries() {
+    let text = r#"
+name = "outage"
+[backend]
+workers = 4
+service = { dist = "exponential", mean_ms = 20.0 }
+[client]
+timeout_ms = 500
+[[phase]]
+name = "healthy"
+duration_s = 5
+rps = 50.0
+[[phase]]
+name = "outage"
+duration_s = 5
+rps = 50.0
+backend = { service = { dist = "constant", ms = 5.0 }, error_rate = 1.0 }
+[[phase]]
+name = "healed"
+duration_s = 5
+rps = 50.0
+backend = { error_rate = 0.0 }
+"#;
+    let report = sim::run(&scenario(text), strategy("unprotected")).unwrap();
+    let healthy = report.row("healthy", "all").unwrap();
+    let outage = report.row("outage", "all").unwrap();
+    let healed = report.row("healed", "all").unwrap();
+    assert_eq!(healthy.capacity_rps, 200.0);
+    assert_eq!(outage.capacity_rps, 800.0);
+    assert_eq!(healed.capacity_rps, 800.0, "the service time stays changed");
+    assert_eq!(healthy.error_rps, 0.0);
+    assert!(outage.error_rps > 0.98 * outage.offered_rps);
+    assert_eq!(healed.availability, Some(1.0));
+    assert!(healed.p99_ms.unwrap() <= 5.01);
+}

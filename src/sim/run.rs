@@ -206,6 +206,8 @@ async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimServic
     let specs = Arc::new(specs);
     let schedule = Schedule::new(scenario);
     let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed);
+    // Phases are half-open: an arrival at the very end would belong to no phase.
+    let end = secs_to_ns(scenario.phases.iter().map(|p| p.duration_s).sum());
     let mut sleep = pin!(tokio::time::sleep_until(shared.start));
     let mut t = 0.0;
     let mut phase = 0;
@@ -218,6 +220,9 @@ async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimServic
         let Some((next, next_phase)) = schedule.next_arrival(t, phase, hazard) else {
             break;
         };
+        if secs_to_ns(next) >= end {
+            break;
+        }
         t = next;
         phase = next_phase;
         let at = shared.start + Duration::from_nanos(secs_to_ns(t));
@@ -420,9 +425,13 @@ async fn serve(
         .copied()
         .unwrap_or_default();
     drop(request);
-    let _worker = {
-        let _queued = Queued::enter(&shared);
-        shared.workers.acquire().await?
+    // Released permits go straight to waiters, so a free one means nobody is queued: FIFO holds.
+    let _worker = match shared.workers.try_acquire() {
+        Ok(permit) => permit,
+        Err(_) => {
+            let _queued = Queued::enter(&shared);
+            shared.workers.acquire().await?
+        }
     };
     let start = shared.now();
     let (service, error_rate) = shared.backend_at(start);
