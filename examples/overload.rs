@@ -173,6 +173,9 @@ fn run_all(scenarios: &[Scenario], strategies: &[&'static Strategy]) -> Vec<Repo
             .expect("valid template")
             .progress_chars("=> "),
     );
+    // Biggest runs first, so that no long run starts last while the other threads idle.
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.sort_by(|&a, &b| offered(pairs[b].0).total_cmp(&offered(pairs[a].0)));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Report>>> = Mutex::new(vec![None; pairs.len()]);
     let threads = std::thread::available_parallelism()
@@ -181,10 +184,10 @@ fn run_all(scenarios: &[Scenario], strategies: &[&'static Strategy]) -> Vec<Repo
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((scenario, strategy)) = pairs.get(i) else {
+                let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
                 };
+                let (scenario, strategy) = pairs[i];
                 progress.set_message(format!("{} / {}", scenario.name, strategy.name));
                 let report =
                     sim::run(scenario, strategy).expect("scenarios were validated when loaded");
@@ -200,6 +203,20 @@ fn run_all(scenarios: &[Scenario], strategies: &[&'static Strategy]) -> Vec<Repo
         .into_iter()
         .map(|r| r.expect("every pair ran"))
         .collect()
+}
+
+/// Requests a scenario offers, roughly: what a run costs.
+fn offered(scenario: &Scenario) -> f64 {
+    scenario
+        .phases
+        .iter()
+        .map(|p| {
+            let start = p
+                .rps
+                .unwrap_or_else(|| p.class_rps.iter().flat_map(|m| m.values()).sum());
+            (start + p.rps_end.unwrap_or(start)) / 2.0 * p.duration_s
+        })
+        .sum()
 }
 
 fn table(scenario: &Scenario, runs: &[Report]) {
