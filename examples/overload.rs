@@ -183,16 +183,15 @@ fn run_all(scenarios: &[Scenario], strategies: &[&'static Strategy]) -> Vec<Repo
         .min(pairs.len());
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            scope.spawn(|| loop {
-                let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    break;
-                };
-                let (scenario, strategy) = pairs[i];
-                progress.set_message(format!("{} / {}", scenario.name, strategy.name));
-                let report =
-                    sim::run(scenario, strategy).expect("scenarios were validated when loaded");
-                results.lock().expect("no panics while holding the lock")[i] = Some(report);
-                progress.inc(1);
+            scope.spawn(|| {
+                while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let (scenario, strategy) = pairs[i];
+                    progress.set_message(format!("{} / {}", scenario.name, strategy.name));
+                    let report =
+                        sim::run(scenario, strategy).expect("scenarios were validated when loaded");
+                    results.lock().expect("no panics while holding the lock")[i] = Some(report);
+                    progress.inc(1);
+                }
             });
         }
     });
