@@ -88,16 +88,29 @@ pub type BuildStack = fn(backend: SimService, scenario: &Scenario) -> Stack;
 
 /// A named protection strategy.
 ///
-/// Adding one takes a function and a line in [`STRATEGIES`]:
+/// A strategy is a name and a plain function building the stack from the backend and the scenario (the number
+/// of workers, say). The crate's own strategies are listed in [`STRATEGIES`]; adding one there takes a function
+/// and one line. Your own run the same way:
 ///
-/// ```ignore
-/// fn aimd(backend: SimService, scenario: &Scenario) -> Stack {
-///     let layer = AdaptiveConcurrencyLayer::builder().aimd().http().build().expect("valid");
-///     let handle = layer.handle();
-///     Stack::new(boxed(layer.layer(backend))).probes(Probes::none().limit(move || handle.snapshot().limit))
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_backpressure::sim::{self, Probes, Scenario, SimService, Stack, Strategy};
+///
+/// fn limit_per_worker(backend: SimService, scenario: &Scenario) -> Stack {
+///     let limit = scenario.backend.workers;
+///     let service = ServiceBuilder::new().load_shed().concurrency_limit(limit).service(backend);
+///     Stack::new(sim::boxed(service)).probes(Probes::none().limit(move || limit))
 /// }
-/// // in STRATEGIES:
-/// Strategy { name: "aimd", about: "adaptive concurrency limit, AIMD", build: aimd },
+///
+/// let mine = Strategy { name: "limit-per-worker", about: "one request per worker", build: limit_per_worker };
+/// let mut scenario = Scenario::builtin().remove(0);
+/// for phase in &mut scenario.phases {
+///     phase.duration_s = 1.0; // a quick look
+/// }
+/// let report = sim::run(&scenario, &mine)?;
+/// assert_eq!(report.strategy, "limit-per-worker");
+/// assert_eq!(report.row("2x", "all").unwrap().mean_limit, Some(2.0));
+/// # Ok::<(), sim::ScenarioError>(())
 /// ```
 #[derive(Clone, Copy)]
 pub struct Strategy {
