@@ -475,3 +475,26 @@ backend = { error_rate = 0.0 }
     assert_eq!(healed.availability, Some(1.0));
     assert!(healed.p99_ms.unwrap() <= 5.01);
 }
+
+#[test]
+fn probes_are_time_averaged_and_maxed_per_phase() {
+    // The probes read the paused clock: limit 10 in the first half of the run and 30 in the second, queue depth
+    // growing by one per second.
+    let report = sim::run_stack(&scenario(ONE_WORKER), "probed", |backend, _| {
+        let start = tokio::time::Instant::now();
+        let elapsed = move || start.elapsed().as_secs_f64();
+        sim::Stack::new(backend).probes(
+            sim::Probes::none()
+                .limit(move || if elapsed() < 10.0 { 10 } else { 30 })
+                .queue_depth(move || elapsed() as usize),
+        )
+    })
+    .unwrap();
+    let row = report.row("steady", "all").unwrap();
+    let mean = row.mean_limit.unwrap();
+    assert!((mean - 20.0).abs() < 0.05, "mean limit {mean}");
+    assert_eq!(row.max_queue_depth, Some(19));
+    assert_eq!(report.series[2].limit, Some(10.0));
+    assert_eq!(report.series[15].limit, Some(30.0));
+    assert_eq!(report.series[4].queue_depth, Some(4));
+}
