@@ -498,3 +498,16 @@ fn probes_are_time_averaged_and_maxed_per_phase() {
     assert_eq!(report.series[15].limit, Some(30.0));
     assert_eq!(report.series[4].queue_depth, Some(4));
 }
+
+#[test]
+#[should_panic(expected = "the stack under test panicked")]
+fn a_panicking_stack_fails_the_run() {
+    let few = ONE_WORKER.replace("duration_s = 20", "duration_s = 0.1");
+    let _ = sim::run_stack(&scenario(&few), "panics", |backend, _| {
+        use tower::ServiceExt;
+        let service = backend.map_request(
+            |req: http::Request<sim::SimBody>| -> http::Request<sim::SimBody> { panic!("boom") },
+        );
+        sim::Stack::new(sim::boxed(service))
+    });
+}

@@ -1,6 +1,7 @@
 //! The engine: a paused current-thread runtime, the open-loop clients and the backend.
 
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -54,6 +55,8 @@ struct Shared {
     /// runtime, and their guards must find nothing to update.
     recorder: Mutex<Option<Recorder>>,
     probes: OnceLock<Probes>,
+    /// tokio catches a panic in a task and carries on; a run with a lost request must not pass as sound.
+    panicked: AtomicBool,
 }
 
 impl Shared {
@@ -95,6 +98,11 @@ pub fn run(scenario: &Scenario, strategy: &Strategy) -> Result<Report, ScenarioE
 /// a fraction of the simulated time and the same scenario and seed give the same report. Call it from
 /// synchronous code (a plain `#[test]`, a thread, `spawn_blocking`), not from inside a runtime; independent runs
 /// can go on separate threads in parallel. Fails only when the scenario is invalid.
+///
+/// # Panics
+///
+/// If the stack panics while serving a request (tokio would otherwise swallow it, and the request would be
+/// missing from the report).
 pub fn run_stack<F>(scenario: &Scenario, name: &str, build: F) -> Result<Report, ScenarioError>
 where
     F: FnOnce(SimService, &Scenario) -> Stack,
@@ -134,6 +142,7 @@ where
         workers: Semaphore::new(scenario.backend.workers),
         recorder: Mutex::new(Some(Recorder::new(ends, classes, WINDOW.as_nanos() as u64))),
         probes: OnceLock::new(),
+        panicked: AtomicBool::new(false),
     });
 
     let backend_shared = shared.clone();
@@ -158,6 +167,11 @@ where
     let settle = shared.start + scenario.duration() + Duration::from_millis(longest + 1);
     tokio::time::sleep_until(settle).await;
 
+    assert!(
+        !shared.panicked.load(Ordering::Relaxed),
+        "the stack under test panicked while serving a request in scenario `{}`",
+        scenario.name
+    );
     let recorder = shared
         .recorder
         .lock()
@@ -271,6 +285,7 @@ async fn client(
     specs: Arc<Vec<ClassSpec>>,
     mut req: Pending,
 ) {
+    let _watch = PanicWatch(&shared);
     let spec = &specs[req.class];
     let deadline = req.issued + spec.timeout;
     let mut retries = req.retries;
@@ -391,6 +406,17 @@ fn classify(response: &Response<SimResponseBody>) -> Verdict {
             Some(b"4" | b"8" | b"14") => Verdict::Rejected,
             Some(_) => Verdict::Error,
         },
+    }
+}
+
+/// Notes a panic unwinding through a client task.
+struct PanicWatch<'a>(&'a Shared);
+
+impl Drop for PanicWatch<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.panicked.store(true, Ordering::Relaxed);
+        }
     }
 }
 
