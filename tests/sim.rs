@@ -506,7 +506,7 @@ fn a_panicking_stack_fails_the_run() {
     let _ = sim::run_stack(&scenario(&few), "panics", |backend, _| {
         use tower::ServiceExt;
         let service = backend.map_request(
-            |req: http::Request<sim::SimBody>| -> http::Request<sim::SimBody> { panic!("boom") },
+            |_: http::Request<sim::SimBody>| -> http::Request<sim::SimBody> { panic!("boom") },
         );
         sim::Stack::new(sim::boxed(service))
     });
