@@ -242,19 +242,22 @@ fn table(scenario: &Scenario, runs: &[Report]) {
     }
     println!("{head}");
     println!("{sub}");
-    let phases = runs[0].rows.iter().filter(|r| r.class == "all");
-    for (i, phase) in phases.enumerate() {
+    // Every report of a scenario has the same rows in the same order; class rows only when there are classes.
+    let classes = scenario.classes.len();
+    for (j, first) in runs[0].rows.iter().enumerate() {
+        let label = if first.class == "all" {
+            first.phase.clone()
+        } else if classes > 1 {
+            format!("  {}", first.class)
+        } else {
+            continue;
+        };
         let mut line = format!(
             "{:<14} {:>8.0} {:>8.0} |",
-            phase.phase, phase.capacity_rps, phase.offered_rps
+            label, first.capacity_rps, first.offered_rps
         );
         for run in runs {
-            let row: &Row = run
-                .rows
-                .iter()
-                .filter(|r| r.class == "all")
-                .nth(i)
-                .expect("same phases");
+            let row: &Row = &run.rows[j];
             let pct = |v: f64, of: f64| if of > 0.0 { 100.0 * v / of } else { 0.0 };
             line.push_str(&format!(
                 " {:>5.0} {:>7} {:>5.1} {:>5.1} {:>5} |",
