@@ -5,3 +5,5 @@
 pub mod core;
 pub mod pressure;
 pub mod rate;
+#[cfg(feature = "sim")]
+pub mod sim;
