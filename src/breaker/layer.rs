@@ -222,7 +222,8 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
     setter!(
         /// Readiness mode: while open, `poll_ready` is not ready and wakes the task when the open period ends,
         /// so a balancer such as `tower::balance` routes around this endpoint. Calls made anyway are still
-        /// rejected. Off by default (fail-fast: every call is answered at once).
+        /// rejected, as are calls beyond the probes while half-open (readiness cannot reserve a probe slot).
+        /// Off by default (fail-fast: every call is answered at once).
         readiness_mode(enabled: bool) => readiness = enabled
     );
 
