@@ -48,8 +48,12 @@ impl<C, M, O> fmt::Debug for CircuitBreakerLayer<C, M, O> {
 impl CircuitBreakerLayer {
     /// A builder with Resilience4j's defaults for the window (the last 100 calls, at least 100 of them, 50 %
     /// failures trip it; calls over 60 s are slow, 100 % slow calls trip it) and 10 half-open probes. The open
-    /// period starts at 5 s and doubles with each consecutive trip up to 60 s, ±20 % jitter; half-open waits at
-    /// most 10 s for its probes.
+    /// period starts at 5 s and doubles with each consecutive trip up to 10 s, ±20 % jitter (within the cap);
+    /// half-open waits at most 10 s for its probes.
+    ///
+    /// The open period is short by design: a cycle costs the dependency only its 10 probes, while every second
+    /// of open period after the dependency has healed is a second of needless rejections. Raise
+    /// [`max_wait_in_open`](CircuitBreakerBuilder::max_wait_in_open) when probes are expensive.
     pub fn builder() -> CircuitBreakerBuilder {
         CircuitBreakerBuilder {
             settings: Settings {
@@ -60,7 +64,7 @@ impl CircuitBreakerLayer {
                 minimum_calls: 100,
                 consecutive_failures: None,
                 open: Duration::from_secs(5),
-                open_max: Duration::from_secs(60),
+                open_max: Duration::from_secs(10),
                 multiplier: 2.0,
                 jitter: 0.2,
                 probes: 10,
