@@ -946,3 +946,94 @@ fn bad_config_is_an_error_with_a_clear_message() {
         .build()
         .is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn jitter_never_exceeds_the_cap() {
+    let layer = r4j()
+        .count_window(1)
+        .minimum_calls(1)
+        .permitted_calls_in_half_open(1)
+        .max_wait_in_open(Duration::from_secs(6))
+        .jitter(0.9)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner());
+    let _ = send(&mut svc, Call::Fail).await;
+    for _ in 0..20 {
+        let period = handle.snapshot().open_remaining.unwrap();
+        assert!(period <= Duration::from_secs(6), "{period:?}");
+        assert!(period > Duration::ZERO);
+        tokio::time::sleep(period).await;
+        let _ = send(&mut svc, Call::Fail).await;
+    }
+}
+
+// ---------------------------------------------------------------- observer
+
+#[tokio::test(start_paused = true)]
+async fn observer_sees_admissions_rejections_and_completions() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let layer = r4j()
+        .count_window(2)
+        .minimum_calls(2)
+        .observer(move |e: &Event| log.lock().unwrap().push(*e))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(inner());
+    let _ = send(&mut svc, Call::Ok).await;
+    let _ = send(&mut svc, Call::Fail).await;
+    let _ = send(&mut svc, Call::Ok).await;
+    let events = events.lock().unwrap().clone();
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| match e {
+            Event::Admitted { in_flight, .. } => format!("admitted {in_flight}"),
+            Event::Completed {
+                outcome, in_flight, ..
+            } => format!("completed {outcome} {in_flight}"),
+            Event::Rejected {
+                reason,
+                retry_after,
+                ..
+            } => format!("rejected {reason} {retry_after:?}"),
+            Event::BreakerState { from, to, .. } => format!("{from} -> {to}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "admitted 1",
+            "completed success 0",
+            "admitted 1",
+            "completed failure 0",
+            "closed -> open",
+            "rejected circuit_open Some(5s)",
+        ]
+    );
+    assert!(events.iter().all(|e| match e {
+        Event::Admitted { layer, .. }
+        | Event::Completed { layer, .. }
+        | Event::Rejected { layer, .. }
+        | Event::BreakerState { layer, .. } => *layer == "breaker",
+        _ => false,
+    }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_mode_stays_blocked_while_forced_open() {
+    let layer = r4j().readiness_mode(true).build().unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner());
+    handle.force_open();
+    let ready = tokio::time::timeout(Duration::from_secs(60), svc.ready()).await;
+    assert!(ready.is_err(), "ready while forced open");
+    handle.force_closed();
+    let ready = tokio::time::timeout(Duration::from_secs(6), svc.ready()).await;
+    assert!(
+        ready.is_ok(),
+        "still blocked after force_closed (rechecked every open period)"
+    );
+}

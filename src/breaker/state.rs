@@ -158,12 +158,17 @@ impl<O> fmt::Debug for Shared<O> {
     }
 }
 
-/// xorshift must not start from zero.
+/// The generator's first state: the seed run through splitmix64, so that nearby seeds (1, 2, 3, ...) give unrelated
+/// sequences, and never zero, where xorshift would stay.
 fn seed_of(config: &Config) -> u64 {
-    if config.seed == 0 {
+    let mut z = config.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    if z == 0 {
         0x9E37_79B9_7F4A_7C15
     } else {
-        config.seed
+        z
     }
 }
 
