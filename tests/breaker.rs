@@ -1037,3 +1037,37 @@ async fn readiness_mode_stays_blocked_while_forced_open() {
         "still blocked after force_closed (rechecked every open period)"
     );
 }
+
+/// In HTTP mode the call lasts until the response body is done: a body streamed slowly makes a slow call.
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn http_latency_runs_to_the_end_of_the_body() {
+    use bytes::Bytes;
+    use http::Response;
+    use http_body_util::{BodyExt, Full};
+
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(1)
+        .minimum_calls(1)
+        .slow_call_duration(Duration::from_secs(1))
+        .slow_call_rate_threshold(100.0)
+        .http()
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|_: ()| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))
+    }));
+    let res = svc.ready().await.unwrap().call(()).await.unwrap();
+    assert_eq!(
+        handle.snapshot().in_flight,
+        1,
+        "the body holds the call open"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "hello");
+    let snap = handle.snapshot();
+    assert_eq!((snap.in_flight, snap.slow_calls), (0, 1));
+    assert_eq!(snap.state, CircuitState::Open);
+}
