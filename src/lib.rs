@@ -4,3 +4,4 @@
 
 pub mod breaker;
 pub mod core;
+pub mod rate;
