@@ -46,8 +46,12 @@ fn call<S: Service<u32>>(svc: &mut S, x: u32) -> Result<S::Response, S::Error> {
 fn closed_path(c: &mut Criterion) {
     let mut g = c.benchmark_group("closed_path");
     // Every admitted call reads the clock twice (its permit measures latency, for the slow-call rule).
-    g.bench_function("one clock read (reference)", |b| b.iter(tokio::time::Instant::now));
-    g.bench_function("one std clock read (reference)", |b| b.iter(std::time::Instant::now));
+    g.bench_function("one clock read (reference)", |b| {
+        b.iter(tokio::time::Instant::now)
+    });
+    g.bench_function("one std clock read (reference)", |b| {
+        b.iter(std::time::Instant::now)
+    });
     let mut bare = inner();
     g.bench_function("no breaker", |b| b.iter(|| call(&mut bare, black_box(7))));
 

@@ -135,15 +135,30 @@ pub(crate) enum Admit {
     Reject(Rejection),
 }
 
+/// Keeps a hot atomic on a cache line of its own (128 bytes: adjacent-line prefetching pairs lines), so that
+/// the counters every call writes do not evict the read-mostly state word and settings from other cores.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// The breaker's shared state; the owner of its permits.
 pub(crate) struct Shared<O> {
+    // Read on every call, written only by transitions.
+    word: Padded<AtomicU64>,
     pub(crate) config: Config,
-    word: AtomicU64,
     probes: AtomicU64,
-    window: Window,
-    consecutive_failures: AtomicU32,
     consecutive_trips: AtomicU32,
-    in_flight: AtomicUsize,
+    window: Window,
+    // Written on every call.
+    in_flight: Padded<AtomicUsize>,
+    consecutive_failures: Padded<AtomicU32>,
     rng: AtomicU64,
     base: Instant,
     observer: O,
@@ -192,11 +207,11 @@ impl<O: Observer> Shared<O> {
         Shared {
             window: Window::new(config.window, base),
             config,
-            word: AtomicU64::new(0),
+            word: Padded(AtomicU64::new(0)),
             probes: AtomicU64::new(0),
-            consecutive_failures: AtomicU32::new(0),
+            consecutive_failures: Padded(AtomicU32::new(0)),
             consecutive_trips: AtomicU32::new(0),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Padded(AtomicUsize::new(0)),
             rng: AtomicU64::new(seed),
             base,
             observer,

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::state::Padded;
+
 /// Counts read from a window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
@@ -21,6 +23,8 @@ pub(crate) enum WindowKind {
     Time { buckets: usize, width: Duration },
 }
 
+// One per breaker, inside its `Arc`: the padding is the point, and boxing it would add a pointer chase per call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Window {
     Count(CountWindow),
@@ -96,16 +100,16 @@ fn slot_weight(slot: u8) -> u64 {
 #[derive(Debug)]
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU8]>,
-    next: AtomicU64,
-    packed: AtomicU64,
+    next: Padded<AtomicU64>,
+    packed: Padded<AtomicU64>,
 }
 
 impl CountWindow {
     fn new(size: usize) -> Self {
         CountWindow {
             slots: (0..size).map(|_| AtomicU8::new(SLOT_EMPTY)).collect(),
-            next: AtomicU64::new(0),
-            packed: AtomicU64::new(0),
+            next: Padded(AtomicU64::new(0)),
+            packed: Padded(AtomicU64::new(0)),
         }
     }
 
