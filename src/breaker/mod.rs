@@ -32,7 +32,10 @@
 //!   ring of buckets, not one record per call: memory is bounded at build time;
 //! - the closed path takes no lock and allocates nothing: one atomic load to admit, and per finished call one
 //!   ring-slot swap plus one `fetch_add` on a word holding all three counts, so every reader sees a consistent
-//!   triple. Every state change is one compare-and-swap on a single word holding state, generation and
+//!   triple. A tiny critical section would have been simpler but would serialise every caller on one lock
+//!   word; the atomics cost the same uncontended and never make a caller wait. The clock is read where the
+//!   rules need it: twice per call by the permit (latency, for the slow-call rule), once more per call with a
+//!   time window, and otherwise only in the open and half-open states. Every state change is one compare-and-swap on a single word holding state, generation and
 //!   deadline, so each trip happens exactly once however many tasks race to it;
 //! - probe permits are RAII ([`Permit`](crate::core::Permit)) tagged with their cycle's generation: a dropped
 //!   probe returns its slot, a probe finishing after its cycle ended changes nothing, and half-open cannot get
