@@ -4,4 +4,7 @@
 
 pub mod breaker;
 pub mod core;
+pub mod pressure;
 pub mod rate;
+#[cfg(feature = "sim")]
+pub mod sim;

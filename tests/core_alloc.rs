@@ -1,7 +1,6 @@
 //! Proves the core's generic path allocates nothing per request: admit, poll, classify, release.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,27 +9,8 @@ use std::time::Duration;
 
 use tower_backpressure::core::{AnyOk, ErrorMode, Outcome, Permit, Release, ResponseFuture};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
 #[derive(Default)]
 struct Counter(AtomicUsize);
@@ -62,14 +42,13 @@ fn admit_complete_cycle_allocates_nothing() {
     for _ in 0..10 {
         cycle(&owner);
     }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    for _ in 0..10_000 {
-        cycle(&owner);
-    }
-    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    let (allocations, ()) = counting_alloc::allocations_in(|| {
+        for _ in 0..10_000 {
+            cycle(&owner);
+        }
+    });
     assert_eq!(
-        after - before,
-        0,
+        allocations, 0,
         "heap allocations in 10 000 admit/complete cycles"
     );
     assert_eq!(
@@ -77,4 +56,12 @@ fn admit_complete_cycle_allocates_nothing() {
         10_010,
         "every cycle released exactly once"
     );
+}
+
+#[test]
+fn the_counter_sees_allocations() {
+    let (allocations, boxed) =
+        counting_alloc::allocations_in(|| std::hint::black_box(Box::new(1u8)));
+    assert_eq!(*boxed, 1);
+    assert_eq!(allocations, 1);
 }
