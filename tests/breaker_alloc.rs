@@ -1,49 +1,16 @@
 //! Proves the circuit breaker's closed path allocates nothing per call: admit, call, poll, classify, count.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use tower::Service;
 use tower_backpressure::breaker::CircuitBreakerLayer;
 use tower_backpressure::core::CircuitState;
 use tower_layer::Layer;
-
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    // Only the test's own thread is counted: the harness allocates on its threads whenever it likes.
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn count() {
-    if COUNTING.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
 
 /// Zero-sized, so boxing it into a `BoxError` allocates nothing and only the breaker's own work is measured.
 #[derive(Debug)]
@@ -86,13 +53,11 @@ fn closed_path_allocates_nothing() {
         for i in 1..10 {
             cycle(i);
         }
-        COUNTING.with(|c| c.set(true));
-        let before = ALLOCATIONS.load(Ordering::Relaxed);
-        for i in 1..10_000 {
-            cycle(i);
-        }
-        let after = ALLOCATIONS.load(Ordering::Relaxed);
-        COUNTING.with(|c| c.set(false));
+        let (allocations, ()) = counting_alloc::allocations_in(|| {
+            for i in 1..10_000 {
+                cycle(i);
+            }
+        });
         let snap = handle.snapshot();
         assert_eq!(snap.state, CircuitState::Closed);
         assert!(
@@ -100,8 +65,7 @@ fn closed_path_allocates_nothing() {
             "the window counted: {snap:?}"
         );
         assert_eq!(
-            after - before,
-            0,
+            allocations, 0,
             "heap allocations in 10 000 closed-path calls"
         );
     }
