@@ -142,6 +142,11 @@ pub const STRATEGIES: &[Strategy] = &[
         about: "tower's LoadShed + ConcurrencyLimit, limit = 2 x workers",
         build: static_limit,
     },
+    Strategy {
+        name: "breaker",
+        about: "circuit breaker with its defaults, HTTP mode",
+        build: breaker,
+    },
 ];
 
 /// The strategy called `name`.
@@ -160,6 +165,14 @@ fn static_limit(backend: SimService, scenario: &Scenario) -> Stack {
         .concurrency_limit(limit)
         .service(backend);
     Stack::new(BoxCloneService::new(service)).probes(Probes::none().limit(move || limit))
+}
+
+fn breaker(backend: SimService, _scenario: &Scenario) -> Stack {
+    let layer = crate::breaker::CircuitBreakerLayer::builder()
+        .http()
+        .build()
+        .expect("the breaker's defaults are valid");
+    Stack::new(boxed(tower_layer::Layer::layer(&layer, backend)))
 }
 
 /// Boxes any HTTP stack over the simulator's request type into a [`SimService`], boxing its response body.
