@@ -142,7 +142,10 @@ mod report {
     use crate::support::{name, stacks, Req, Visit};
 
     /// Goals of the form "ours ≤ ratio × theirs" on the added cost per request in the single-task group.
-    const COST_GOALS: &[(&str, &str, f64)] = &[];
+    const COST_GOALS: &[(&str, &str, f64)] = &[
+        (name::BREAKER, name::FAILSAFE_BREAKER, 0.5),
+        (name::BREAKER, name::TR_BREAKER, 0.15),
+    ];
     /// Stacks whose two-task throughput must reach tower's `ConcurrencyLimit`.
     const CONTENTION_GOALS: &[&str] = name::OURS;
 

@@ -13,6 +13,7 @@ use tower::limit::ConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 use tower::timeout::TimeoutLayer;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_backpressure::breaker::CircuitBreakerLayer;
 use tower_backpressure::pressure::{PressureLayer, RuntimeMonitor};
 use tower_backpressure::rate::RateLimitLayer;
 
@@ -34,9 +35,10 @@ pub(crate) mod name {
     pub(crate) const TR_ADAPTIVE: &str = "tower-resilience adaptive (AIMD)";
     pub(crate) const RATE: &str = "ours RateLimit (global)";
     pub(crate) const PRESSURE: &str = "ours Pressure (calm runtime)";
+    pub(crate) const BREAKER: &str = "ours CircuitBreaker (closed)";
 
     /// Our layers, each alone: held to zero allocations and to tower's `ConcurrencyLimit` throughput.
-    pub(crate) const OURS: &[&str] = &[RATE, PRESSURE];
+    pub(crate) const OURS: &[&str] = &[BREAKER, RATE, PRESSURE];
 }
 
 /// A limit no benchmark reaches: the limiters admit every request and only their bookkeeping is measured.
@@ -109,6 +111,16 @@ pub(crate) fn stacks(v: &mut impl Visit) {
             .service(backend()),
     );
 
+    v.stack(
+        name::BREAKER,
+        ServiceBuilder::new()
+            .layer(
+                CircuitBreakerLayer::builder()
+                    .build()
+                    .expect("breaker config"),
+            )
+            .service(backend()),
+    );
     v.stack(
         name::RATE,
         ServiceBuilder::new()
