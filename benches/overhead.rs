@@ -141,14 +141,6 @@ mod report {
 
     use crate::support::{name, stacks, Req, Visit};
 
-    /// Goals of the form "ours ≤ ratio × theirs" on the added cost per request in the single-task group.
-    const COST_GOALS: &[(&str, &str, f64)] = &[
-        (name::BREAKER, name::FAILSAFE_BREAKER, 0.5),
-        (name::BREAKER, name::TR_BREAKER, 0.15),
-    ];
-    /// Stacks whose two-task throughput must reach tower's `ConcurrencyLimit`.
-    const CONTENTION_GOALS: &[&str] = name::OURS;
-
     struct Names(Vec<&'static str>);
 
     impl Visit for Names {
@@ -223,7 +215,7 @@ mod report {
                 let vs = |base: Option<f64>| base.map_or("n/a".to_owned(), |b| ratio(a, b));
                 println!("| {n} | {t:.1} | {a:.1} | {} | {} |", vs(limit), vs(full));
             }
-            let goals: Vec<_> = COST_GOALS
+            let goals: Vec<_> = name::COST_GOALS
                 .iter()
                 .filter_map(|&(ours, theirs, max)| {
                     let o = added(find(&single, ours)?);
@@ -261,7 +253,7 @@ mod report {
             for &(n, mrps) in &contention {
                 let vs = limit.map_or("n/a".to_owned(), |l| ratio(mrps, l));
                 let goal = match limit {
-                    Some(l) if CONTENTION_GOALS.contains(&n) => {
+                    Some(l) if name::OURS.contains(&n) => {
                         if mrps >= l {
                             "met"
                         } else {

@@ -4,6 +4,8 @@
 //! so what is measured is the middleware, not the work behind it. Every stack is configured so that it admits
 //! every request (limits far above what one or two tasks can hold in flight, breakers closed, no deadline
 //! pressure): the figures are the cost of the admitted path, which is what every request pays.
+// Each bench binary compiles this module and uses a different part of it.
+#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -39,6 +41,12 @@ pub(crate) mod name {
 
     /// Our layers, each alone: held to zero allocations and to tower's `ConcurrencyLimit` throughput.
     pub(crate) const OURS: &[&str] = &[BREAKER, RATE, PRESSURE];
+
+    /// The cost goals, "ours ≤ ratio × theirs" on the added ns per request of a single task.
+    pub(crate) const COST_GOALS: &[(&str, &str, f64)] = &[
+        (BREAKER, FAILSAFE_BREAKER, 0.5),
+        (BREAKER, TR_BREAKER, 0.15),
+    ];
 }
 
 /// A limit no benchmark reaches: the limiters admit every request and only their bookkeeping is measured.
