@@ -20,8 +20,12 @@ const MS: Duration = Duration::from_millis(1);
 fn sleeper(
     log: Log,
     ms: u64,
-) -> impl Service<u64, Response = u64, Error = Infallible, Future = impl Future<Output = Result<u64, Infallible>> + Send>
-       + Clone
+) -> impl Service<
+    u64,
+    Response = u64,
+    Error = Infallible,
+    Future = impl Future<Output = Result<u64, Infallible>> + Send,
+> + Clone
        + Send {
     tower::service_fn(move |id: u64| {
         log.lock().unwrap().push(id);
@@ -41,7 +45,9 @@ async fn full_queue_rejects_at_once() {
     let layer = QueueLayer::builder().limit(1).max_depth(2).build().unwrap();
     let handle = layer.handle();
     let log = Log::default();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(sleeper(log.clone(), 30));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(log.clone(), 30));
 
     let running = tokio::spawn(svc.ready().await.unwrap().call(0));
     let q1 = tokio::spawn(svc.ready().await.unwrap().call(1));
@@ -58,7 +64,10 @@ async fn full_queue_rejects_at_once() {
     }
     assert_eq!(*log.lock().unwrap(), vec![0, 1, 2]);
     let s = handle.snapshot();
-    assert_eq!((s.in_flight, s.depth, s.admitted, s.completed), (0, 0, 3, 3));
+    assert_eq!(
+        (s.in_flight, s.depth, s.admitted, s.completed),
+        (0, 0, 3, 3)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -70,7 +79,9 @@ async fn max_wait_rejects_with_queue_timeout() {
         .build()
         .unwrap();
     let handle = layer.handle();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(sleeper(Log::default(), 1000));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(Log::default(), 1000));
 
     let running = tokio::spawn(svc.ready().await.unwrap().call(0));
     let start = Instant::now();
@@ -84,9 +95,15 @@ async fn max_wait_rejects_with_queue_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn codel_serves_a_short_burst_in_full() {
-    let layer = QueueLayer::builder().limit(1).max_depth(32).build().unwrap();
+    let layer = QueueLayer::builder()
+        .limit(1)
+        .max_depth(32)
+        .build()
+        .unwrap();
     let handle = layer.handle();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(sleeper(Log::default(), 5));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(Log::default(), 5));
 
     // 18 requests of 5 ms on one worker: the last waits 85 ms, inside the 100 ms interval, far above the target.
     let mut tasks = Vec::new();
@@ -97,7 +114,10 @@ async fn codel_serves_a_short_burst_in_full() {
         assert_eq!(task.await.unwrap().unwrap(), id as u64);
     }
     let s = handle.snapshot();
-    assert_eq!((s.completed, s.rejected_queue_timeout, s.rejected_queue_full), (18, 0, 0));
+    assert_eq!(
+        (s.completed, s.rejected_queue_timeout, s.rejected_queue_full),
+        (18, 0, 0)
+    );
 }
 
 /// Offers 5x capacity for 2 s and returns the longest wait of a request served after the first 300 ms, and the
@@ -160,7 +180,9 @@ async fn service_order(lifo: bool) -> Vec<u64> {
         .build()
         .unwrap();
     let log = Log::default();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(sleeper(log.clone(), 60));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(log.clone(), 60));
     let mut tasks = Vec::new();
     for id in 0..6 {
         tasks.push(tokio::spawn(svc.ready().await.unwrap().call(id)));
@@ -180,7 +202,16 @@ async fn lifo_serves_newest_first_once_the_queue_stands() {
     assert_eq!(service_order(false).await, vec![0, 1, 2, 3, 4, 5]);
 }
 
-fn by_priority(log: Log, ms: u64) -> impl Service<(Priority, u64), Response = u64, Error = Infallible, Future = impl Future<Output = Result<u64, Infallible>> + Send> + Clone + Send {
+fn by_priority(
+    log: Log,
+    ms: u64,
+) -> impl Service<
+    (Priority, u64),
+    Response = u64,
+    Error = Infallible,
+    Future = impl Future<Output = Result<u64, Infallible>> + Send,
+> + Clone
+       + Send {
     let inner = sleeper(log, ms);
     tower::ServiceBuilder::new()
         .map_request(|(_, id): (Priority, u64)| id)
@@ -199,7 +230,9 @@ async fn higher_priorities_are_served_first() {
         .unwrap();
     let handle = layer.handle();
     let log = Log::default();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(by_priority(log.clone(), 10));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(by_priority(log.clone(), 10));
     let mut tasks = Vec::new();
     let arrivals = [
         (Priority::Critical, 0),
@@ -231,7 +264,9 @@ async fn higher_arrivals_displace_the_lowest_and_low_levels_get_a_smaller_share(
         .unwrap();
     let handle = layer.handle();
     let log = Log::default();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(by_priority(log.clone(), 10));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(by_priority(log.clone(), 10));
     macro_rules! call {
         ($r:expr) => {
             svc.ready().await.unwrap().call($r)
@@ -254,7 +289,10 @@ async fn higher_arrivals_displace_the_lowest_and_low_levels_get_a_smaller_share(
     let p7 = tokio::spawn(call!((Priority::SheddablePlus, 7)));
     assert!(matches!(s2.await.unwrap(), Err(e) if e.is::<QueueFull>()));
     let p8 = call!((Priority::SheddablePlus, 8)).await;
-    assert!(matches!(&p8, Err(e) if e.is::<QueueFull>()), "nothing below sheddable_plus: {p8:?}");
+    assert!(
+        matches!(&p8, Err(e) if e.is::<QueueFull>()),
+        "nothing below sheddable_plus: {p8:?}"
+    );
     let cp9 = tokio::spawn(call!((Priority::CriticalPlus, 9)));
     assert!(matches!(p5.await.unwrap(), Err(e) if e.is::<QueueFull>()));
     assert_eq!(handle.snapshot().depth_by_priority, [1, 2, 1, 0]);
@@ -303,8 +341,12 @@ mod http_requests {
     fn logging(
         log: Log,
         ms: u64,
-    ) -> impl Service<Request<u64>, Response = u64, Error = Infallible, Future = impl Future<Output = Result<u64, Infallible>> + Send>
-           + Clone
+    ) -> impl Service<
+        Request<u64>,
+        Response = u64,
+        Error = Infallible,
+        Future = impl Future<Output = Result<u64, Infallible>> + Send,
+    > + Clone
            + Send {
         let inner = sleeper(log, ms);
         tower::ServiceBuilder::new()
@@ -327,7 +369,9 @@ mod http_requests {
             .unwrap();
         let handle = layer.handle();
         let log = Log::default();
-        let mut svc = tower::ServiceBuilder::new().layer(layer).service(logging(log.clone(), 200));
+        let mut svc = tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(logging(log.clone(), 200));
         macro_rules! call {
             ($r:expr) => {
                 svc.ready().await.unwrap().call($r)
@@ -337,13 +381,19 @@ mod http_requests {
         // Free capacity, but 10 ms left for 20 ms of work: rejected at once.
         let start = Instant::now();
         let doomed = call!(request(0, None, Some(MS * 10))).await;
-        assert!(matches!(&doomed, Err(e) if e.is::<DeadlineExceeded>()), "{doomed:?}");
+        assert!(
+            matches!(&doomed, Err(e) if e.is::<DeadlineExceeded>()),
+            "{doomed:?}"
+        );
         assert_eq!(start.elapsed(), Duration::ZERO);
 
         let running = tokio::spawn(call!(request(1, None, None)));
         // Queued behind a 200 ms request with 100 ms left: leaves when only the expected 20 ms remain.
         let queued = call!(request(2, None, Some(MS * 100))).await;
-        assert!(matches!(&queued, Err(e) if e.is::<DeadlineExceeded>()), "{queued:?}");
+        assert!(
+            matches!(&queued, Err(e) if e.is::<DeadlineExceeded>()),
+            "{queued:?}"
+        );
         assert_eq!(start.elapsed(), MS * 80);
 
         // Served at dequeue only if still feasible: the queue checks again when a slot frees.
@@ -370,7 +420,9 @@ mod http_requests {
             .unwrap();
         let handle = layer.handle();
         let log = Log::default();
-        let mut svc = tower::ServiceBuilder::new().layer(layer).service(logging(log.clone(), 10));
+        let mut svc = tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(logging(log.clone(), 10));
         macro_rules! call {
             ($r:expr) => {
                 tokio::spawn(svc.ready().await.unwrap().call($r))
@@ -410,7 +462,9 @@ async fn a_raised_limit_is_used_at_the_next_arrival() {
         .unwrap();
     let handle = layer.handle();
     let log = Log::default();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(sleeper(log.clone(), 50));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(log.clone(), 50));
     let a = tokio::spawn(svc.ready().await.unwrap().call(0));
     let b = tokio::spawn(svc.ready().await.unwrap().call(1));
     tokio::task::yield_now().await;
@@ -438,18 +492,26 @@ async fn the_critical_reserve_binds_only_at_saturation() {
         .unwrap();
     let handle = layer.handle();
     let log = Log::default();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(by_priority(log.clone(), 50));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(by_priority(log.clone(), 50));
     let mut tasks = Vec::new();
     // Idle capacity is borrowed: sheddable traffic takes all four slots.
     for id in 0..4 {
-        tasks.push(tokio::spawn(svc.ready().await.unwrap().call((Priority::Sheddable, id))));
+        tasks.push(tokio::spawn(
+            svc.ready().await.unwrap().call((Priority::Sheddable, id)),
+        ));
     }
     // At saturation, critical traffic still gets its reserved two slots; a third critical one and further
     // sheddable ones wait.
     for id in 4..7 {
-        tasks.push(tokio::spawn(svc.ready().await.unwrap().call((Priority::Critical, id))));
+        tasks.push(tokio::spawn(
+            svc.ready().await.unwrap().call((Priority::Critical, id)),
+        ));
     }
-    tasks.push(tokio::spawn(svc.ready().await.unwrap().call((Priority::Sheddable, 7))));
+    tasks.push(tokio::spawn(
+        svc.ready().await.unwrap().call((Priority::Sheddable, 7)),
+    ));
     tokio::task::yield_now().await;
     let s = handle.snapshot();
     assert_eq!((s.in_flight, s.depth), (6, 2));
@@ -466,7 +528,9 @@ async fn a_cancelled_waiter_frees_its_place_and_passes_on_a_slot_it_was_handed()
     let layer = QueueLayer::builder().limit(1).max_depth(3).build().unwrap();
     let handle = layer.handle();
     let log = Log::default();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(sleeper(log.clone(), 10));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(log.clone(), 10));
 
     let mut running = Box::pin(svc.ready().await.unwrap().call(0));
     let dropped_queued = svc.ready().await.unwrap().call(1);
@@ -482,12 +546,19 @@ async fn a_cancelled_waiter_frees_its_place_and_passes_on_a_slot_it_was_handed()
     // The running request finishes; its slot goes to `handed`, which is dropped before it ever runs: the slot
     // must pass on to `next`.
     assert_eq!((&mut running).await.unwrap(), 0);
-    assert_eq!(handle.snapshot().in_flight, 1, "the slot is handed over, not freed");
+    assert_eq!(
+        handle.snapshot().in_flight,
+        1,
+        "the slot is handed over, not freed"
+    );
     drop(handed);
     assert_eq!(next.await.unwrap().unwrap(), 3);
     assert_eq!(*log.lock().unwrap(), vec![0, 3]);
     let s = handle.snapshot();
-    assert_eq!((s.in_flight, s.depth, s.cancelled, s.admitted, s.completed), (0, 0, 2, 2, 2));
+    assert_eq!(
+        (s.in_flight, s.depth, s.cancelled, s.admitted, s.completed),
+        (0, 0, 2, 2, 2)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -500,7 +571,9 @@ async fn observer_sees_depth_waits_and_one_completion_per_admission() {
         .observer(move |e: &Event| sink.lock().unwrap().push(*e))
         .build()
         .unwrap();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(sleeper(Log::default(), 10));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(Log::default(), 10));
     let a = tokio::spawn(svc.ready().await.unwrap().call(0));
     let b = tokio::spawn(svc.ready().await.unwrap().call(1));
     let _ = svc.ready().await.unwrap().call(2).await;
@@ -508,11 +581,23 @@ async fn observer_sees_depth_waits_and_one_completion_per_admission() {
     b.await.unwrap().unwrap();
     let events = events.lock().unwrap();
     let count = |f: &dyn Fn(&Event) -> bool| events.iter().filter(|e| f(e)).count();
-    assert_eq!(count(&|e| matches!(e, Event::Admitted { layer: "queue", .. })), 2);
-    assert_eq!(count(&|e| matches!(e, Event::Completed { layer: "queue", .. })), 2);
+    assert_eq!(
+        count(&|e| matches!(e, Event::Admitted { layer: "queue", .. })),
+        2
+    );
+    assert_eq!(
+        count(&|e| matches!(e, Event::Completed { layer: "queue", .. })),
+        2
+    );
     assert_eq!(count(&|e| matches!(e, Event::Rejected { .. })), 1);
-    assert!(events.contains(&Event::QueueDepth { layer: "queue", depth: 1 }));
-    assert!(events.contains(&Event::QueueWait { layer: "queue", wait: MS * 10 }));
+    assert!(events.contains(&Event::QueueDepth {
+        layer: "queue",
+        depth: 1
+    }));
+    assert!(events.contains(&Event::QueueWait {
+        layer: "queue",
+        wait: MS * 10
+    }));
 }
 
 #[tokio::test(start_paused = true)]
@@ -577,18 +662,48 @@ fn bad_configuration_is_an_error_not_a_panic() {
     let err = |r: Result<_, tower_backpressure::core::ConfigError>| r.map(|_| ()).unwrap_err();
     let e = err(QueueLayer::builder().max_depth(0).build());
     assert_eq!(e.field(), "max_depth");
-    assert!(e.to_string().starts_with("invalid queue config: max_depth:"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("invalid queue config: max_depth:"),
+        "{e}"
+    );
     assert_eq!(err(QueueLayer::builder().build()).field(), "limit");
     assert_eq!(err(QueueLayer::builder().limit(0).build()).field(), "limit");
-    let e = err(QueueLayer::builder().limit(1).codel_target(Duration::ZERO).build());
+    let e = err(QueueLayer::builder()
+        .limit(1)
+        .codel_target(Duration::ZERO)
+        .build());
     assert_eq!(e.field(), "codel_target");
-    let e = err(QueueLayer::builder().limit(1).codel_interval(Duration::ZERO).build());
+    let e = err(QueueLayer::builder()
+        .limit(1)
+        .codel_interval(Duration::ZERO)
+        .build());
     assert_eq!(e.field(), "codel_interval");
-    let e = err(QueueLayer::builder().limit(1).codel_target(MS * 200).build());
+    let e = err(QueueLayer::builder()
+        .limit(1)
+        .codel_target(MS * 200)
+        .build());
     assert!(e.to_string().contains("below the interval"), "{e}");
-    assert_eq!(err(QueueLayer::builder().limit(1).max_wait(Duration::ZERO).build()).field(), "max_wait");
-    assert_eq!(err(QueueLayer::builder().limit(1).critical_reserve(1.0).build()).field(), "critical_reserve");
-    assert_eq!(err(QueueLayer::builder().limit(1).critical_reserve(f64::NAN).build()).field(), "critical_reserve");
+    assert_eq!(
+        err(QueueLayer::builder()
+            .limit(1)
+            .max_wait(Duration::ZERO)
+            .build())
+        .field(),
+        "max_wait"
+    );
+    assert_eq!(
+        err(QueueLayer::builder().limit(1).critical_reserve(1.0).build()).field(),
+        "critical_reserve"
+    );
+    assert_eq!(
+        err(QueueLayer::builder()
+            .limit(1)
+            .critical_reserve(f64::NAN)
+            .build())
+        .field(),
+        "critical_reserve"
+    );
     // No queue at all is a valid choice: a pure load shedder.
     assert!(QueueLayer::builder().limit(1).max_depth(0).build().is_ok());
 }
@@ -596,7 +711,9 @@ fn bad_configuration_is_an_error_not_a_panic() {
 #[tokio::test(start_paused = true)]
 async fn max_depth_zero_sheds_beyond_the_limit() {
     let layer = QueueLayer::builder().limit(1).max_depth(0).build().unwrap();
-    let mut svc = tower::ServiceBuilder::new().layer(layer).service(sleeper(Log::default(), 10));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(Log::default(), 10));
     let a = tokio::spawn(svc.ready().await.unwrap().call(0));
     let b = svc.ready().await.unwrap().call(1).await;
     assert!(is::<QueueFull>(&b));
@@ -699,11 +816,17 @@ async fn concurrent_cancellations_leak_nothing() {
     assert_eq!(in_flight.load(Ordering::SeqCst), 0);
     assert!(peak.load(Ordering::SeqCst) <= LIMIT, "limit exceeded");
     assert_eq!(s.admitted, s.completed);
-    assert_eq!(s.rejected_queue_full + s.rejected_queue_timeout + s.rejected_deadline, 0);
+    assert_eq!(
+        s.rejected_queue_full + s.rejected_queue_timeout + s.rejected_deadline,
+        0
+    );
     let calls = calls.load(Ordering::SeqCst) as u64;
     assert!(calls > CALLERS / 2, "{calls}");
     assert_eq!(s.completed + s.cancelled, calls, "{s:?}");
-    assert!(served <= s.completed && s.cancelled > 0, "served {served}, {s:?}");
+    assert!(
+        served <= s.completed && s.cancelled > 0,
+        "served {served}, {s:?}"
+    );
     // Nothing is left holding a slot: the full limit is usable at once.
     let mut all = Vec::new();
     for id in 0..LIMIT as u64 {

@@ -36,7 +36,11 @@ impl Waiter {
         let answer = std::task::ready!(self.queue.poll_waiter(self.index, timed_out, cx));
         self.done = true;
         Poll::Ready(match answer {
-            Ok(granted) => Ok(Permit::admitted_at(self.owner.clone(), granted.tag, granted.at)),
+            Ok(granted) => Ok(Permit::admitted_at(
+                self.owner.clone(),
+                granted.tag,
+                granted.at,
+            )),
             Err(reason) => Err(Rejection::new(reason)),
         })
     }
@@ -52,7 +56,9 @@ impl Drop for Waiter {
 
 impl fmt::Debug for Waiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Waiter").field("index", &self.index).finish()
+        f.debug_struct("Waiter")
+            .field("index", &self.index)
+            .finish()
     }
 }
 
@@ -94,7 +100,14 @@ impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
         }
     }
 
-    pub(crate) fn queued(waiter: Waiter, service: S, request: Req, classify: C, mode: M, wake_at: Instant) -> Self {
+    pub(crate) fn queued(
+        waiter: Waiter,
+        service: S,
+        request: Req,
+        classify: C,
+        mode: M,
+        wake_at: Instant,
+    ) -> Self {
         ResponseFuture {
             state: State::Queued {
                 waiter,
@@ -118,11 +131,16 @@ where
             let mut state = self.as_mut().project().state;
             let next = match state.as_mut().project() {
                 StateProj::Called { inner } => return inner.poll(cx),
-                StateProj::Queued { waiter, call, sleep } => {
+                StateProj::Queued {
+                    waiter,
+                    call,
+                    sleep,
+                } => {
                     let timed_out = sleep.poll(cx).is_ready();
                     let answer = std::task::ready!(waiter.poll(timed_out, cx));
-                    let (mut service, request, classify, mode) =
-                        call.take().expect("queue ResponseFuture polled after completion");
+                    let (mut service, request, classify, mode) = call
+                        .take()
+                        .expect("queue ResponseFuture polled after completion");
                     match answer {
                         Ok(permit) => crate::core::ResponseFuture::admitted(
                             service.call(request),
@@ -145,6 +163,8 @@ impl<S: Service<Req>, Req, C, M> fmt::Debug for ResponseFuture<S, Req, C, M> {
             State::Queued { .. } => "queued",
             State::Called { .. } => "called",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }

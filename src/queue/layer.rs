@@ -240,7 +240,10 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
 
     /// Reads priorities from the HTTP header `header` (see [`HeaderPriority`](super::HeaderPriority)).
     #[cfg(feature = "http")]
-    pub fn priority_header(self, header: http::HeaderName) -> QueueBuilder<L, C, M, O, super::HeaderPriority> {
+    pub fn priority_header(
+        self,
+        header: http::HeaderName,
+    ) -> QueueBuilder<L, C, M, O, super::HeaderPriority> {
         self.prioritize(super::HeaderPriority::new(header))
     }
 
@@ -251,7 +254,8 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
     #[cfg(feature = "http")]
     pub fn http(
         self,
-    ) -> QueueBuilder<L, crate::core::HttpStatus, crate::core::HttpMode, O, super::HeaderPriority> {
+    ) -> QueueBuilder<L, crate::core::HttpStatus, crate::core::HttpMode, O, super::HeaderPriority>
+    {
         self.classifier(crate::core::HttpStatus::default())
             .reject_mode(crate::core::HttpMode)
             .prioritize(super::HeaderPriority::default())
@@ -262,7 +266,8 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
     #[cfg(feature = "grpc")]
     pub fn grpc(
         self,
-    ) -> QueueBuilder<L, crate::core::GrpcClassifier, crate::core::GrpcMode, O, super::HeaderPriority> {
+    ) -> QueueBuilder<L, crate::core::GrpcClassifier, crate::core::GrpcMode, O, super::HeaderPriority>
+    {
         self.classifier(crate::core::GrpcClassifier::default())
             .reject_mode(crate::core::GrpcMode)
             .prioritize(super::HeaderPriority::default())
@@ -294,7 +299,11 @@ impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
             }
         };
         if limit.limit() == 0 {
-            return Err(ConfigError::new(NAME, "limit", "must be at least 1 (0 would admit nothing)"));
+            return Err(ConfigError::new(
+                NAME,
+                "limit",
+                "must be at least 1 (0 would admit nothing)",
+            ));
         }
         if s.max_wait == Some(Duration::ZERO) {
             return Err(ConfigError::new(
@@ -304,16 +313,27 @@ impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
             ));
         }
         if s.interval.is_zero() {
-            return Err(ConfigError::new(NAME, "codel_interval", "must be greater than zero"));
+            return Err(ConfigError::new(
+                NAME,
+                "codel_interval",
+                "must be greater than zero",
+            ));
         }
         if s.codel && s.target.is_zero() {
-            return Err(ConfigError::new(NAME, "codel_target", "must be greater than zero"));
+            return Err(ConfigError::new(
+                NAME,
+                "codel_target",
+                "must be greater than zero",
+            ));
         }
         if s.codel && s.target >= s.interval {
             return Err(ConfigError::new(
                 NAME,
                 "codel_target",
-                format!("must be below the interval ({:?} >= {:?})", s.target, s.interval),
+                format!(
+                    "must be below the interval ({:?} >= {:?})",
+                    s.target, s.interval
+                ),
             ));
         }
         if !(0.0..1.0).contains(&s.critical_reserve) {

@@ -76,9 +76,9 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use self::layer::{QueueBuilder, QueueLayer};
-pub use self::priority::{ParsePriorityError, Prioritize, Priority, Uniform};
 #[cfg(feature = "http")]
 pub use self::priority::{HeaderPriority, PRIORITY_HEADER};
+pub use self::priority::{ParsePriorityError, Prioritize, Priority, Uniform};
 pub use self::service::Queue;
 
 /// A cheap, cloneable handle on a queue layer's shared state.
@@ -98,7 +98,9 @@ impl<L: crate::core::LimitSource, O: crate::core::Observer> Inspect for shared::
 }
 
 impl QueueHandle {
-    fn new<L: crate::core::LimitSource, O: crate::core::Observer>(shared: Arc<shared::Shared<L, O>>) -> Self {
+    fn new<L: crate::core::LimitSource, O: crate::core::Observer>(
+        shared: Arc<shared::Shared<L, O>>,
+    ) -> Self {
         QueueHandle { shared }
     }
 
@@ -110,7 +112,9 @@ impl QueueHandle {
 
 impl fmt::Debug for QueueHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("QueueHandle").field("snapshot", &self.snapshot()).finish()
+        f.debug_struct("QueueHandle")
+            .field("snapshot", &self.snapshot())
+            .finish()
     }
 }
 

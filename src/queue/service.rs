@@ -21,7 +21,13 @@ pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
 }
 
 impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared<L, O>>, classify: C, mode: M, prioritize: P) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        shared: Arc<Shared<L, O>>,
+        classify: C,
+        mode: M,
+        prioritize: P,
+    ) -> Self {
         Queue {
             inner,
             shared,
@@ -60,7 +66,9 @@ impl<S: Clone, L, C: Clone, M: Clone, O, P: Clone> Clone for Queue<S, L, C, M, O
 
 impl<S: fmt::Debug, L, C, M, O, P> fmt::Debug for Queue<S, L, C, M, O, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Queue").field("inner", &self.inner).finish_non_exhaustive()
+        f.debug_struct("Queue")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }
 
@@ -78,23 +86,26 @@ where
     type Future = ResponseFuture<S, Req, C, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(|e| self.mode.inner_error(e))
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
         let priority = self.prioritize.priority(&request);
         let deadline = self.prioritize.deadline(&request);
         match self.shared.admit(priority, deadline) {
-            Admission::Now(permit) => ResponseFuture::called(crate::core::ResponseFuture::admitted(
-                self.inner.call(request),
-                Some(permit),
-                self.classify.clone(),
-                self.mode.clone(),
-            )),
-            Admission::Rejected(reason) => ResponseFuture::called(crate::core::ResponseFuture::rejected(
-                Rejection::new(reason),
-                self.mode.clone(),
-            )),
+            Admission::Now(permit) => {
+                ResponseFuture::called(crate::core::ResponseFuture::admitted(
+                    self.inner.call(request),
+                    Some(permit),
+                    self.classify.clone(),
+                    self.mode.clone(),
+                ))
+            }
+            Admission::Rejected(reason) => ResponseFuture::called(
+                crate::core::ResponseFuture::rejected(Rejection::new(reason), self.mode.clone()),
+            ),
             Admission::Queued { index, wake_at } => {
                 // The service we polled ready goes with the request; a fresh clone stays for the next one.
                 let clone = self.inner.clone();

@@ -252,10 +252,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             if current >= ceiling {
                 return false;
             }
-            match self
-                .in_flight
-                .compare_exchange_weak(current, current + 1, Ordering::SeqCst, Ordering::SeqCst)
-            {
+            match self.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(_) => {
                     if critical {
                         self.critical_in_flight.fetch_add(1, Ordering::SeqCst);
@@ -276,7 +278,10 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     fn note_admitted(&self, level: usize) -> u64 {
         let in_flight = self.in_flight.load(Ordering::Relaxed);
         self.admitted.fetch_add(1, Ordering::Relaxed);
-        self.observer.on_event(&Event::Admitted { layer: LAYER, in_flight });
+        self.observer.on_event(&Event::Admitted {
+            layer: LAYER,
+            in_flight,
+        });
         self.tag(level)
     }
 
@@ -304,7 +309,11 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     }
 
     /// Decides a request's fate in `call`.
-    pub(crate) fn admit(self: &Arc<Self>, priority: Priority, deadline: Option<Deadline>) -> Admission {
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        priority: Priority,
+        deadline: Option<Deadline>,
+    ) -> Admission {
         let level = priority.index();
         if let Some(deadline) = deadline {
             let now = Instant::now();
@@ -427,7 +436,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         }
     }
 
-    fn poll_waiter_inner(&self, index: usize, timed_out: bool, cx: &mut Context<'_>) -> Poll<Result<Granted, Reason>> {
+    fn poll_waiter_inner(
+        &self,
+        index: usize,
+        timed_out: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Granted, Reason>> {
         let now = Instant::now();
         let mut q = self.lock();
         match q.nodes[index].slot {
@@ -556,14 +570,24 @@ pub(crate) struct Granted {
 /// What a waiting response future needs from the shared state, without its type parameters.
 pub(crate) trait WaitSlot: Send + Sync + 'static {
     /// A waiter asks for its answer. `timed_out`: its wait (or deadline) timer has fired.
-    fn poll_waiter(&self, index: usize, timed_out: bool, cx: &mut Context<'_>) -> Poll<Result<Granted, Reason>>;
+    fn poll_waiter(
+        &self,
+        index: usize,
+        timed_out: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Granted, Reason>>;
 
     /// A waiter's future was dropped before it collected its answer.
     fn cancel_waiter(&self, index: usize);
 }
 
 impl<L: LimitSource, O: Observer> WaitSlot for Shared<L, O> {
-    fn poll_waiter(&self, index: usize, timed_out: bool, cx: &mut Context<'_>) -> Poll<Result<Granted, Reason>> {
+    fn poll_waiter(
+        &self,
+        index: usize,
+        timed_out: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Granted, Reason>> {
         self.poll_waiter_inner(index, timed_out, cx)
     }
 
