@@ -1,5 +1,6 @@
 //! The state one queue layer shares across its services: the in-flight count, the wait queue and the counters.
 
+use std::any::TypeId;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -181,6 +182,9 @@ pub(crate) struct Shared<L, O> {
     limit: L,
     observer: O,
     config: Config,
+    /// Whether latencies are worth a clock read: only the observer uses them, and `()` ignores them.
+    timed: bool,
+    reserving: bool,
     in_flight: AtomicUsize,
     /// Requests of critical levels in flight; only kept when a share of the limit is reserved for them.
     critical_in_flight: AtomicUsize,
@@ -189,7 +193,6 @@ pub(crate) struct Shared<L, O> {
     queue: Mutex<WaitQueue>,
     admitted: AtomicU64,
     queued: AtomicU64,
-    completed: AtomicU64,
     cancelled: AtomicU64,
     rejected: [AtomicU64; 3],
 }
@@ -209,14 +212,15 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         Shared {
             limit,
             observer,
+            reserving: config.critical_reserve > 0.0,
             config,
+            timed: TypeId::of::<O>() != TypeId::of::<()>(),
             in_flight: AtomicUsize::new(0),
             critical_in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             queue: Mutex::new(WaitQueue::new()),
             admitted: AtomicU64::new(0),
             queued: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             rejected: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
         }
@@ -228,7 +232,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     }
 
     fn reserving(&self) -> bool {
-        self.config.critical_reserve > 0.0
+        self.reserving
     }
 
     /// Takes an in-flight slot if `level` may have one now.
@@ -277,7 +281,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     /// Counts and reports an admission; returns the permit's tag.
     fn note_admitted(&self, level: usize) -> u64 {
         let in_flight = self.in_flight.load(Ordering::Relaxed);
-        self.admitted.fetch_add(1, Ordering::Relaxed);
+        self.admitted.fetch_add(1, Ordering::SeqCst);
         self.observer.on_event(&Event::Admitted {
             layer: LAYER,
             in_flight,
@@ -285,9 +289,13 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         self.tag(level)
     }
 
-    fn permit(self: &Arc<Self>, level: usize, now: Instant) -> Permit {
+    fn permit(self: &Arc<Self>, level: usize, now: Option<Instant>) -> Permit {
         let tag = self.note_admitted(level);
-        Permit::admitted_at(self.clone(), tag, now)
+        match now {
+            Some(now) => Permit::admitted_at(self.clone(), tag, now),
+            None if self.timed => Permit::new(self.clone(), tag),
+            None => Permit::untimed(self.clone(), tag),
+        }
     }
 
     fn count_rejection(&self, reason: Reason) {
@@ -309,6 +317,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     }
 
     /// Decides a request's fate in `call`.
+    #[inline]
     pub(crate) fn admit(
         self: &Arc<Self>,
         priority: Priority,
@@ -324,18 +333,20 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         }
         // Fast path: nobody waits, so taking a free slot cannot jump the queue.
         if self.waiting.load(Ordering::SeqCst) == 0 && self.try_acquire(level) {
-            return Admission::Now(self.permit(level, Instant::now()));
+            return Admission::Now(self.permit(level, None));
         }
         self.admit_slow(level, deadline)
     }
 
+    #[cold]
+    #[inline(never)]
     fn admit_slow(self: &Arc<Self>, level: usize, deadline: Option<Deadline>) -> Admission {
         let now = Instant::now();
         let mut q = self.lock();
         self.drain(&mut q, now);
         if q.len == 0 && self.try_acquire(level) {
             drop(q);
-            return Admission::Now(self.permit(level, now));
+            return Admission::Now(self.permit(level, Some(now)));
         }
         if self.config.max_depth == 0 {
             drop(q);
@@ -525,14 +536,18 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             (q.len, by)
         };
         let r = |i: usize| self.rejected[i].load(Ordering::Relaxed);
+        // One counter fewer on the fast path: finished = admitted - in flight (read in this order, so a request
+        // admitted in between is not counted as finished).
+        let admitted = self.admitted.load(Ordering::SeqCst);
+        let in_flight = self.in_flight.load(Ordering::SeqCst);
         QueueSnapshot {
-            in_flight: self.in_flight.load(Ordering::SeqCst),
+            in_flight,
             limit: self.limit.limit(),
             depth,
             depth_by_priority,
-            admitted: self.admitted.load(Ordering::Relaxed),
+            admitted,
             queued: self.queued.load(Ordering::Relaxed),
-            completed: self.completed.load(Ordering::Relaxed),
+            completed: admitted.saturating_sub(in_flight as u64),
             cancelled: self.cancelled.load(Ordering::Relaxed),
             rejected_queue_full: r(0),
             rejected_queue_timeout: r(1),
@@ -545,7 +560,6 @@ impl<L: LimitSource, O: Observer> Release for Shared<L, O> {
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
         let level = (tag & 0xff) as usize;
         self.return_slot(level);
-        self.completed.fetch_add(1, Ordering::Relaxed);
         self.observer.on_event(&Event::Completed {
             layer: LAYER,
             outcome,
