@@ -3,4 +3,6 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod core;
+pub mod pressure;
 pub mod queue;
+pub mod rate;

@@ -2,38 +2,19 @@
 //! queueing path reuses its memory once warmed up instead of growing.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use tower::Service;
 use tower_backpressure::queue::QueueLayer;
 use tower_layer::Layer;
 
-struct Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+use counting_alloc::allocations;
 
 fn poll<F: Future>(fut: Pin<&mut F>) -> Poll<F::Output> {
     fut.poll(&mut Context::from_waker(Waker::noop()))
@@ -62,7 +43,6 @@ fn queued<S: Service<u32, Response = u32>>(svc: &mut S) {
     assert!(matches!(poll(second.as_mut()), Poll::Ready(Ok(2))));
 }
 
-// Both checks run in one test: the counter is global to the binary, and tests run on parallel threads.
 #[test]
 fn fast_path_allocates_nothing_and_the_queue_does_not_grow() {
     let layer = QueueLayer::builder().limit(4).max_depth(8).build().unwrap();
@@ -71,15 +51,11 @@ fn fast_path_allocates_nothing_and_the_queue_does_not_grow() {
     }));
 
     fast(&mut svc);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations();
     for _ in 0..10_000 {
         fast(&mut svc);
     }
-    assert_eq!(
-        ALLOCATIONS.load(Ordering::Relaxed) - before,
-        0,
-        "fast path allocated"
-    );
+    assert_eq!(allocations() - before, 0, "fast path allocated");
 
     // The queueing path: one request holds the only slot, the next waits, the first finishes and hands its slot
     // over. Queue timers need a runtime.
@@ -97,11 +73,11 @@ fn fast_path_allocates_nothing_and_the_queue_does_not_grow() {
     for _ in 0..10 {
         queued(&mut svc);
     }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations();
     for _ in 0..10_000 {
         queued(&mut svc);
     }
-    let grown = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let grown = allocations() - before;
     assert_eq!(
         grown, 0,
         "the queueing path allocated {grown} times in 10 000 cycles"
