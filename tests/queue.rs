@@ -835,3 +835,48 @@ async fn concurrent_cancellations_leak_nothing() {
     futures::future::join_all(all).await;
     assert_eq!(handle.snapshot().depth, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_standing_flood_of_sheddable_traffic_does_not_cut_critical_waits() {
+    let layer = QueueLayer::builder()
+        .limit(1)
+        .max_depth(1000)
+        .prioritize(|r: &(Priority, u64)| r.0)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(by_priority(Log::default(), 10));
+    let origin = Instant::now();
+    let (mut critical, mut sheddable) = (Vec::new(), Vec::new());
+    let mut tick = 0u64;
+    while origin.elapsed() < Duration::from_secs(2) {
+        // Ten times the capacity in sheddable requests; a critical one every 47 ms, at every phase of a service.
+        sheddable.push(tokio::spawn(
+            svc.clone().oneshot((Priority::Sheddable, tick)),
+        ));
+        if tick % 47 == 0 {
+            critical.push(tokio::spawn(
+                svc.clone().oneshot((Priority::Critical, tick)),
+            ));
+        }
+        tick += 1;
+        sleep(MS).await;
+    }
+    let n = critical.len();
+    for t in critical {
+        // Each waits for the request in service (up to 10 ms, above the 5 ms target): the critical level's queue
+        // never stands, so CoDel leaves it alone.
+        t.await.unwrap().unwrap();
+    }
+    let mut shed = 0;
+    for t in sheddable {
+        if t.await.unwrap().is_err() {
+            shed += 1;
+        }
+    }
+    assert!(n >= 40);
+    assert!(shed > 1500, "the flood was shed: {shed}");
+    assert_eq!(handle.snapshot().in_flight, 0);
+}

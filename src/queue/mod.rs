@@ -12,9 +12,11 @@
 //! - **CoDel** (after Facebook's "Fail at Scale"; target 5 ms, interval 100 ms): while the queue has not been
 //!   empty for a whole interval it is a *standing* queue, and queued requests may wait at most the target;
 //!   otherwise up to `max_wait`. A burst that drains within the interval is served in full; a standing queue
-//!   is cut down to the target instead of growing latency for everyone.
-//! - **Adaptive LIFO** (on by default): while the queue stands, the newest request is served first (the oldest
-//!   ones' clients have probably given up); FIFO otherwise.
+//!   is cut down to the target instead of growing latency for everyone. Each priority level is judged on its
+//!   own: a standing flood of sheddable requests does not cut the short waits of critical ones, whose queue
+//!   keeps emptying.
+//! - **Adaptive LIFO** (on by default): while a level's queue stands, its newest request is served first (the
+//!   oldest ones' clients have probably given up); FIFO otherwise.
 //! - **Priorities**: [`Priority`] `critical_plus`, `critical`, `sheddable_plus`, `sheddable` (the SRE book's
 //!   criticality), read by a [`Prioritize`]r: with `.http()`/`.grpc()`, [`HeaderPriority`] reads a [`Priority`]
 //!   request extension, a user extractor, or the `x-priority` header ([`PRIORITY_HEADER`], the one the
@@ -82,6 +84,9 @@ pub use self::priority::{ParsePriorityError, Prioritize, Priority, Uniform};
 pub use self::service::Queue;
 
 /// A cheap, cloneable handle on a queue layer's shared state.
+///
+/// [`QueueHandle::snapshot`] briefly takes the wait queue's lock, under which the layer also calls its observer:
+/// do not take a snapshot from inside the same layer's observer.
 #[derive(Clone)]
 pub struct QueueHandle {
     shared: Arc<dyn Inspect>,

@@ -80,8 +80,10 @@ pub(crate) struct WaitQueue {
     free: Vec<usize>,
     lists: [List; LEVELS],
     len: usize,
-    /// When the queue was last empty: CoDel and adaptive LIFO call the queue standing once this is an interval ago.
-    last_empty: Instant,
+    /// When each level's queue was last empty: CoDel and adaptive LIFO call a level standing once this is an
+    /// interval ago. Per level, because a flood of sheddable traffic stands in the queue while critical requests
+    /// pass straight through: their short waits must not be cut to the target on the flood's account.
+    last_empty: [Instant; LEVELS],
 }
 
 impl WaitQueue {
@@ -91,17 +93,18 @@ impl WaitQueue {
             free: Vec::new(),
             lists: [EMPTY; LEVELS],
             len: 0,
-            last_empty: Instant::now(),
+            last_empty: [Instant::now(); LEVELS],
         }
     }
 
-    fn standing(&self, now: Instant, interval: Duration) -> bool {
-        self.len > 0 && now.saturating_duration_since(self.last_empty) >= interval
+    fn standing(&self, level: usize, now: Instant, interval: Duration) -> bool {
+        self.lists[level].len > 0
+            && now.saturating_duration_since(self.last_empty[level]) >= interval
     }
 
     fn push(&mut self, level: usize, enqueued: Instant, deadline: Option<Deadline>) -> usize {
-        if self.len == 0 {
-            self.last_empty = enqueued;
+        if self.lists[level].len == 0 {
+            self.last_empty[level] = enqueued;
         }
         let node = Node {
             prev: self.lists[level].tail,
@@ -153,8 +156,8 @@ impl WaitQueue {
         }
         self.lists[level].len -= 1;
         self.len -= 1;
-        if self.len == 0 {
-            self.last_empty = now;
+        if self.lists[level].len == 0 {
+            self.last_empty[level] = now;
         }
         let node = &mut self.nodes[index];
         node.slot = slot;
@@ -368,7 +371,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 }
             }
         }
-        let standing = q.standing(now, self.config.interval);
+        let standing = q.standing(level, now, self.config.interval);
         let index = q.push(level, now, deadline);
         self.waiting.fetch_add(1, Ordering::SeqCst);
         self.queued.fetch_add(1, Ordering::Relaxed);
@@ -412,15 +415,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     }
 
     /// Sheds what CoDel and deadlines condemn, then hands free slots to waiters in priority order: FIFO within a
-    /// level, or newest first while the queue stands (adaptive LIFO).
+    /// level, or newest first while that level's queue stands (adaptive LIFO).
     fn drain(&self, q: &mut WaitQueue, now: Instant) {
         if q.len == 0 {
             return;
         }
-        let standing = q.standing(now, self.config.interval);
-        if let (true, Some(target)) = (standing, self.config.codel_target) {
-            // Under a standing queue nobody may wait longer than the target; the oldest sit at the heads.
+        if let Some(target) = self.config.codel_target {
+            // In a standing queue nobody may wait longer than the target; the oldest sit at the heads.
             for level in 0..LEVELS {
+                if !q.standing(level, now, self.config.interval) {
+                    continue;
+                }
                 while let Some(head) = Some(q.lists[level].head).filter(|&h| h != NIL) {
                     if now.saturating_duration_since(q.nodes[head].enqueued) <= target {
                         break;
@@ -429,10 +434,10 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 }
             }
         }
-        let lifo = self.config.lifo && q.standing(now, self.config.interval);
         let expected = self.expected();
         while let Some(level) = q.top_level() {
             let list = q.lists[level];
+            let lifo = self.config.lifo && q.standing(level, now, self.config.interval);
             let index = if lifo { list.tail } else { list.head };
             if let Some(d) = q.nodes[index].deadline {
                 if !d.can_finish(now, expected) {
