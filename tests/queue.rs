@@ -196,9 +196,10 @@ async fn service_order(lifo: bool) -> Vec<u64> {
 
 #[tokio::test(start_paused = true)]
 async fn lifo_serves_newest_first_once_the_queue_stands() {
-    // At 60 ms the queue has stood for less than the 100 ms interval: FIFO serves 1. From 120 ms on it stands:
-    // newest first.
-    assert_eq!(service_order(true).await, vec![0, 1, 5, 4, 3, 2]);
+    // The first interval saw the queue fresh (a delay of zero at 0 ms), so it does not stand at 60 or 120 ms:
+    // FIFO serves 1 and 2. The interval from 120 ms saw nothing waiting less than 120 ms, so from 240 ms on the
+    // queue stands: newest first.
+    assert_eq!(service_order(true).await, vec![0, 1, 2, 3, 5, 4]);
     assert_eq!(service_order(false).await, vec![0, 1, 2, 3, 4, 5]);
 }
 
@@ -308,7 +309,8 @@ async fn higher_arrivals_displace_the_lowest_and_low_levels_get_a_smaller_share(
 #[derive(Clone)]
 struct Live {
     limit: Arc<AtomicUsize>,
-    expected: Option<Duration>,
+    /// Milliseconds; 0 for no estimate.
+    expected_ms: Arc<AtomicUsize>,
 }
 
 impl LimitSource for Live {
@@ -317,7 +319,10 @@ impl LimitSource for Live {
     }
 
     fn expected_latency(&self) -> Option<Duration> {
-        self.expected
+        match self.expected_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(MS * ms as u32),
+        }
     }
 }
 
@@ -357,10 +362,11 @@ mod http_requests {
     #[tokio::test(start_paused = true)]
     async fn doomed_requests_are_shed_on_arrival_while_queued_and_at_dequeue() {
         let limit = Arc::new(AtomicUsize::new(1));
+        let expected = Arc::new(AtomicUsize::new(20));
         let layer = QueueLayer::builder()
             .limit(Live {
                 limit: limit.clone(),
-                expected: Some(MS * 20),
+                expected_ms: expected.clone(),
             })
             .codel(false)
             .max_wait(Duration::from_secs(5))
@@ -396,9 +402,12 @@ mod http_requests {
         );
         assert_eq!(start.elapsed(), MS * 80);
 
-        // Served at dequeue only if still feasible: the queue checks again when a slot frees.
+        // Served at dequeue only if still feasible: the queue checks again when a slot frees. By then (200 ms) the
+        // service has slowed to 50 ms a request, and `late` has only 40 ms left.
         let late = tokio::spawn(call!(request(3, None, Some(MS * 160))));
         let fine = tokio::spawn(call!(request(4, None, Some(MS * 400))));
+        sleep(MS * 100).await;
+        expected.store(50, Ordering::SeqCst);
         assert!(matches!(late.await.unwrap(), Err(e) if e.is::<DeadlineExceeded>()));
         assert_eq!(fine.await.unwrap().unwrap(), 4);
         running.await.unwrap().unwrap();
@@ -456,7 +465,7 @@ async fn a_raised_limit_is_used_at_the_next_arrival() {
     let layer = QueueLayer::builder()
         .limit(Live {
             limit: limit.clone(),
-            expected: None,
+            expected_ms: Arc::default(),
         })
         .build()
         .unwrap();

@@ -147,34 +147,35 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
         self
     }
 
-    /// The longest a request may wait while the queue is not standing (default: the CoDel interval); one that
+    /// The longest a request may wait while its level's queue is not standing (default: the CoDel interval); one that
     /// waited this long is rejected with reason queue-timeout.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.settings.max_wait = Some(max_wait);
         self
     }
 
-    /// CoDel's target (default 5 ms): once the queue has not been empty for a whole interval, queued requests may
-    /// wait at most this long.
+    /// CoDel's target (default 5 ms): once a level's queueing delay has stayed above half of it for a whole
+    /// interval (a standing queue), its queued requests may wait at most this long.
     pub fn codel_target(mut self, target: Duration) -> Self {
         self.settings.target = target;
         self
     }
 
-    /// CoDel's interval (default 100 ms): how long the queue must stay non-empty to count as standing. Adaptive
-    /// LIFO uses the same test.
+    /// CoDel's interval (default 100 ms): how long a level's delay must stay above half the target to count as a
+    /// standing queue. Adaptive LIFO uses the same test.
     pub fn codel_interval(mut self, interval: Duration) -> Self {
         self.settings.interval = interval;
         self
     }
 
-    /// Switches CoDel on or off (default on). Off, every queued request may wait `max_wait`.
+    /// Switches CoDel on or off (default on). Off, every queued request may wait `max_wait`; the standing test
+    /// still drives adaptive LIFO.
     pub fn codel(mut self, on: bool) -> Self {
         self.settings.codel = on;
         self
     }
 
-    /// Switches adaptive LIFO on or off (default on): while the queue stands, serve the newest request first.
+    /// Switches adaptive LIFO on or off (default on): while a level's queue stands, serve its newest request first.
     pub fn adaptive_lifo(mut self, on: bool) -> Self {
         self.settings.lifo = on;
         self
@@ -319,14 +320,14 @@ impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
                 "must be greater than zero",
             ));
         }
-        if s.codel && s.target.is_zero() {
+        if s.target.is_zero() {
             return Err(ConfigError::new(
                 NAME,
                 "codel_target",
                 "must be greater than zero",
             ));
         }
-        if s.codel && s.target >= s.interval {
+        if s.target >= s.interval {
             return Err(ConfigError::new(
                 NAME,
                 "codel_target",
@@ -346,7 +347,8 @@ impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
         let config = Config {
             max_depth: s.max_depth,
             max_wait: s.max_wait.unwrap_or(s.interval),
-            codel_target: s.codel.then_some(s.target),
+            codel: s.codel,
+            target: s.target,
             interval: s.interval,
             lifo: s.lifo,
             critical_reserve: s.critical_reserve,

@@ -25,9 +25,9 @@ const LEVEL_SHARE: [f64; LEVELS] = [0.5, 0.75, 1.0, 1.0];
 pub(crate) struct Config {
     pub(crate) max_depth: usize,
     pub(crate) max_wait: Duration,
-    /// `None`: CoDel off, queued requests may always wait `max_wait`.
-    pub(crate) codel_target: Option<Duration>,
-    /// Also the time a queue must stand before adaptive LIFO switches on.
+    /// Off: queued requests may always wait `max_wait` (the standing test still drives adaptive LIFO).
+    pub(crate) codel: bool,
+    pub(crate) target: Duration,
     pub(crate) interval: Duration,
     pub(crate) lifo: bool,
     pub(crate) critical_reserve: f64,
@@ -72,6 +72,42 @@ const EMPTY: List = List {
     len: 0,
 };
 
+/// CoDel's standing-queue test for one level, as Facebook runs it (folly's `Codel`): over each interval, track the
+/// smallest queueing delay seen; if even that stayed above half the target for a whole interval, the queue is
+/// standing for the next one. Requests are cut at the target, twice the test's threshold, so the cut itself
+/// cannot make a standing queue look drained. A level that empties, or whose delay dips below the threshold,
+/// stops standing at the end of the interval; a mere non-empty stretch (a busy spell of moderately loaded
+/// traffic) never starts it.
+#[derive(Debug, Clone, Copy)]
+struct Standing {
+    interval_end: Instant,
+    min_delay: Duration,
+    standing: bool,
+}
+
+impl Standing {
+    fn new(now: Instant) -> Self {
+        Standing {
+            interval_end: now,
+            min_delay: Duration::ZERO,
+            standing: false,
+        }
+    }
+
+    fn emptied(&mut self) {
+        self.min_delay = Duration::ZERO;
+    }
+
+    fn observe(&mut self, delay: Duration, now: Instant, config: &Config) {
+        self.min_delay = self.min_delay.min(delay);
+        if now >= self.interval_end {
+            self.standing = self.min_delay > config.target / 2;
+            self.min_delay = delay;
+            self.interval_end = now + config.interval;
+        }
+    }
+}
+
 /// The wait queue: one intrusive doubly linked list per level over a slab of nodes, so pushing, popping either
 /// end and unlinking a cancelled waiter are O(1), and memory is reused instead of growing.
 #[derive(Debug)]
@@ -80,10 +116,10 @@ pub(crate) struct WaitQueue {
     free: Vec<usize>,
     lists: [List; LEVELS],
     len: usize,
-    /// When each level's queue was last empty: CoDel and adaptive LIFO call a level standing once this is an
-    /// interval ago. Per level, because a flood of sheddable traffic stands in the queue while critical requests
-    /// pass straight through: their short waits must not be cut to the target on the flood's account.
-    last_empty: [Instant; LEVELS],
+    /// The standing-queue test of each level. Per level, because a flood of sheddable traffic stands in the
+    /// queue while critical requests pass straight through: their short waits must not be cut on the flood's
+    /// account.
+    standing: [Standing; LEVELS],
 }
 
 impl WaitQueue {
@@ -93,18 +129,31 @@ impl WaitQueue {
             free: Vec::new(),
             lists: [EMPTY; LEVELS],
             len: 0,
-            last_empty: [Instant::now(); LEVELS],
+            standing: [Standing::new(Instant::now()); LEVELS],
         }
     }
 
-    fn standing(&self, level: usize, now: Instant, interval: Duration) -> bool {
-        self.lists[level].len > 0
-            && now.saturating_duration_since(self.last_empty[level]) >= interval
+    /// Feeds every level's standing test with its current delay (the age of its oldest request, zero when
+    /// empty) and closes the measuring interval when it is over.
+    fn observe(&mut self, now: Instant, config: &Config) {
+        for level in 0..LEVELS {
+            let head = self.lists[level].head;
+            let delay = if head == NIL {
+                Duration::ZERO
+            } else {
+                now.saturating_duration_since(self.nodes[head].enqueued)
+            };
+            self.standing[level].observe(delay, now, config);
+        }
+    }
+
+    fn standing(&self, level: usize) -> bool {
+        self.standing[level].standing
     }
 
     fn push(&mut self, level: usize, enqueued: Instant, deadline: Option<Deadline>) -> usize {
         if self.lists[level].len == 0 {
-            self.last_empty[level] = enqueued;
+            self.standing[level].emptied();
         }
         let node = Node {
             prev: self.lists[level].tail,
@@ -139,7 +188,7 @@ impl WaitQueue {
 
     /// Takes a queued node out of its list and gives it its answer; the node stays allocated until its waiter
     /// collects the answer (or is dropped).
-    fn unlink(&mut self, index: usize, slot: Slot, now: Instant) -> Option<Waker> {
+    fn unlink(&mut self, index: usize, slot: Slot) -> Option<Waker> {
         let (prev, next, level) = {
             let n = &self.nodes[index];
             (n.prev, n.next, n.level)
@@ -157,7 +206,7 @@ impl WaitQueue {
         self.lists[level].len -= 1;
         self.len -= 1;
         if self.lists[level].len == 0 {
-            self.last_empty[level] = now;
+            self.standing[level].emptied();
         }
         let node = &mut self.nodes[index];
         node.slot = slot;
@@ -371,7 +420,8 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 }
             }
         }
-        let standing = q.standing(level, now, self.config.interval);
+        q.observe(now, &self.config);
+        let standing = q.standing(level);
         let index = q.push(level, now, deadline);
         self.waiting.fetch_add(1, Ordering::SeqCst);
         self.queued.fetch_add(1, Ordering::Relaxed);
@@ -381,9 +431,10 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         });
         // The slot a release freed between our fast-path check and the push above is picked up here.
         self.drain(&mut q, now);
-        let wait = match self.config.codel_target {
-            Some(target) if standing => target.min(self.config.max_wait),
-            _ => self.config.max_wait,
+        let wait = if self.config.codel && standing {
+            self.config.target.min(self.config.max_wait)
+        } else {
+            self.config.max_wait
         };
         let mut wake_at = now + wait;
         if let Some(d) = deadline {
@@ -396,7 +447,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     /// Unlinks a queued node with its answer, wakes its waiter and reports.
     fn leave(&self, q: &mut WaitQueue, index: usize, slot: Slot, now: Instant) {
         let enqueued = q.nodes[index].enqueued;
-        let waker = q.unlink(index, slot, now);
+        let waker = q.unlink(index, slot);
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         self.observer.on_event(&Event::QueueWait {
             layer: LAYER,
@@ -420,10 +471,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         if q.len == 0 {
             return;
         }
-        if let Some(target) = self.config.codel_target {
+        q.observe(now, &self.config);
+        if self.config.codel {
+            let target = self.config.target;
             // In a standing queue nobody may wait longer than the target; the oldest sit at the heads.
             for level in 0..LEVELS {
-                if !q.standing(level, now, self.config.interval) {
+                if !q.standing(level) {
                     continue;
                 }
                 while let Some(head) = Some(q.lists[level].head).filter(|&h| h != NIL) {
@@ -437,7 +490,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         let expected = self.expected();
         while let Some(level) = q.top_level() {
             let list = q.lists[level];
-            let lifo = self.config.lifo && q.standing(level, now, self.config.interval);
+            let lifo = self.config.lifo && q.standing(level);
             let index = if lifo { list.tail } else { list.head };
             if let Some(d) = q.nodes[index].deadline {
                 if !d.can_finish(now, expected) {
@@ -500,7 +553,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         match q.nodes[index].slot {
             Slot::Queued => {
                 let enqueued = q.nodes[index].enqueued;
-                q.unlink(index, Slot::Rejected(Reason::QueueTimeout), now);
+                q.unlink(index, Slot::Rejected(Reason::QueueTimeout));
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
                 self.observer.on_event(&Event::QueueWait {
