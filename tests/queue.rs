@@ -196,10 +196,9 @@ async fn service_order(lifo: bool) -> Vec<u64> {
 
 #[tokio::test(start_paused = true)]
 async fn lifo_serves_newest_first_once_the_queue_stands() {
-    // The first interval saw the queue fresh (a delay of zero at 0 ms), so it does not stand at 60 or 120 ms:
-    // FIFO serves 1 and 2. The interval from 120 ms saw nothing waiting less than 120 ms, so from 240 ms on the
-    // queue stands: newest first.
-    assert_eq!(service_order(true).await, vec![0, 1, 2, 3, 5, 4]);
+    // At 60 ms the first 100 ms interval is not over: FIFO serves 1. At 120 ms the queue has not been empty for
+    // a whole interval: it stands, newest first.
+    assert_eq!(service_order(true).await, vec![0, 1, 5, 4, 3, 2]);
     assert_eq!(service_order(false).await, vec![0, 1, 2, 3, 4, 5]);
 }
 

@@ -72,39 +72,54 @@ const EMPTY: List = List {
     len: 0,
 };
 
-/// CoDel's standing-queue test for one level, as Facebook runs it (folly's `Codel`): over each interval, track the
-/// smallest queueing delay seen; if even that stayed above half the target for a whole interval, the queue is
-/// standing for the next one. Requests are cut at the target, twice the test's threshold, so the cut itself
-/// cannot make a standing queue look drained. A level that empties, or whose delay dips below the threshold,
-/// stops standing at the end of the interval; a mere non-empty stretch (a busy spell of moderately loaded
-/// traffic) never starts it.
+/// CoDel's standing-queue test for one level, after Facebook's "Fail at Scale": a queue that has not been empty
+/// for a whole interval is standing. Emptiness is measured as a share of time: the level stands for the next
+/// interval if it was non-empty for at least 90 % of the last one. Under overload, a queue cut down to the target
+/// can touch empty for an instant; that must not reset it to a long FIFO wait. A moderately loaded level whose
+/// queue keeps emptying (critical traffic passing through a flood of sheddable requests) never stands.
 #[derive(Debug, Clone, Copy)]
 struct Standing {
-    interval_end: Instant,
-    min_delay: Duration,
+    interval_start: Instant,
+    /// Since when the level is non-empty, if it is.
+    nonempty_since: Option<Instant>,
+    /// Time non-empty in the current interval, up to `nonempty_since`.
+    nonempty: Duration,
     standing: bool,
 }
 
 impl Standing {
     fn new(now: Instant) -> Self {
         Standing {
-            interval_end: now,
-            min_delay: Duration::ZERO,
+            interval_start: now,
+            nonempty_since: None,
+            nonempty: Duration::ZERO,
             standing: false,
         }
     }
 
-    fn emptied(&mut self) {
-        self.min_delay = Duration::ZERO;
+    fn filled(&mut self, now: Instant) {
+        self.nonempty_since = Some(now);
     }
 
-    fn observe(&mut self, delay: Duration, now: Instant, config: &Config) {
-        self.min_delay = self.min_delay.min(delay);
-        if now >= self.interval_end {
-            self.standing = self.min_delay > config.target / 2;
-            self.min_delay = delay;
-            self.interval_end = now + config.interval;
+    fn emptied(&mut self, now: Instant) {
+        if let Some(since) = self.nonempty_since.take() {
+            self.nonempty += now.saturating_duration_since(since);
         }
+    }
+
+    fn observe(&mut self, now: Instant, interval: Duration) {
+        let elapsed = now.saturating_duration_since(self.interval_start);
+        if elapsed < interval {
+            return;
+        }
+        let mut nonempty = self.nonempty;
+        if let Some(since) = self.nonempty_since.as_mut() {
+            nonempty += now.saturating_duration_since(*since);
+            *since = now;
+        }
+        self.standing = nonempty >= elapsed.mul_f64(0.9);
+        self.nonempty = Duration::ZERO;
+        self.interval_start = now;
     }
 }
 
@@ -133,17 +148,10 @@ impl WaitQueue {
         }
     }
 
-    /// Feeds every level's standing test with its current delay (the age of its oldest request, zero when
-    /// empty) and closes the measuring interval when it is over.
+    /// Closes the standing tests' measuring intervals that are over.
     fn observe(&mut self, now: Instant, config: &Config) {
-        for level in 0..LEVELS {
-            let head = self.lists[level].head;
-            let delay = if head == NIL {
-                Duration::ZERO
-            } else {
-                now.saturating_duration_since(self.nodes[head].enqueued)
-            };
-            self.standing[level].observe(delay, now, config);
+        for standing in &mut self.standing {
+            standing.observe(now, config.interval);
         }
     }
 
@@ -153,7 +161,7 @@ impl WaitQueue {
 
     fn push(&mut self, level: usize, enqueued: Instant, deadline: Option<Deadline>) -> usize {
         if self.lists[level].len == 0 {
-            self.standing[level].emptied();
+            self.standing[level].filled(enqueued);
         }
         let node = Node {
             prev: self.lists[level].tail,
@@ -188,7 +196,7 @@ impl WaitQueue {
 
     /// Takes a queued node out of its list and gives it its answer; the node stays allocated until its waiter
     /// collects the answer (or is dropped).
-    fn unlink(&mut self, index: usize, slot: Slot) -> Option<Waker> {
+    fn unlink(&mut self, index: usize, slot: Slot, now: Instant) -> Option<Waker> {
         let (prev, next, level) = {
             let n = &self.nodes[index];
             (n.prev, n.next, n.level)
@@ -206,7 +214,7 @@ impl WaitQueue {
         self.lists[level].len -= 1;
         self.len -= 1;
         if self.lists[level].len == 0 {
-            self.standing[level].emptied();
+            self.standing[level].emptied(now);
         }
         let node = &mut self.nodes[index];
         node.slot = slot;
@@ -447,7 +455,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     /// Unlinks a queued node with its answer, wakes its waiter and reports.
     fn leave(&self, q: &mut WaitQueue, index: usize, slot: Slot, now: Instant) {
         let enqueued = q.nodes[index].enqueued;
-        let waker = q.unlink(index, slot);
+        let waker = q.unlink(index, slot, now);
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         self.observer.on_event(&Event::QueueWait {
             layer: LAYER,
@@ -553,7 +561,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         match q.nodes[index].slot {
             Slot::Queued => {
                 let enqueued = q.nodes[index].enqueued;
-                q.unlink(index, Slot::Rejected(Reason::QueueTimeout));
+                q.unlink(index, Slot::Rejected(Reason::QueueTimeout), now);
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
                 self.observer.on_event(&Event::QueueWait {
