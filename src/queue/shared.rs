@@ -155,8 +155,11 @@ impl WaitQueue {
         }
     }
 
-    fn standing(&self, level: usize) -> bool {
-        self.standing[level].standing
+    /// Whether CoDel's cut and adaptive LIFO act on `level` now: its queue stands, and no lower level is queued.
+    /// Lower levels are shed first: while sheddable requests wait, critical ones keep their FIFO order and their
+    /// full `max_wait`, even if their own queue is rarely empty.
+    fn managed(&self, level: usize) -> bool {
+        self.standing[level].standing && self.lowest_level().is_none_or(|l| l >= level)
     }
 
     fn push(&mut self, level: usize, enqueued: Instant, deadline: Option<Deadline>) -> usize {
@@ -429,7 +432,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             }
         }
         q.observe(now, &self.config);
-        let standing = q.standing(level);
+        let standing = q.managed(level);
         let index = q.push(level, now, deadline);
         self.waiting.fetch_add(1, Ordering::SeqCst);
         self.queued.fetch_add(1, Ordering::Relaxed);
@@ -483,10 +486,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         if self.config.codel {
             let target = self.config.target;
             // In a standing queue nobody may wait longer than the target; the oldest sit at the heads.
-            for level in 0..LEVELS {
-                if !q.standing(level) {
-                    continue;
-                }
+            if let Some(level) = q.lowest_level().filter(|&l| q.managed(l)) {
                 while let Some(head) = Some(q.lists[level].head).filter(|&h| h != NIL) {
                     if now.saturating_duration_since(q.nodes[head].enqueued) <= target {
                         break;
@@ -498,7 +498,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         let expected = self.expected();
         while let Some(level) = q.top_level() {
             let list = q.lists[level];
-            let lifo = self.config.lifo && q.standing(level);
+            let lifo = self.config.lifo && q.managed(level);
             let index = if lifo { list.tail } else { list.head };
             if let Some(d) = q.nodes[index].deadline {
                 if !d.can_finish(now, expected) {
