@@ -2,7 +2,10 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod breaker;
 pub mod core;
 pub mod pressure;
 pub mod queue;
 pub mod rate;
+#[cfg(feature = "sim")]
+pub mod sim;
