@@ -17,6 +17,7 @@ use tower::timeout::TimeoutLayer;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_backpressure::breaker::CircuitBreakerLayer;
 use tower_backpressure::pressure::{PressureLayer, RuntimeMonitor};
+use tower_backpressure::queue::QueueLayer;
 use tower_backpressure::rate::RateLimitLayer;
 
 /// The request every stack takes: an HTTP request with no body, so that header-reading layers (deadlines) take
@@ -38,9 +39,10 @@ pub(crate) mod name {
     pub(crate) const RATE: &str = "ours RateLimit (global)";
     pub(crate) const PRESSURE: &str = "ours Pressure (calm runtime)";
     pub(crate) const BREAKER: &str = "ours CircuitBreaker (closed)";
+    pub(crate) const QUEUE: &str = "ours Queue (empty, fixed limit)";
 
     /// Our layers, each alone: held to zero allocations and to tower's `ConcurrencyLimit` throughput.
-    pub(crate) const OURS: &[&str] = &[BREAKER, RATE, PRESSURE];
+    pub(crate) const OURS: &[&str] = &[QUEUE, BREAKER, RATE, PRESSURE];
 
     /// The cost goals, "ours ≤ ratio × theirs" on the added ns per request of a single task.
     pub(crate) const COST_GOALS: &[(&str, &str, f64)] = &[
@@ -119,6 +121,17 @@ pub(crate) fn stacks(v: &mut impl Visit) {
             .service(backend()),
     );
 
+    v.stack(
+        name::QUEUE,
+        ServiceBuilder::new()
+            .layer(
+                QueueLayer::builder()
+                    .limit(LIMIT)
+                    .build()
+                    .expect("queue config"),
+            )
+            .service(backend()),
+    );
     v.stack(
         name::BREAKER,
         ServiceBuilder::new()
