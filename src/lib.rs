@@ -2,4 +2,5 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod adaptive;
 pub mod core;
