@@ -243,7 +243,9 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     /// HTTP: outcomes from the status code, the permit held until the body ends, rejections as 503.
     #[cfg(feature = "http")]
     #[must_use]
-    pub fn http(self) -> AdaptiveConcurrencyBuilder<crate::core::HttpStatus, crate::core::HttpMode, O, B> {
+    pub fn http(
+        self,
+    ) -> AdaptiveConcurrencyBuilder<crate::core::HttpStatus, crate::core::HttpMode, O, B> {
         self.classifier(crate::core::HttpStatus::new())
             .reject_mode(crate::core::HttpMode)
     }
@@ -252,7 +254,9 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     /// rejections as trailers-only UNAVAILABLE.
     #[cfg(feature = "grpc")]
     #[must_use]
-    pub fn grpc(self) -> AdaptiveConcurrencyBuilder<crate::core::GrpcClassifier, crate::core::GrpcMode, O, B> {
+    pub fn grpc(
+        self,
+    ) -> AdaptiveConcurrencyBuilder<crate::core::GrpcClassifier, crate::core::GrpcMode, O, B> {
         self.classifier(crate::core::GrpcClassifier::new())
             .reject_mode(crate::core::GrpcMode)
     }

@@ -7,7 +7,8 @@ use tower_service::Service;
 
 use super::state::Shared;
 use crate::core::{
-    AnyOk, Classify, ErrorMode, Event, Observer, Permit, Reason, RejectMode, Rejection, ResponseFuture,
+    AnyOk, Classify, ErrorMode, Event, Observer, Permit, Reason, RejectMode, Rejection,
+    ResponseFuture,
 };
 
 /// Decides which requests skip the limiter (health checks, metrics scrapes). Implemented by [`NoBypass`] and
@@ -103,7 +104,9 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Readiness only: the decision is taken in `call`, so an idle connection never holds a permit.
-        self.inner.poll_ready(cx).map_err(|e| self.mode.inner_error(e))
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
@@ -128,7 +131,12 @@ where
         // Created before calling inner so that a panic inside `call` still releases it.
         let permit = Permit::admitted_at(self.shared.clone(), core.tag(now), now);
         let inner = self.inner.call(request);
-        ResponseFuture::admitted(inner, Some(permit), self.classify.clone(), self.mode.clone())
+        ResponseFuture::admitted(
+            inner,
+            Some(permit),
+            self.classify.clone(),
+            self.mode.clone(),
+        )
     }
 }
 

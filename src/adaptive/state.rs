@@ -66,7 +66,11 @@ pub(crate) fn check_bounds(min: usize, max: usize) -> Result<(), ConfigError> {
 impl Core {
     pub(crate) fn new(config: Config) -> Result<Self, ConfigError> {
         if config.initial == 0 {
-            return Err(ConfigError::new(LAYER, "initial_limit", "must be at least 1"));
+            return Err(ConfigError::new(
+                LAYER,
+                "initial_limit",
+                "must be at least 1",
+            ));
         }
         check_bounds(config.min, config.max)?;
         if !(config.min..=config.max).contains(&config.initial) {
@@ -180,8 +184,11 @@ impl Core {
         let sum = self.latency_sum.swap(0, Ordering::Relaxed);
         let min = self.latency_min.swap(u64::MAX, Ordering::Relaxed);
         let in_flight = self.in_flight.load(Ordering::Relaxed);
-        let max_in_flight = self.max_in_flight.swap(in_flight, Ordering::Relaxed).max(in_flight);
-        let mean = if samples > 0 { sum / samples } else { 0 };
+        let max_in_flight = self
+            .max_in_flight
+            .swap(in_flight, Ordering::Relaxed)
+            .max(in_flight);
+        let mean = sum.checked_div(samples).unwrap_or(0);
         let window = Window {
             limit: updater.estimate,
             samples,
@@ -194,7 +201,11 @@ impl Core {
         self.windows.fetch_add(1, Ordering::Relaxed);
         if mean > 0 {
             let old = self.expected_latency.load(Ordering::Relaxed);
-            let new = if old == 0 { mean } else { old - old / 8 + mean / 8 };
+            let new = if old == 0 {
+                mean
+            } else {
+                old - old / 8 + mean / 8
+            };
             self.expected_latency.store(new.max(1), Ordering::Relaxed);
         }
         let proposed = updater.algorithm.update(&window);
@@ -263,5 +274,103 @@ impl<O: Observer> Control for Shared<O> {
 
     fn limit_changed(&self, limit: usize) {
         Shared::limit_changed(self, limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::super::algorithm::{Aimd, Gradient2, Knee, Vegas};
+    use super::*;
+
+    fn core(algorithm: Box<dyn Algorithm>, min: usize, max: usize) -> Core {
+        Core::new(Config {
+            initial: min,
+            min,
+            max,
+            min_samples: 1,
+            window: Duration::from_nanos(1),
+            algorithm,
+        })
+        .unwrap()
+    }
+
+    fn outcome(i: u8) -> Outcome {
+        [
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::Dropped,
+            Outcome::Ignored,
+        ][usize::from(i % 4)]
+    }
+
+    proptest! {
+        /// Whatever the samples, every algorithm's limit stays within [min, max] and never reaches 0.
+        #[test]
+        fn limit_stays_within_bounds(
+            which in 0usize..4,
+            min in 1usize..50,
+            span in 0usize..200,
+            samples in proptest::collection::vec((0u8..4, 0u64..20_000_000_000, 0usize..300), 1..300),
+        ) {
+            let max = min + span;
+            let algorithm: Box<dyn Algorithm> = match which {
+                0 => Box::new(Knee::new()),
+                1 => Box::new(Aimd::new()),
+                2 => Box::new(Vegas::new()),
+                _ => Box::new(Gradient2::new()),
+            };
+            let core = core(algorithm, min, max);
+            let mut tag = 0u64;
+            for (o, latency, in_flight) in samples {
+                core.in_flight.store(in_flight, Ordering::Relaxed);
+                core.max_in_flight.store(in_flight, Ordering::Relaxed);
+                tag += 1_000_000;
+                core.record(outcome(o), Duration::from_nanos(latency), tag);
+                let limit = core.limit.load(Ordering::Relaxed);
+                prop_assert!(limit >= min && limit <= max && limit > 0, "limit {} outside [{}, {}]", limit, min, max);
+            }
+        }
+    }
+
+    #[test]
+    fn window_closes_only_with_enough_samples_and_time() {
+        let core = Core::new(Config {
+            initial: 10,
+            min: 1,
+            max: 100,
+            min_samples: 3,
+            window: Duration::from_millis(100),
+            algorithm: Box::new(Aimd::new()),
+        })
+        .unwrap();
+        core.max_in_flight.store(10, Ordering::Relaxed);
+        let ms = 1_000_000;
+        core.record(Outcome::Success, Duration::from_millis(10), 200 * ms);
+        core.record(Outcome::Success, Duration::from_millis(10), 200 * ms);
+        assert_eq!(
+            core.windows.load(Ordering::Relaxed),
+            0,
+            "two samples are not a window"
+        );
+        assert_eq!(
+            core.record(Outcome::Success, Duration::from_millis(10), 200 * ms),
+            Some(11)
+        );
+        assert_eq!(core.windows.load(Ordering::Relaxed), 1);
+        // Three more samples but only 50 ms later: the window is not over yet.
+        for _ in 0..3 {
+            core.record(Outcome::Success, Duration::from_millis(10), 250 * ms);
+        }
+        assert_eq!(core.windows.load(Ordering::Relaxed), 1);
+        core.record(Outcome::Ignored, Duration::from_millis(10), 400 * ms);
+        assert_eq!(
+            core.windows.load(Ordering::Relaxed),
+            1,
+            "ignored outcomes are not samples"
+        );
+        core.record(Outcome::Success, Duration::from_millis(10), 400 * ms);
+        assert_eq!(core.windows.load(Ordering::Relaxed), 2);
     }
 }

@@ -48,7 +48,8 @@ impl Observer for MetricsObserver {
                 metrics::gauge!("backpressure_queue_depth", "layer" => layer).set(depth as f64);
             }
             Event::QueueWait { layer, wait } => {
-                metrics::histogram!("backpressure_queue_wait_seconds", "layer" => layer).record(wait.as_secs_f64());
+                metrics::histogram!("backpressure_queue_wait_seconds", "layer" => layer)
+                    .record(wait.as_secs_f64());
             }
             Event::BreakerState { layer, to, .. } => {
                 metrics::gauge!("backpressure_breaker_state", "layer" => layer).set(to.as_gauge());

@@ -1,26 +1,24 @@
-//! Additive increase, multiplicative decrease, after Netflix concurrency-limits' `AIMDLimit`.
-//!
-//! Per window:
-//!
-//! ```text
-//! if dropped > 0 or mean_latency > timeout:  limit = min(limit - 1, limit * backoff_ratio)
-//! else if max_in_flight * 2 >= limit:        limit = limit + 1
-//! else (app-limited):                        limit unchanged
-//! ```
-//!
-//! Defaults, as published: `backoff_ratio = 0.9` (allowed range `[0.5, 1)`), `timeout = 5 s` (a window whose
-//! mean latency exceeds it counts as a drop). Netflix's initial limit (10) and bounds belong to the layer here
-//! (`initial_limit`, `min_limit`, `max_limit` on the builder).
-//!
-//! AIMD only learns from drops: with a classifier that never reports [`Dropped`](crate::core::Outcome::Dropped)
-//! and latency under the timeout, it grows until the limit reaches its maximum.
-
 use std::time::Duration;
 
 use super::{Algorithm, Window, LAYER};
 use crate::core::ConfigError;
 
-/// Additive increase / multiplicative decrease on drops (see the [module docs](self)).
+/// Additive increase, multiplicative decrease, after Netflix concurrency-limits' `AIMDLimit`.
+///
+/// Per window:
+///
+/// ```text
+/// if dropped > 0 or mean_latency > timeout:  limit = min(limit - 1, limit * backoff_ratio)
+/// else if max_in_flight * 2 >= limit:        limit = limit + 1
+/// else (app-limited):                        limit unchanged
+/// ```
+///
+/// Defaults, as published: `backoff_ratio = 0.9` (allowed range `[0.5, 1)`), `timeout = 5 s` (a window whose
+/// mean latency exceeds it counts as a drop). Netflix's initial limit (10) and bounds belong to the layer here
+/// (`initial_limit`, `min_limit`, `max_limit` on the builder).
+///
+/// AIMD only learns from drops: with a classifier that never reports [`Dropped`](crate::core::Outcome::Dropped)
+/// and latency under the timeout, it grows until the limit reaches its maximum.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Aimd {
     backoff_ratio: f64,

@@ -1,32 +1,30 @@
-//! Latency-gradient limit after Netflix concurrency-limits' `Gradient2Limit`.
-//!
-//! Gradient2 compares the current latency (`short`, the window's mean) with a long-term exponential average
-//! (`long`) that stands for the latency the service is used to:
-//!
-//! ```text
-//! long = EMA(short) over long_window windows (plain mean over the first 10)
-//! if long / short > 2:               long = long * 0.95      (recover quickly after a load spike)
-//! if dropped > 0:                    gradient = 0.5, queue = 0   (ours: upstream ignores drops)
-//! else if max_in_flight < limit / 2: unchanged (app-limited)
-//! else:                              gradient = clamp(rtt_tolerance * long / short, 0.5, 1)
-//! new   = limit * gradient + queue_size
-//! limit = limit * (1 - smoothing) + new * smoothing
-//! ```
-//!
-//! Defaults, as published: `smoothing = 0.2`, `queue_size = 4`, `rtt_tolerance = 1.5`, `long_window = 600`
-//! (samples upstream, windows here). Netflix's initial limit (20), minimum (20) and maximum (200) belong to the
-//! layer here.
-//!
-//! Known weakness kept on purpose: when every request is equally slow (a hung backend at the client's timeout,
-//! scenario s5a) `long == short`, the gradient is 1 and the limit grows by `smoothing × queue_size` per window
-//! until it reaches its maximum. Drops are the only brake, which is why this implementation reacts to them.
-
 use super::{check_range, Algorithm, Window};
 use crate::core::ConfigError;
 
 const WARMUP: u32 = 10;
 
-/// Long-term versus current latency gradient (see the [module docs](self)).
+/// Latency-gradient limit after Netflix concurrency-limits' `Gradient2Limit`.
+///
+/// Gradient2 compares the current latency (`short`, the window's mean) with a long-term exponential average
+/// (`long`) that stands for the latency the service is used to:
+///
+/// ```text
+/// long = EMA(short) over long_window windows (plain mean over the first 10)
+/// if long / short > 2:               long = long * 0.95      (recover quickly after a load spike)
+/// if dropped > 0:                    gradient = 0.5, queue = 0   (ours: upstream ignores drops)
+/// else if max_in_flight < limit / 2: unchanged (app-limited)
+/// else:                              gradient = clamp(rtt_tolerance * long / short, 0.5, 1)
+/// new   = limit * gradient + queue_size
+/// limit = limit * (1 - smoothing) + new * smoothing
+/// ```
+///
+/// Defaults, as published: `smoothing = 0.2`, `queue_size = 4`, `rtt_tolerance = 1.5`, `long_window = 600`
+/// (samples upstream, windows here). Netflix's initial limit (20), minimum (20) and maximum (200) belong to the
+/// layer here.
+///
+/// Known weakness kept on purpose: when every request is equally slow (a hung backend at the client's timeout,
+/// scenario s5a) `long == short`, the gradient is 1 and the limit grows by `smoothing × queue_size` per window
+/// until it reaches its maximum. Drops are the only brake, which is why this implementation reacts to them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gradient2 {
     smoothing: f64,
@@ -103,10 +101,20 @@ impl Algorithm for Gradient2 {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        check_range("gradient2.smoothing", self.smoothing, f64::MIN_POSITIVE, 1.0)?;
+        check_range(
+            "gradient2.smoothing",
+            self.smoothing,
+            f64::MIN_POSITIVE,
+            1.0,
+        )?;
         check_range("gradient2.queue_size", self.queue_size, 0.0, 1e6)?;
         check_range("gradient2.rtt_tolerance", self.rtt_tolerance, 1.0, 1e3)?;
-        check_range("gradient2.long_window", f64::from(self.long_window), 1.0, 1e9)
+        check_range(
+            "gradient2.long_window",
+            f64::from(self.long_window),
+            1.0,
+            1e9,
+        )
     }
 
     fn update(&mut self, w: &Window) -> f64 {
@@ -122,7 +130,10 @@ impl Algorithm for Gradient2 {
             } else if w.app_limited() {
                 return limit;
             } else {
-                ((self.rtt_tolerance * long / short).clamp(0.5, 1.0), self.queue_size)
+                (
+                    (self.rtt_tolerance * long / short).clamp(0.5, 1.0),
+                    self.queue_size,
+                )
             }
         } else if w.did_drop() {
             (0.5, 0.0)

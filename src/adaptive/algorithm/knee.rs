@@ -1,52 +1,50 @@
-//! `Knee`, the default algorithm: keep the service just past the knee of its latency curve, found by Little's
-//! law.
-//!
-//! # Control law
-//!
-//! A service with `W` workers and service time `S` completes at most `W / S` requests per second. Below the
-//! knee (`in_flight <= W`) latency stays at `S` and throughput grows with concurrency; past it throughput stays
-//! at `W / S` and every extra request only waits. The knee itself is the service's bandwidth-delay product
-//! `BDP = max throughput × unloaded latency`, which Knee estimates from its last `history` windows:
-//!
-//! ```text
-//! x_max = max(throughput of each window)      completions per second
-//! r_min = min(mean latency of each window)
-//! bdp   = x_max * r_min
-//! limit = gain * bdp + headroom               (default 1.5 × bdp + 2)
-//! ```
-//!
-//! with these guards, applied in order:
-//!
-//! - app-limited (in-flight stayed below half the limit): the limit may shrink but never grow;
-//! - growth is at most ×2 per window;
-//! - a window with a drop caps the limit at `backoff × limit` (default 0.9);
-//! - probe: every `probe_interval` windows (default 8) the limit runs for two windows at
-//!   `probe_factor × bdp` (default 0.85) so that `r_min` is measured without a queue.
-//!
-//! # Why it holds where the anchors fail
-//!
-//! - **Lucky fast sample (Vegas).** `r_min` is the minimum of window *means*, not of single requests, and it
-//!   expires after `history` windows; one fast request cannot define the baseline, and a stale baseline ages
-//!   out.
-//! - **Constant latency at the timeout (s5a).** Growth needs throughput: when every request takes as long as
-//!   the timeout, `x_max × r_min` is still the number of requests the backend actually serves at once, so the
-//!   limit settles at `gain × W + headroom` instead of climbing to its maximum.
-//! - **Modest sustained overload (s5b).** When overloaded from the start there is no unqueued window, so every
-//!   window mean includes queueing. The probe windows run at `0.85 × bdp`: if that is still past the knee, the
-//!   probe's latency is `0.85 ×` the previous estimate's and the estimate shrinks by that factor; below the knee
-//!   the probe measures the true `S`. The estimate therefore contracts to `W` and cannot creep up.
-//! - **Baseline re-measurement (Envoy's min-RTT probe).** The probe lowers the limit to 85 % of the knee for two
-//!   windows, not to a fixed minimum, so throughput barely dips and no burst of rejections follows.
-//! - **Slowdown (s4).** When `S` triples the backend still has `W` workers: `x_max` falls and `r_min` rises as
-//!   the old windows expire, and their product, the limit, stays put.
-
 use super::{check_range, Algorithm, Window};
 use crate::core::ConfigError;
 
 const MAX_HISTORY: usize = 32;
 const PROBE_WINDOWS: u64 = 2;
 
-/// Little's-law knee finder, the default algorithm (see the [module docs](self)).
+/// `Knee`, the default algorithm: keep the service just past the knee of its latency curve, found by Little's
+/// law.
+///
+/// # Control law
+///
+/// A service with `W` workers and service time `S` completes at most `W / S` requests per second. Below the
+/// knee (`in_flight <= W`) latency stays at `S` and throughput grows with concurrency; past it throughput stays
+/// at `W / S` and every extra request only waits. The knee itself is the service's bandwidth-delay product
+/// `BDP = max throughput × unloaded latency`, which Knee estimates from its last `history` windows:
+///
+/// ```text
+/// x_max = max(throughput of each window)      completions per second
+/// r_min = min(mean latency of each window)
+/// bdp   = x_max * r_min
+/// limit = gain * bdp + headroom               (default 1.5 × bdp + 2)
+/// ```
+///
+/// with these guards, applied in order:
+///
+/// - app-limited (in-flight stayed below half the limit): the limit may shrink but never grow;
+/// - growth is at most ×2 per window;
+/// - a window with a drop caps the limit at `backoff × limit` (default 0.9);
+/// - probe: every `probe_interval` windows (default 8) the limit runs for two windows at
+///   `probe_factor × bdp` (default 0.85) so that `r_min` is measured without a queue.
+///
+/// # Why it holds where the anchors fail
+///
+/// - **Lucky fast sample (Vegas).** `r_min` is the minimum of window *means*, not of single requests, and it
+///   expires after `history` windows; one fast request cannot define the baseline, and a stale baseline ages
+///   out.
+/// - **Constant latency at the timeout (s5a).** Growth needs throughput: when every request takes as long as
+///   the timeout, `x_max × r_min` is still the number of requests the backend actually serves at once, so the
+///   limit settles at `gain × W + headroom` instead of climbing to its maximum.
+/// - **Modest sustained overload (s5b).** When overloaded from the start there is no unqueued window, so every
+///   window mean includes queueing. The probe windows run at `0.85 × bdp`: if that is still past the knee, the
+///   probe's latency is `0.85 ×` the previous estimate's and the estimate shrinks by that factor; below the knee
+///   the probe measures the true `S`. The estimate therefore contracts to `W` and cannot creep up.
+/// - **Baseline re-measurement (Envoy's min-RTT probe).** The probe lowers the limit to 85 % of the knee for two
+///   windows, not to a fixed minimum, so throughput barely dips and no burst of rejections follows.
+/// - **Slowdown (s4).** When `S` triples the backend still has `W` workers: `x_max` falls and `r_min` rises as
+///   the old windows expire, and their product, the limit, stays put.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Knee {
     gain: f64,
@@ -139,7 +137,10 @@ impl Knee {
             return None;
         }
         let x_max = self.throughput[..n].iter().copied().fold(0.0, f64::max);
-        let r_min = self.latency[..n].iter().copied().fold(f64::INFINITY, f64::min);
+        let r_min = self.latency[..n]
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
         Some(x_max * r_min)
     }
 }
@@ -153,7 +154,12 @@ impl Algorithm for Knee {
         check_range("knee.gain", self.gain, 1.0, 4.0)?;
         check_range("knee.headroom", self.headroom, 0.0, 1000.0)?;
         check_range("knee.history", self.history as f64, 2.0, MAX_HISTORY as f64)?;
-        check_range("knee.probe_interval", self.probe_interval as f64, 3.0, 10_000.0)?;
+        check_range(
+            "knee.probe_interval",
+            self.probe_interval as f64,
+            3.0,
+            10_000.0,
+        )?;
         check_range("knee.probe_factor", self.probe_factor, 0.5, 0.999)?;
         check_range("knee.backoff", self.backoff, 0.5, 0.999)
     }
@@ -167,7 +173,11 @@ impl Algorithm for Knee {
         }
         self.windows += 1;
         let Some(knee) = self.knee() else {
-            return if w.did_drop() { limit * self.backoff } else { limit };
+            return if w.did_drop() {
+                limit * self.backoff
+            } else {
+                limit
+            };
         };
         let mut target = self.gain * knee + self.headroom;
         if w.app_limited() {
@@ -177,7 +187,9 @@ impl Algorithm for Knee {
         if w.did_drop() {
             target = target.min(limit * self.backoff);
         }
-        if self.windows % self.probe_interval >= self.probe_interval - PROBE_WINDOWS && !w.app_limited() {
+        if self.windows % self.probe_interval >= self.probe_interval - PROBE_WINDOWS
+            && !w.app_limited()
+        {
             target = target.min(self.probe_factor * knee);
         }
         target.max(1.0)
@@ -193,7 +205,13 @@ mod tests {
 
     /// A closed-loop model of a backend with `workers` workers and service time `service_ms`, run under
     /// unlimited demand: in-flight is always the limit.
-    fn saturated(knee: &mut Knee, workers: f64, service_ms: f64, mut limit: f64, windows: usize) -> Vec<f64> {
+    fn saturated(
+        knee: &mut Knee,
+        workers: f64,
+        service_ms: f64,
+        mut limit: f64,
+        windows: usize,
+    ) -> Vec<f64> {
         let mut limits = Vec::new();
         for _ in 0..windows {
             let in_flight = limit.floor().max(1.0);

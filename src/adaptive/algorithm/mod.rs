@@ -104,7 +104,12 @@ impl Algorithm for Box<dyn Algorithm> {
 }
 
 /// `Err` unless `lo <= value <= hi` (and finite).
-pub(crate) fn check_range(field: &'static str, value: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
+pub(crate) fn check_range(
+    field: &'static str,
+    value: f64,
+    lo: f64,
+    hi: f64,
+) -> Result<(), ConfigError> {
     if value.is_finite() && value >= lo && value <= hi {
         Ok(())
     } else {

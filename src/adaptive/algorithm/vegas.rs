@@ -1,33 +1,31 @@
-//! Delay-based limit after TCP Vegas, following Netflix concurrency-limits' `VegasLimit`.
-//!
-//! Vegas keeps `rtt_noload`, the lowest window latency seen, and estimates how many requests are queued:
-//!
-//! ```text
-//! queue = ceil(limit * (1 - rtt_noload / rtt))          rtt = the window's mean latency
-//! l = max(1, floor(log10(limit)))
-//! if dropped > 0:                   limit = limit - l
-//! else if max_in_flight * 2 < limit: unchanged (app-limited)
-//! else if queue <= threshold * l:   limit = limit + beta * l   (no queueing: grow fast)
-//! else if queue <  alpha * l:       limit = limit + l
-//! else if queue >  beta * l:        limit = limit - l
-//! else:                             unchanged
-//! limit = (1 - smoothing) * old + smoothing * limit
-//! ```
-//!
-//! A window faster than `rtt_noload` only lowers `rtt_noload` (the limit is left alone). Every
-//! `probe_multiplier × limit` samples (with a jitter of 0.5–1×) `rtt_noload` is reset to the current window's
-//! latency so that a baseline measured before the service slowed down does not pin the limit low.
-//!
-//! Defaults, as published: `alpha = 3`, `beta = 6`, `threshold = 1` (each multiplied by `l`), `smoothing = 1.0`,
-//! `probe_multiplier = 30`. Netflix's initial limit (20) and maximum (1000) belong to the layer here.
-//!
-//! A known weakness kept on purpose (it is the published behaviour): one lucky fast window sets a baseline no
-//! later window can match, the queue estimate then stays high and the limit walks down until the next probe.
-
 use super::{check_range, log10_root, Algorithm, Window};
 use crate::core::ConfigError;
 
-/// TCP-Vegas-style queue estimate (see the [module docs](self)).
+/// Delay-based limit after TCP Vegas, following Netflix concurrency-limits' `VegasLimit`.
+///
+/// Vegas keeps `rtt_noload`, the lowest window latency seen, and estimates how many requests are queued:
+///
+/// ```text
+/// queue = ceil(limit * (1 - rtt_noload / rtt))          rtt = the window's mean latency
+/// l = max(1, floor(log10(limit)))
+/// if dropped > 0:                   limit = limit - l
+/// else if max_in_flight * 2 < limit: unchanged (app-limited)
+/// else if queue <= threshold * l:   limit = limit + beta * l   (no queueing: grow fast)
+/// else if queue <  alpha * l:       limit = limit + l
+/// else if queue >  beta * l:        limit = limit - l
+/// else:                             unchanged
+/// limit = (1 - smoothing) * old + smoothing * limit
+/// ```
+///
+/// A window faster than `rtt_noload` only lowers `rtt_noload` (the limit is left alone). Every
+/// `probe_multiplier × limit` samples (with a jitter of 0.5–1×) `rtt_noload` is reset to the current window's
+/// latency so that a baseline measured before the service slowed down does not pin the limit low.
+///
+/// Defaults, as published: `alpha = 3`, `beta = 6`, `threshold = 1` (each multiplied by `l`), `smoothing = 1.0`,
+/// `probe_multiplier = 30`. Netflix's initial limit (20) and maximum (1000) belong to the layer here.
+///
+/// A known weakness kept on purpose (it is the published behaviour): one lucky fast window sets a baseline no
+/// later window can match, the queue estimate then stays high and the limit walks down until the next probe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Vegas {
     alpha: f64,
