@@ -1,8 +1,13 @@
 use super::{check_range, Algorithm, Window};
 use crate::core::ConfigError;
 
-const MAX_HISTORY: usize = 32;
-const PROBE_WINDOWS: u64 = 2;
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Windows since the last probe.
+    Normal(u64),
+    /// Probing: seconds left until the requests admitted before the probe have drained.
+    Draining(f64),
+}
 
 /// `Knee`, the default algorithm: keep the service just past the knee of its latency curve, found by Little's
 /// law.
@@ -11,52 +16,52 @@ const PROBE_WINDOWS: u64 = 2;
 ///
 /// A service with `W` workers and service time `S` completes at most `W / S` requests per second. Below the
 /// knee (`in_flight <= W`) latency stays at `S` and throughput grows with concurrency; past it throughput stays
-/// at `W / S` and every extra request only waits. The knee itself is the service's bandwidth-delay product
-/// `BDP = max throughput × unloaded latency`, which Knee estimates from its last `history` windows:
+/// at `W / S` and every extra request only waits. The knee is the service's bandwidth-delay product
+/// `throughput × unloaded latency`:
 ///
 /// ```text
-/// x_max = max(throughput of each window)      completions per second
-/// r_min = min(mean latency of each window)
-/// bdp   = x_max * r_min
-/// limit = gain * bdp + headroom               (default 1.5 × bdp + 2)
+/// x     = average window throughput (completions per second; weight `smoothing`, default 0.25)
+/// r0    = latency of probe windows: a lower one replaces it, a higher one is averaged in (weight 2 × smoothing)
+/// knee  = x * r0
+/// limit = min(gain * knee + headroom, 1.25 * limit + 1)     (default 1.5 × knee + 2)
 /// ```
 ///
-/// with these guards, applied in order:
+/// with these guards:
 ///
-/// - app-limited (in-flight stayed below half the limit): the limit may shrink but never grow;
-/// - growth is at most ×2 per window;
+/// - app-limited window (in-flight below half the limit): the limit holds;
 /// - a window with a drop caps the limit at `backoff × limit` (default 0.9);
-/// - probe: every `probe_interval` windows (default 8) the limit runs for two windows at
-///   `probe_factor × bdp` (default 0.85) so that `r_min` is measured without a queue.
+/// - **probe**: every `probe_interval` windows (default 8) the limit drops to `ceil(probe_factor × knee)`
+///   (default 0.85) until the requests admitted before have drained (one mean latency), and the next window's
+///   mean latency — free of queueing if the probe limit is at or below `W` — updates `r0`.
 ///
 /// # Why it holds where the anchors fail
 ///
-/// - **Lucky fast sample (Vegas).** `r_min` is the minimum of window *means*, not of single requests, and it
-///   expires after `history` windows; one fast request cannot define the baseline, and a stale baseline ages
-///   out.
+/// - **Lucky fast sample (Vegas).** `r0` is an average of whole probe windows, never a minimum of single
+///   requests, so one fast request cannot set a baseline that later windows are judged against.
 /// - **Constant latency at the timeout (s5a).** Growth needs throughput: when every request takes as long as
-///   the timeout, `x_max × r_min` is still the number of requests the backend actually serves at once, so the
-///   limit settles at `gain × W + headroom` instead of climbing to its maximum.
-/// - **Modest sustained overload (s5b).** When overloaded from the start there is no unqueued window, so every
-///   window mean includes queueing. The probe windows run at `0.85 × bdp`: if that is still past the knee, the
-///   probe's latency is `0.85 ×` the previous estimate's and the estimate shrinks by that factor; below the knee
-///   the probe measures the true `S`. The estimate therefore contracts to `W` and cannot creep up.
-/// - **Baseline re-measurement (Envoy's min-RTT probe).** The probe lowers the limit to 85 % of the knee for two
-///   windows, not to a fixed minimum, so throughput barely dips and no burst of rejections follows.
-/// - **Slowdown (s4).** When `S` triples the backend still has `W` workers: `x_max` falls and `r_min` rises as
-///   the old windows expire, and their product, the limit, stays put.
+///   the timeout, `x × r0` is still the number of requests the backend serves at once, so the limit settles at
+///   `gain × W + headroom` instead of climbing to its maximum.
+/// - **Modest sustained overload (s5b).** Overloaded from the start, no ordinary window is free of queueing.
+///   The probe is: if `probe_factor × knee` is still past the knee, the probe latency is `probe_factor ×` the
+///   current estimate's and the estimate contracts by that factor; at or below the knee the probe measures `S`
+///   itself. The estimate converges into `[W, W / probe_factor]` and cannot creep up.
+/// - **Baseline re-measurement (Envoy's min-RTT probe).** The probe lowers the limit to 85 % of the knee for
+///   about one latency plus one window, not to a fixed minimum, so throughput barely dips and no burst of
+///   rejections follows.
+/// - **Slowdown (s4).** When `S` triples the backend still has `W` workers: `x` falls and, at the next probe,
+///   `r0` rises; their product, the limit, returns to where it was.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Knee {
     gain: f64,
     headroom: f64,
-    history: usize,
     probe_interval: u64,
     probe_factor: f64,
+    smoothing: f64,
     backoff: f64,
-    throughput: [f64; MAX_HISTORY],
-    latency: [f64; MAX_HISTORY],
-    recorded: usize,
-    windows: u64,
+    throughput: f64,
+    base_latency: f64,
+    probe_limit: f64,
+    phase: Phase,
 }
 
 impl Default for Knee {
@@ -64,14 +69,15 @@ impl Default for Knee {
         Knee {
             gain: 1.5,
             headroom: 2.0,
-            history: 16,
             probe_interval: 8,
             probe_factor: 0.85,
+            smoothing: 0.25,
             backoff: 0.9,
-            throughput: [0.0; MAX_HISTORY],
-            latency: [0.0; MAX_HISTORY],
-            recorded: 0,
-            windows: 0,
+            throughput: 0.0,
+            base_latency: 0.0,
+            probe_limit: 0.0,
+            // The first probe comes early: the first windows' latency may already include a queue.
+            phase: Phase::Normal(6),
         }
     }
 }
@@ -96,24 +102,25 @@ impl Knee {
         self
     }
 
-    /// Windows the throughput maximum and latency minimum look back over, in `[2, 32]` (default 16).
-    #[must_use]
-    pub fn history(mut self, windows: usize) -> Self {
-        self.history = windows;
-        self
-    }
-
-    /// Windows between the starts of two probes, in `[3, 10000]` (default 8).
+    /// Windows between two probes, in `[2, 10000]` (default 8).
     #[must_use]
     pub fn probe_interval(mut self, windows: u64) -> Self {
         self.probe_interval = windows;
         self
     }
 
-    /// The limit during a probe, as a fraction of the estimated knee, in `[0.5, 1)` (default 0.85).
+    /// The limit during a probe, as a fraction of the estimated knee (rounded up), in `[0.5, 1)` (default 0.85).
     #[must_use]
     pub fn probe_factor(mut self, factor: f64) -> Self {
         self.probe_factor = factor;
+        self
+    }
+
+    /// Weight of each new throughput and probe latency measurement in their averages, in `(0, 1]`
+    /// (default 0.25 for throughput; probes weigh twice as much).
+    #[must_use]
+    pub fn smoothing(mut self, smoothing: f64) -> Self {
+        self.smoothing = smoothing;
         self
     }
 
@@ -124,24 +131,12 @@ impl Knee {
         self
     }
 
-    fn record(&mut self, throughput: f64, latency: f64) {
-        let slot = self.recorded % self.history;
-        self.throughput[slot] = throughput;
-        self.latency[slot] = latency;
-        self.recorded += 1;
-    }
-
-    fn knee(&self) -> Option<f64> {
-        let n = self.recorded.min(self.history);
-        if n == 0 {
-            return None;
+    fn average(old: f64, new: f64, weight: f64) -> f64 {
+        if old > 0.0 {
+            old + (new - old) * weight
+        } else {
+            new
         }
-        let x_max = self.throughput[..n].iter().copied().fold(0.0, f64::max);
-        let r_min = self.latency[..n]
-            .iter()
-            .copied()
-            .fold(f64::INFINITY, f64::min);
-        Some(x_max * r_min)
     }
 }
 
@@ -153,44 +148,62 @@ impl Algorithm for Knee {
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("knee.gain", self.gain, 1.0, 4.0)?;
         check_range("knee.headroom", self.headroom, 0.0, 1000.0)?;
-        check_range("knee.history", self.history as f64, 2.0, MAX_HISTORY as f64)?;
         check_range(
             "knee.probe_interval",
             self.probe_interval as f64,
-            3.0,
+            2.0,
             10_000.0,
         )?;
         check_range("knee.probe_factor", self.probe_factor, 0.5, 0.999)?;
+        check_range("knee.smoothing", self.smoothing, 0.001, 1.0)?;
         check_range("knee.backoff", self.backoff, 0.5, 0.999)
     }
 
     fn update(&mut self, w: &Window) -> f64 {
         let limit = w.limit;
         let latency = w.mean_latency.as_secs_f64();
-        let throughput = w.throughput();
-        if latency > 0.0 && throughput > 0.0 {
-            self.record(throughput, latency);
+        match self.phase {
+            Phase::Draining(left) if left > 0.0 => {
+                self.phase = Phase::Draining(left - w.duration.as_secs_f64());
+                return self.probe_limit.min(limit);
+            }
+            Phase::Draining(_) => {
+                // Every request of this window was admitted under the probe limit: no queue in its latency.
+                // Down at once (an overestimate is what lets a queue stand), up gradually (one slow window
+                // should not double the limit).
+                if latency > 0.0 && latency < self.base_latency {
+                    self.base_latency = latency;
+                } else if latency > 0.0 {
+                    self.base_latency =
+                        Self::average(self.base_latency, latency, (2.0 * self.smoothing).min(1.0));
+                }
+                self.phase = Phase::Normal(0);
+            }
+            Phase::Normal(n) => {
+                if self.base_latency == 0.0 && latency > 0.0 {
+                    self.base_latency = latency;
+                }
+                let throughput = w.throughput();
+                if throughput > 0.0 {
+                    self.throughput = Self::average(self.throughput, throughput, self.smoothing);
+                }
+                if n + 1 >= self.probe_interval && self.base_latency > 0.0 {
+                    let knee = self.throughput * self.base_latency;
+                    self.probe_limit = (self.probe_factor * knee).ceil().max(1.0);
+                    self.phase = Phase::Draining(latency);
+                    return self.probe_limit.min(limit);
+                }
+                self.phase = Phase::Normal(n + 1);
+            }
         }
-        self.windows += 1;
-        let Some(knee) = self.knee() else {
-            return if w.did_drop() {
-                limit * self.backoff
-            } else {
-                limit
-            };
+        let knee = self.throughput * self.base_latency;
+        let mut target = if knee > 0.0 && !w.app_limited() {
+            (self.gain * knee + self.headroom).min(limit * 1.25 + 1.0)
+        } else {
+            limit
         };
-        let mut target = self.gain * knee + self.headroom;
-        if w.app_limited() {
-            target = target.min(limit);
-        }
-        target = target.min(limit * 2.0);
         if w.did_drop() {
             target = target.min(limit * self.backoff);
-        }
-        if self.windows % self.probe_interval >= self.probe_interval - PROBE_WINDOWS
-            && !w.app_limited()
-        {
-            target = target.min(self.probe_factor * knee);
         }
         target.max(1.0)
     }
@@ -278,8 +291,8 @@ mod tests {
     #[test]
     fn rejects_out_of_range_parameters() {
         assert!(Knee::new().gain(0.5).validate().is_err());
-        assert!(Knee::new().history(1).validate().is_err());
-        assert!(Knee::new().history(33).validate().is_err());
+        assert!(Knee::new().probe_interval(1).validate().is_err());
+        assert!(Knee::new().smoothing(0.0).validate().is_err());
         assert!(Knee::new().probe_factor(1.0).validate().is_err());
         assert!(Knee::new().validate().is_ok());
     }
