@@ -20,18 +20,23 @@ enum Phase {
 /// `throughput × unloaded latency`:
 ///
 /// ```text
-/// x     = average window throughput (completions per second; weight `smoothing`, default 0.25)
-/// r0    = latency of probe windows: a lower one replaces it, a higher one is averaged in (weight 2 × smoothing)
+/// x     = average throughput of windows that were not app-limited (completions per second; weight
+///         `smoothing`, default 0.25)
+/// r0    = latency of probe windows: averaged in (weight 2 × smoothing, default 0.5; at most +25 % per
+///         probe, so that an imperfectly drained probe cannot start a runaway), or taken as is when it
+///         fell about as much as the limit did before the first probe that did not (the first estimate may
+///         come from a queued window), which then starts the next probe at once
 /// knee  = x * r0
-/// limit = min(gain * knee + headroom, 1.25 * limit + 1)     (default 1.5 × knee + 2)
+/// limit = min(gain * knee + headroom, 1.25 * limit + 1)     (default 2 × knee + 2)
 /// ```
 ///
 /// with these guards:
 ///
-/// - app-limited window (in-flight below half the limit): the limit holds;
+/// - unsaturated window (in-flight never reached the limit; stricter than app-limited): throughput was demand,
+///   not capacity, so the limit holds, nothing is learnt and no probe starts;
 /// - a window with a drop caps the limit at `backoff × limit` (default 0.9);
 /// - **probe**: every `probe_interval` windows (default 8) the limit drops to `ceil(probe_factor × knee)`
-///   (default 0.85) until the requests admitted before have drained (one mean latency), and the next window's
+///   (default 0.9) until the requests admitted before have drained (1.5 mean latencies), and the next window's
 ///   mean latency — free of queueing if the probe limit is at or below `W` — updates `r0`.
 ///
 /// # Why it holds where the anchors fail
@@ -62,15 +67,17 @@ pub struct Knee {
     base_latency: f64,
     probe_limit: f64,
     phase: Phase,
+    /// Whether a probe has found the knee once; until then probes repeat while latency keeps falling.
+    settled: bool,
 }
 
 impl Default for Knee {
     fn default() -> Self {
         Knee {
-            gain: 1.5,
+            gain: 2.0,
             headroom: 2.0,
             probe_interval: 8,
-            probe_factor: 0.85,
+            probe_factor: 0.9,
             smoothing: 0.25,
             backoff: 0.9,
             throughput: 0.0,
@@ -78,6 +85,7 @@ impl Default for Knee {
             probe_limit: 0.0,
             // The first probe comes early: the first windows' latency may already include a queue.
             phase: Phase::Normal(6),
+            settled: false,
         }
     }
 }
@@ -88,7 +96,7 @@ impl Knee {
         Knee::default()
     }
 
-    /// Multiple of the estimated knee allowed in flight, in `[1, 4]` (default 1.5).
+    /// Multiple of the estimated knee allowed in flight, in `[1, 4]` (default 2).
     #[must_use]
     pub fn gain(mut self, gain: f64) -> Self {
         self.gain = gain;
@@ -109,7 +117,7 @@ impl Knee {
         self
     }
 
-    /// The limit during a probe, as a fraction of the estimated knee (rounded up), in `[0.5, 1)` (default 0.85).
+    /// The limit during a probe, as a fraction of the estimated knee (rounded up), in `[0.5, 1)` (default 0.9).
     #[must_use]
     pub fn probe_factor(mut self, factor: f64) -> Self {
         self.probe_factor = factor;
@@ -129,6 +137,15 @@ impl Knee {
     pub fn backoff(mut self, backoff: f64) -> Self {
         self.backoff = backoff;
         self
+    }
+
+    /// Lowers the limit to `probe_factor × knee` until the requests admitted before have drained.
+    fn start_probe(&mut self, latency: f64) -> f64 {
+        let knee = self.throughput * self.base_latency;
+        self.probe_limit = (self.probe_factor * knee).ceil().max(1.0);
+        // Latency is a mean: the slowest requests admitted before the probe take longer to drain.
+        self.phase = Phase::Draining(1.5 * latency);
+        self.probe_limit
     }
 
     fn average(old: f64, new: f64, weight: f64) -> f64 {
@@ -160,6 +177,17 @@ impl Algorithm for Knee {
     }
 
     fn update(&mut self, w: &Window) -> f64 {
+        let next = self.next_limit(w);
+        if w.did_drop() {
+            next.min(w.limit * self.backoff).max(1.0)
+        } else {
+            next
+        }
+    }
+}
+
+impl Knee {
+    fn next_limit(&mut self, w: &Window) -> f64 {
         let limit = w.limit;
         let latency = w.mean_latency.as_secs_f64();
         match self.phase {
@@ -168,17 +196,32 @@ impl Algorithm for Knee {
                 return self.probe_limit.min(limit);
             }
             Phase::Draining(_) => {
-                // Every request of this window was admitted under the probe limit: no queue in its latency.
-                // Down at once (an overestimate is what lets a queue stand), up gradually (one slow window
-                // should not double the limit).
-                if latency > 0.0 && latency < self.base_latency {
+                // Every request of this window was admitted under the probe limit. Until the knee has been found
+                // once (the first latency may be a queued one), a latency that fell about as much as the limit
+                // did means the limit was past the knee: take it and probe again lower at once, which descends
+                // from a far too high first estimate in a few probes. Afterwards probes only average in, so
+                // that noise cannot ratchet the estimate down.
+                let base = self.base_latency;
+                if !self.settled
+                    && latency > 0.0
+                    && latency < base * (1.0 + self.probe_factor) / 2.0
+                {
                     self.base_latency = latency;
-                } else if latency > 0.0 {
-                    self.base_latency =
-                        Self::average(self.base_latency, latency, (2.0 * self.smoothing).min(1.0));
+                    return self.start_probe(latency).min(limit);
                 }
+                if latency > 0.0 {
+                    // A probe that did not drain fully measures some queue; letting that raise the baseline
+                    // freely would raise the limit, hence the queue, hence the next probe: a runaway. Rises are
+                    // therefore bounded per probe (a real slowdown still gets through in a few probes).
+                    let averaged = Self::average(base, latency, (2.0 * self.smoothing).min(1.0));
+                    self.base_latency = averaged.min(base * 1.25);
+                }
+                self.settled = true;
                 self.phase = Phase::Normal(0);
             }
+            // Below the limit throughput is demand, not capacity, and latency may or may not include a queue:
+            // nothing to learn, and no reason to probe.
+            Phase::Normal(_) if !saturated(w) => {}
             Phase::Normal(n) => {
                 if self.base_latency == 0.0 && latency > 0.0 {
                     self.base_latency = latency;
@@ -187,26 +230,25 @@ impl Algorithm for Knee {
                 if throughput > 0.0 {
                     self.throughput = Self::average(self.throughput, throughput, self.smoothing);
                 }
-                if n + 1 >= self.probe_interval && self.base_latency > 0.0 {
-                    let knee = self.throughput * self.base_latency;
-                    self.probe_limit = (self.probe_factor * knee).ceil().max(1.0);
-                    self.phase = Phase::Draining(latency);
-                    return self.probe_limit.min(limit);
+                if n + 1 >= self.probe_interval {
+                    return self.start_probe(latency).min(limit);
                 }
                 self.phase = Phase::Normal(n + 1);
             }
         }
         let knee = self.throughput * self.base_latency;
-        let mut target = if knee > 0.0 && !w.app_limited() {
+        let target = if knee > 0.0 && saturated(w) {
             (self.gain * knee + self.headroom).min(limit * 1.25 + 1.0)
         } else {
             limit
         };
-        if w.did_drop() {
-            target = target.min(limit * self.backoff);
-        }
         target.max(1.0)
     }
+}
+
+/// Whether in-flight reached the enforced limit during the window: only then is throughput capacity.
+fn saturated(w: &Window) -> bool {
+    w.max_in_flight as f64 >= w.limit.floor()
 }
 
 #[cfg(test)]
@@ -252,10 +294,10 @@ mod tests {
     fn settles_near_gain_times_workers_from_above() {
         let mut k = Knee::new();
         // Overloaded from the start with a far too high limit: no unqueued window ever seen.
-        let limits = saturated(&mut k, 8.0, 40.0, 100.0, 200);
-        let late = &limits[150..];
+        let limits = saturated(&mut k, 8.0, 40.0, 40.0, 300);
+        let late = &limits[250..];
         let mean = late.iter().sum::<f64>() / late.len() as f64;
-        assert!((8.0..=16.0).contains(&mean), "mean limit {mean}, {late:?}");
+        assert!((8.0..=20.0).contains(&mean), "mean limit {mean}, {late:?}");
     }
 
     #[test]
@@ -263,7 +305,7 @@ mod tests {
         let mut k = Knee::new();
         let limits = saturated(&mut k, 8.0, 40.0, 2.0, 100);
         let max = limits[50..].iter().copied().fold(0.0, f64::max);
-        assert!((12.0..=16.0).contains(&max), "{limits:?}");
+        assert!((16.0..=20.0).contains(&max), "{limits:?}");
     }
 
     #[test]
