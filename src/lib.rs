@@ -4,3 +4,7 @@
 
 pub mod adaptive;
 pub mod core;
+pub mod pressure;
+pub mod rate;
+#[cfg(feature = "sim")]
+pub mod sim;
