@@ -50,7 +50,7 @@ enum Phase {
 /// - **Modest sustained overload (s5b).** Overloaded from the start, no ordinary window is free of queueing.
 ///   The probe is: if `probe_factor × knee` is still past the knee, the probe latency is `probe_factor ×` the
 ///   current estimate's and the estimate contracts by that factor; at or below the knee the probe measures `S`
-///   itself. The estimate converges into `[W, W / probe_factor]` and cannot creep up.
+///   itself. The estimate contracts towards `W` and cannot creep up.
 /// - **Baseline re-measurement (Envoy's min-RTT probe).** The probe lowers the limit to 92 % of the knee for
 ///   about one latency plus one window, not to a fixed minimum, so throughput barely dips and no burst of
 ///   rejections follows.
