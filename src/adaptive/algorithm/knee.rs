@@ -266,8 +266,24 @@ mod tests {
     use super::super::test_util::{busy, dropped, idle};
     use super::*;
 
-    /// A closed-loop model of a backend with `workers` workers and service time `service_ms`, run under
-    /// unlimited demand: in-flight is always the limit.
+    /// One window of a closed-loop model of a backend with `workers` workers and service time `service_ms`
+    /// under unlimited demand (in-flight is always the limit); `latency_ms` overrides the modelled latency.
+    fn model(workers: f64, service_ms: f64, limit: f64, latency_ms: Option<f64>) -> Window {
+        let in_flight = limit.floor().max(1.0);
+        let latency_ms = latency_ms.unwrap_or(service_ms * (in_flight / workers).max(1.0));
+        let duration = Duration::from_millis(250);
+        let throughput = in_flight.min(workers) / (service_ms / 1000.0);
+        Window {
+            limit,
+            samples: (throughput * duration.as_secs_f64()) as u64,
+            dropped: 0,
+            mean_latency: Duration::from_secs_f64(latency_ms / 1000.0),
+            min_latency: Duration::from_secs_f64(latency_ms / 1000.0),
+            max_in_flight: in_flight as usize,
+            duration,
+        }
+    }
+
     fn saturated(
         knee: &mut Knee,
         workers: f64,
@@ -277,25 +293,37 @@ mod tests {
     ) -> Vec<f64> {
         let mut limits = Vec::new();
         for _ in 0..windows {
-            let in_flight = limit.floor().max(1.0);
-            let busy_workers = in_flight.min(workers);
-            let latency_ms = service_ms * (in_flight / workers).max(1.0);
-            let duration = Duration::from_millis(250);
-            let throughput = busy_workers / (service_ms / 1000.0);
-            let samples = (throughput * duration.as_secs_f64()) as u64;
-            let w = Window {
-                limit,
-                samples,
-                dropped: 0,
-                mean_latency: Duration::from_secs_f64(latency_ms / 1000.0),
-                min_latency: Duration::from_secs_f64(latency_ms / 1000.0),
-                max_in_flight: in_flight as usize,
-                duration,
-            };
-            limit = knee.update(&w).max(1.0);
+            limit = knee
+                .update(&model(workers, service_ms, limit, None))
+                .max(1.0);
             limits.push(limit);
         }
         limits
+    }
+
+    #[test]
+    fn one_lucky_fast_probe_does_not_collapse_the_limit() {
+        let mut k = Knee::new();
+        let mut limit = *saturated(&mut k, 8.0, 40.0, 20.0, 100).last().unwrap();
+        let mut lucky = false;
+        let mut after = Vec::new();
+        for _ in 0..80 {
+            let measuring = matches!(k.phase, Phase::Draining(left) if left <= 0.0);
+            // The probe window that sets the baseline comes out 20 times faster than the service can be.
+            let latency = (measuring && !lucky).then_some(2.0);
+            lucky |= latency.is_some();
+            let before = limit;
+            limit = k.update(&model(8.0, 40.0, limit, latency)).max(1.0);
+            // The limit the service runs at between probes, read as each probe starts.
+            if lucky && matches!(k.phase, Phase::Draining(left) if left > 0.0) {
+                after.push(before);
+            }
+        }
+        assert!(lucky, "no probe measured");
+        assert!(
+            after.len() >= 2 && after.iter().all(|&l| l >= 8.0),
+            "{after:?}"
+        );
     }
 
     #[test]
