@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod adaptive;
 pub mod breaker;
 pub mod core;
 pub mod pressure;

@@ -8,9 +8,10 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower::util::BoxCloneService;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::{Scenario, SimBody, SimResponseBody, SimService};
+use crate::adaptive::{AdaptiveConcurrencyLayer, Aimd, Algorithm, Gradient2, Knee, Vegas};
 use crate::core::BoxError;
 
 /// A function reading a live figure of a stack (its current limit, its queue depth).
@@ -153,6 +154,26 @@ pub const STRATEGIES: &[Strategy] = &[
             "queue shedder (CoDel, adaptive LIFO, priorities), HTTP mode, fixed limit = 2 x workers",
         build: queue,
     },
+    Strategy {
+        name: "aimd",
+        about: "adaptive concurrency limit alone, AIMD, default parameters",
+        build: aimd,
+    },
+    Strategy {
+        name: "vegas",
+        about: "adaptive concurrency limit alone, Vegas, default parameters",
+        build: vegas,
+    },
+    Strategy {
+        name: "gradient2",
+        about: "adaptive concurrency limit alone, Gradient2, default parameters",
+        build: gradient2,
+    },
+    Strategy {
+        name: "adaptive",
+        about: "adaptive concurrency limit alone, its default algorithm (Knee)",
+        build: adaptive,
+    },
 ];
 
 /// The strategy called `name`.
@@ -195,6 +216,33 @@ fn queue(backend: SimService, scenario: &Scenario) -> Stack {
             .limit(move || limit)
             .queue_depth(move || handle.snapshot().depth),
     )
+}
+
+/// The adaptive limiter alone in HTTP mode, its bounds and windows at their defaults.
+fn limiter_alone(backend: SimService, algorithm: impl Algorithm) -> Stack {
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .algorithm(algorithm)
+        .http()
+        .build()
+        .expect("default parameters are valid");
+    let handle = layer.handle();
+    Stack::new(boxed(layer.layer(backend))).probes(Probes::none().limit(move || handle.limit()))
+}
+
+fn aimd(backend: SimService, _scenario: &Scenario) -> Stack {
+    limiter_alone(backend, Aimd::new())
+}
+
+fn vegas(backend: SimService, _scenario: &Scenario) -> Stack {
+    limiter_alone(backend, Vegas::new())
+}
+
+fn gradient2(backend: SimService, _scenario: &Scenario) -> Stack {
+    limiter_alone(backend, Gradient2::new())
+}
+
+fn adaptive(backend: SimService, _scenario: &Scenario) -> Stack {
+    limiter_alone(backend, Knee::new())
 }
 
 /// Boxes any HTTP stack over the simulator's request type into a [`SimService`], boxing its response body.

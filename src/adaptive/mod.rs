@@ -1,0 +1,63 @@
+//! Adaptive concurrency limiting: learn how many requests the service can run at once, reject the rest at once.
+//!
+//! # Why
+//!
+//! A fixed concurrency limit (tower's `ConcurrencyLimit`) is right for one backend speed only: too high and
+//! requests queue inside the service until clients time out, too low and capacity is wasted; and it waits in
+//! `poll_ready`, which under axum or hyper becomes an unbounded queue. This layer measures latency and drops
+//! per window of finished requests, moves the limit with a pluggable [`Algorithm`], and decides in `call`:
+//! under the limit the request is admitted, at the limit it is rejected immediately with
+//! [`Reason::Overloaded`](crate::core::Reason::Overloaded) (a `BoxError` downcastable to
+//! [`core::error::Overloaded`](crate::core::error::Overloaded), a 503 with `.http()`, gRPC UNAVAILABLE with
+//! `.grpc()`).
+//!
+//! # How it differs from plain tower
+//!
+//! - `poll_ready` only forwards the inner service's readiness; no permit is reserved, so idle connections hold
+//!   nothing.
+//! - Clones share one limit and one in-flight count (one `Arc` per layer).
+//! - The permit is held until the response is really done (for HTTP until the body ends), and released exactly
+//!   once on every path, panics and dropped futures included.
+//! - The hot path is an atomic add, a compare and an atomic max on admission and a few atomic adds on
+//!   completion; the algorithm runs once per window, by whichever request closes it, under a try-lock nobody
+//!   waits for.
+//! - The limit is observable and tunable live through an [`AdaptiveHandle`], which also serves as the queue
+//!   layer's [`LimitSource`](crate::core::LimitSource).
+//!
+//! Algorithms: [`Knee`] (the default, see its docs for the control law), [`Aimd`], [`Vegas`] and [`Gradient2`];
+//! `docs/adaptive.md` compares them in the simulator.
+//!
+//! # Example
+//!
+//! ```
+//! use tower::{service_fn, Service, ServiceExt};
+//! use tower_backpressure::adaptive::AdaptiveConcurrencyLayer;
+//! use tower_backpressure::core::{error::Overloaded, BoxError};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let layer = AdaptiveConcurrencyLayer::builder().initial_limit(1).build().unwrap();
+//! let handle = layer.handle();
+//! let mut svc = tower::ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service(service_fn(|x: u32| async move { Ok::<_, BoxError>(x * 2) }));
+//!
+//! let first = svc.ready().await.unwrap().call(1); // admitted: holds the only permit
+//! let second = svc.ready().await.unwrap().call(2); // over the limit: rejected at once
+//! assert!(second.await.unwrap_err().is::<Overloaded>());
+//! assert_eq!(handle.in_flight(), 1);
+//! assert_eq!(first.await.unwrap(), 2);
+//! assert_eq!(handle.in_flight(), 0);
+//! # }
+//! ```
+
+pub mod algorithm;
+mod handle;
+mod layer;
+mod service;
+mod state;
+
+pub use self::algorithm::{Aimd, Algorithm, Gradient2, Knee, Vegas, Window};
+pub use self::handle::{AdaptiveHandle, AdaptiveSnapshot};
+pub use self::layer::{AdaptiveConcurrencyBuilder, AdaptiveConcurrencyLayer};
+pub use self::service::{AdaptiveConcurrency, Bypass, NoBypass};

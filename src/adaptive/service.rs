@@ -1,0 +1,151 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::state::Shared;
+use crate::core::{
+    AnyOk, Classify, ErrorMode, Event, Observer, Permit, Reason, RejectMode, Rejection,
+    ResponseFuture,
+};
+
+/// Decides which requests skip the limiter (health checks, metrics scrapes). Implemented by [`NoBypass`] and
+/// by closures `Fn(&Req) -> bool`.
+pub trait Bypass<Req>: Clone + Send + Sync + 'static {
+    /// `true` lets `request` through without a permit.
+    fn bypass(&self, request: &Req) -> bool;
+}
+
+/// Every request is limited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoBypass;
+
+impl<Req> Bypass<Req> for NoBypass {
+    #[inline(always)]
+    fn bypass(&self, _request: &Req) -> bool {
+        false
+    }
+}
+
+impl<F, Req> Bypass<Req> for F
+where
+    F: Fn(&Req) -> bool + Clone + Send + Sync + 'static,
+{
+    #[inline]
+    fn bypass(&self, request: &Req) -> bool {
+        self(request)
+    }
+}
+
+/// A service under an adaptive concurrency limit; built by
+/// [`AdaptiveConcurrencyLayer`](super::AdaptiveConcurrencyLayer).
+///
+/// Clones share one limit and one in-flight count.
+pub struct AdaptiveConcurrency<S, C = AnyOk, M = ErrorMode, O = (), B = NoBypass> {
+    inner: S,
+    shared: Arc<Shared<O>>,
+    classify: C,
+    mode: M,
+    bypass: B,
+}
+
+impl<S, C, M, O, B> AdaptiveConcurrency<S, C, M, O, B> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<O>>, classify: C, mode: M, bypass: B) -> Self {
+        AdaptiveConcurrency {
+            inner,
+            shared,
+            classify,
+            mode,
+            bypass,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C: Clone, M: Clone, O, B: Clone> Clone for AdaptiveConcurrency<S, C, M, O, B> {
+    fn clone(&self) -> Self {
+        AdaptiveConcurrency {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+            classify: self.classify.clone(),
+            mode: self.mode.clone(),
+            bypass: self.bypass.clone(),
+        }
+    }
+}
+
+impl<S, C, M, O, B, Req> Service<Req> for AdaptiveConcurrency<S, C, M, O, B>
+where
+    S: Service<Req>,
+    C: Classify<S::Response, S::Error>,
+    M: RejectMode<C::Response, S::Error>,
+    O: Observer,
+    B: Bypass<Req>,
+{
+    type Response = C::Response;
+    type Error = M::Error;
+    type Future = ResponseFuture<S::Future, C, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness only: the decision is taken in `call`, so an idle connection never holds a permit.
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        if self.bypass.bypass(&request) {
+            let inner = self.inner.call(request);
+            return ResponseFuture::admitted(inner, None, self.classify.clone(), self.mode.clone());
+        }
+        let core = &self.shared.core;
+        let Some(in_flight) = core.try_acquire() else {
+            self.shared.observer.on_event(&Event::Rejected {
+                layer: "adaptive",
+                reason: Reason::Overloaded,
+                retry_after: None,
+            });
+            return ResponseFuture::rejected(Rejection::new(Reason::Overloaded), self.mode.clone());
+        };
+        self.shared.observer.on_event(&Event::Admitted {
+            layer: "adaptive",
+            in_flight,
+        });
+        let now = Instant::now();
+        // Created before calling inner so that a panic inside `call` still releases it.
+        let permit = Permit::admitted_at(self.shared.clone(), core.tag(now), now);
+        let inner = self.inner.call(request);
+        ResponseFuture::admitted(
+            inner,
+            Some(permit),
+            self.classify.clone(),
+            self.mode.clone(),
+        )
+    }
+}
+
+impl<S: fmt::Debug, C, M, O, B> fmt::Debug for AdaptiveConcurrency<S, C, M, O, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdaptiveConcurrency")
+            .field("inner", &self.inner)
+            .field("limit", &self.shared.core.limit)
+            .field("in_flight", &self.shared.core.in_flight)
+            .finish()
+    }
+}

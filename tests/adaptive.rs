@@ -1,0 +1,439 @@
+//! Layer tests for the adaptive concurrency limiter.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tower::{service_fn, Layer, Service, ServiceExt};
+use tower_backpressure::adaptive::{AdaptiveConcurrencyLayer, Aimd, Gradient2, Knee, Vegas};
+use tower_backpressure::core::{error::Overloaded, BoxError, Event, LimitSource, Outcome};
+use tower_test::mock;
+
+fn layer(limit: usize) -> AdaptiveConcurrencyLayer {
+    AdaptiveConcurrencyLayer::builder()
+        .initial_limit(limit)
+        .max_limit(limit)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn limit_plus_first_request_is_rejected_at_once_with_overloaded() {
+    let layer = layer(2);
+    let handle = layer.handle();
+    let (mock, mut backend) = mock::pair::<u32, u32>();
+    let mut svc = layer.layer(mock);
+    backend.allow(10);
+
+    let a = svc.ready().await.unwrap().call(1);
+    let b = svc.ready().await.unwrap().call(2);
+    let c = svc.ready().await.unwrap().call(3);
+    // The rejection is ready immediately, without the backend having answered anything.
+    let err = c
+        .now_or_never()
+        .expect("rejection must be immediate")
+        .unwrap_err();
+    let overloaded = err
+        .downcast_ref::<Overloaded>()
+        .expect("an Overloaded error");
+    assert_eq!(overloaded.to_string(), "service overloaded");
+    assert_eq!(handle.in_flight(), 2);
+    assert_eq!(handle.snapshot().rejected, 1);
+
+    let (_, reply) = backend.next_request().await.unwrap();
+    reply.send_response(10);
+    assert_eq!(a.await.unwrap(), 10);
+    let (_, reply) = backend.next_request().await.unwrap();
+    reply.send_response(20);
+    assert_eq!(b.await.unwrap(), 20);
+    assert_eq!(handle.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_share_one_limit() {
+    let layer = layer(2);
+    let (mock, mut backend) = mock::pair::<u32, u32>();
+    backend.allow(10);
+    let mut one = layer.layer(mock);
+    let mut two = one.clone();
+    let mut three = layer.layer(one.get_ref().clone());
+
+    let _a = one.ready().await.unwrap().call(1);
+    let _b = two.ready().await.unwrap().call(2);
+    let c = three.ready().await.unwrap().call(3);
+    assert!(c.await.unwrap_err().is::<Overloaded>());
+    assert_eq!(layer.handle().in_flight(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_ready_on_idle_clones_holds_nothing() {
+    let layer = layer(1);
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|x: u32| async move { Ok::<_, BoxError>(x) }));
+    let mut idle: Vec<_> = (0..5).map(|_| svc.clone()).collect();
+    for s in &mut idle {
+        s.ready().await.unwrap();
+        s.ready().await.unwrap();
+    }
+    assert_eq!(handle.in_flight(), 0);
+    assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_response_future_releases_its_permit() {
+    let layer = layer(1);
+    let handle = layer.handle();
+    let (mock, mut backend) = mock::pair::<u32, u32>();
+    backend.allow(10);
+    let mut svc = layer.layer(mock);
+    let fut = svc.ready().await.unwrap().call(1);
+    assert_eq!(handle.in_flight(), 1);
+    drop(fut);
+    assert_eq!(handle.in_flight(), 0);
+    // The slot is usable again.
+    let fut = svc.ready().await.unwrap().call(2);
+    let (_, reply) = backend.next_request().await.unwrap();
+    let (_, reply2) = backend.next_request().await.unwrap();
+    drop(reply);
+    reply2.send_response(5);
+    assert_eq!(fut.await.unwrap(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn panicking_inner_service_releases_its_permit() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .initial_limit(1)
+        .observer(move |e: &Event| {
+            if let Event::Completed { outcome, .. } = e {
+                log.lock().unwrap().push(*outcome);
+            }
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|fail: bool| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(!fail, "inner service panicked");
+        Ok::<_, BoxError>(())
+    }));
+    let fut = svc.ready().await.unwrap().call(true);
+    assert_eq!(handle.in_flight(), 1);
+    let joined = tokio::spawn(fut).await;
+    assert!(joined.unwrap_err().is_panic());
+    assert_eq!(handle.in_flight(), 0);
+    assert_eq!(*events.lock().unwrap(), vec![Outcome::Failure]);
+    svc.ready().await.unwrap().call(false).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn bypassed_requests_take_no_permit() {
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .initial_limit(1)
+        .bypass(|path: &&str| *path == "/healthz")
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let (mock, mut backend) = mock::pair::<&str, u32>();
+    backend.allow(10);
+    let mut svc = layer.layer(mock);
+    let _held = svc.ready().await.unwrap().call("/work");
+    let health = svc.ready().await.unwrap().call("/healthz");
+    assert_eq!(handle.in_flight(), 1);
+    let rejected = svc.ready().await.unwrap().call("/work");
+    assert!(rejected.await.unwrap_err().is::<Overloaded>());
+    let _ = backend.next_request().await.unwrap();
+    let (req, reply) = backend.next_request().await.unwrap();
+    assert_eq!(req, "/healthz");
+    reply.send_response(200);
+    assert_eq!(health.await.unwrap(), 200);
+    assert_eq!(handle.in_flight(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn windows_move_the_limit_and_report_it() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .initial_limit(2)
+        .algorithm(Aimd::new())
+        .min_samples(2)
+        .window(Duration::from_millis(10))
+        .observer(move |e: &Event| {
+            if let Event::LimitChanged { limit, .. } = e {
+                log.lock().unwrap().push(*limit);
+            }
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|ok: bool| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if ok {
+            Ok(())
+        } else {
+            Err(BoxError::from("timeout"))
+        }
+    }));
+    // Two at a time fill the limit of 2: AIMD adds one per window.
+    for _ in 0..3 {
+        let a = svc.ready().await.unwrap().call(true);
+        let b = svc.ready().await.unwrap().call(true);
+        let (a, b) = tokio::join!(a, b);
+        a.unwrap();
+        b.unwrap();
+    }
+    assert!(handle.limit() > 2, "limit {}", handle.limit());
+    assert_eq!(*events.lock().unwrap().last().unwrap(), handle.limit());
+    let snapshot = handle.snapshot();
+    assert!(snapshot.windows >= 1);
+    assert_eq!(snapshot.algorithm, "aimd");
+    // Latency is measured from admission to completion: 20 ms of paused time.
+    assert_eq!(handle.expected_latency(), Some(Duration::from_millis(20)));
+    assert_eq!(
+        LimitSource::expected_latency(&handle),
+        Some(Duration::from_millis(20))
+    );
+    assert_eq!(LimitSource::limit(&handle), handle.limit());
+}
+
+#[tokio::test(start_paused = true)]
+async fn drops_shrink_the_limit() {
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .initial_limit(20)
+        .algorithm(Aimd::new())
+        .min_samples(2)
+        .window(Duration::from_millis(1))
+        .classifier(|r: Result<&(), &BoxError>| {
+            if r.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Dropped
+            }
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|_: ()| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Err::<(), _>(BoxError::from("upstream 503"))
+    }));
+    for _ in 0..4 {
+        let _ = svc.ready().await.unwrap().call(()).await;
+    }
+    assert_eq!(handle.limit(), 16, "two windows of drops: 20 -> 18 -> 16");
+}
+
+#[tokio::test(start_paused = true)]
+async fn handle_retunes_live() {
+    let layer = layer(10);
+    let handle = layer.handle();
+    handle.set_bounds(2, 4).unwrap();
+    assert_eq!(handle.limit(), 4);
+    let err = handle.set_bounds(5, 3).unwrap_err();
+    assert!(err.to_string().contains("min_limit"), "{err}");
+    assert!(handle.set_bounds(0, 3).is_err());
+    let err = handle
+        .set_algorithm(Aimd::new().backoff_ratio(2.0))
+        .unwrap_err();
+    assert!(err.to_string().contains("aimd.backoff_ratio"), "{err}");
+    handle.set_algorithm(Vegas::new()).unwrap();
+    let snapshot = handle.snapshot();
+    assert_eq!(
+        (snapshot.limit, snapshot.min_limit, snapshot.max_limit),
+        (4, 2, 4)
+    );
+    assert_eq!(snapshot.algorithm, "vegas");
+}
+
+#[test]
+fn bad_configuration_is_an_error_with_a_clear_message() {
+    fn msg<C, M, O, B>(
+        r: Result<AdaptiveConcurrencyLayer<C, M, O, B>, tower_backpressure::core::ConfigError>,
+    ) -> String {
+        match r {
+            Ok(_) => panic!("accepted a bad configuration"),
+            Err(e) => e.to_string(),
+        }
+    }
+    let b = AdaptiveConcurrencyLayer::builder;
+    assert_eq!(
+        msg(b().min_limit(10).max_limit(5).build()),
+        "invalid adaptive concurrency config: min_limit: must not exceed max_limit (10 > 5)"
+    );
+    assert!(msg(b().initial_limit(0).build()).contains("initial_limit: must be at least 1"));
+    assert!(msg(b().min_limit(0).build()).contains("min_limit: must be at least 1"));
+    assert!(
+        msg(b().initial_limit(50).max_limit(10).build()).contains("initial_limit: must be within")
+    );
+    assert!(msg(b().window(Duration::ZERO).build()).contains("window: must be positive"));
+    assert!(msg(b().min_samples(0).build()).contains("min_samples"));
+    assert!(msg(b().algorithm(Knee::new().gain(10.0)).build())
+        .contains("knee.gain: must be within [1, 4], got 10"));
+    assert!(
+        msg(b().algorithm(Gradient2::new().smoothing(0.0)).build()).contains("gradient2.smoothing")
+    );
+    assert!(msg(b().algorithm(Vegas::new().smoothing(2.0)).build()).contains("vegas.smoothing"));
+}
+
+#[cfg(feature = "http")]
+mod http_mode {
+    use super::*;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+    use http_body_util::BodyExt;
+
+    /// A body of `n` one-byte chunks.
+    #[derive(Default)]
+    struct Chunks(u8);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0 == 0
+        }
+    }
+
+    fn http_layer(
+        limit: usize,
+    ) -> AdaptiveConcurrencyLayer<
+        tower_backpressure::core::HttpStatus,
+        tower_backpressure::core::HttpMode,
+    > {
+        AdaptiveConcurrencyLayer::builder()
+            .initial_limit(limit)
+            .http()
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limit_plus_first_request_gets_503() {
+        let layer = http_layer(1);
+        let mut svc = layer.layer(service_fn(|_: ()| async {
+            Ok::<_, Infallible>(http::Response::new(Chunks(2)))
+        }));
+        let first = svc.ready().await.unwrap().call(()).await.unwrap();
+        // The body holds the permit until it is read to the end.
+        assert_eq!(layer.handle().in_flight(), 1);
+        let second = svc.ready().await.unwrap().call(()).await.unwrap();
+        assert_eq!(second.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        let bytes = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"xx");
+        assert_eq!(layer.handle().in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_half_read_body_releases_its_permit() {
+        let layer = http_layer(4);
+        let handle = layer.handle();
+        let mut svc = layer.layer(service_fn(|_: ()| async {
+            Ok::<_, Infallible>(http::Response::new(Chunks(3)))
+        }));
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(())
+            .await
+            .unwrap()
+            .into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"x"));
+        assert_eq!(handle.in_flight(), 1);
+        drop(body);
+        assert_eq!(handle.in_flight(), 0);
+    }
+
+    #[cfg(feature = "grpc")]
+    #[tokio::test(start_paused = true)]
+    async fn limit_plus_first_grpc_request_gets_unavailable() {
+        let layer = AdaptiveConcurrencyLayer::builder()
+            .initial_limit(1)
+            .grpc()
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(service_fn(|_: ()| async {
+            Ok::<_, Infallible>(http::Response::new(Chunks(1)))
+        }));
+        let _first = svc.ready().await.unwrap().call(()).await.unwrap();
+        let second = svc.ready().await.unwrap().call(()).await.unwrap();
+        assert_eq!(second.status(), http::StatusCode::OK);
+        assert_eq!(second.headers()["grpc-status"], "14");
+    }
+}
+
+/// Many tasks on two worker threads hammer one limiter: the inner service never sees more than the limit at once,
+/// and every permit comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_never_exceed_the_limit() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .initial_limit(4)
+        .max_limit(4)
+        .min_samples(1)
+        .window(Duration::from_nanos(1))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let svc = layer.layer(service_fn(move |_: u32| {
+        let (r, p) = (r.clone(), p.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut shed) = (0u32, 0u32);
+                for i in 0..2_000 {
+                    match svc.ready().await.unwrap().call(i).await {
+                        Ok(()) => ok += 1,
+                        Err(e) if e.is::<Overloaded>() => shed += 1,
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
+                }
+                (ok, shed)
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap().0;
+    }
+    assert!(admitted > 0);
+    assert!(
+        peak.load(Ordering::SeqCst) <= 4,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert_eq!(handle.in_flight(), 0);
+    assert!(handle.limit() <= 4 && handle.limit() >= 1);
+}
