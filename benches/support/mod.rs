@@ -15,6 +15,7 @@ use tower::limit::ConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 use tower::timeout::TimeoutLayer;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_backpressure::adaptive::{AdaptiveConcurrencyLayer, Aimd, Algorithm, Knee};
 use tower_backpressure::breaker::CircuitBreakerLayer;
 use tower_backpressure::pressure::{PressureLayer, RuntimeMonitor};
 use tower_backpressure::queue::QueueLayer;
@@ -39,13 +40,18 @@ pub(crate) mod name {
     pub(crate) const RATE: &str = "ours RateLimit (global)";
     pub(crate) const PRESSURE: &str = "ours Pressure (calm runtime)";
     pub(crate) const BREAKER: &str = "ours CircuitBreaker (closed)";
+    pub(crate) const ADAPTIVE: &str = "ours AdaptiveConcurrency (Knee, default)";
+    pub(crate) const ADAPTIVE_AIMD: &str = "ours AdaptiveConcurrency (AIMD)";
     pub(crate) const QUEUE: &str = "ours Queue (empty, fixed limit)";
+    pub(crate) const QUEUE_ADAPTIVE: &str = "ours Queue+AdaptiveConcurrency";
 
     /// Our layers, each alone: held to zero allocations and to tower's `ConcurrencyLimit` throughput.
-    pub(crate) const OURS: &[&str] = &[QUEUE, BREAKER, RATE, PRESSURE];
+    pub(crate) const OURS: &[&str] = &[ADAPTIVE, ADAPTIVE_AIMD, QUEUE, BREAKER, RATE, PRESSURE];
 
     /// The cost goals, "ours ≤ ratio × theirs" on the added ns per request of a single task.
     pub(crate) const COST_GOALS: &[(&str, &str, f64)] = &[
+        (ADAPTIVE, TOWER_SHED_LIMIT_TIMEOUT, 1.0),
+        (ADAPTIVE, TR_ADAPTIVE, 0.3),
         (BREAKER, FAILSAFE_BREAKER, 0.5),
         (BREAKER, TR_BREAKER, 0.15),
     ];
@@ -122,6 +128,18 @@ pub(crate) fn stacks(v: &mut impl Visit) {
     );
 
     v.stack(
+        name::ADAPTIVE,
+        ServiceBuilder::new()
+            .layer(adaptive(Knee::new()))
+            .service(backend()),
+    );
+    v.stack(
+        name::ADAPTIVE_AIMD,
+        ServiceBuilder::new()
+            .layer(adaptive(Aimd::new()))
+            .service(backend()),
+    );
+    v.stack(
         name::QUEUE,
         ServiceBuilder::new()
             .layer(
@@ -130,6 +148,20 @@ pub(crate) fn stacks(v: &mut impl Visit) {
                     .build()
                     .expect("queue config"),
             )
+            .service(backend()),
+    );
+    // The server stack's core: the queue admits below the limit the adaptive limiter publishes.
+    let limiter = adaptive(Knee::new());
+    v.stack(
+        name::QUEUE_ADAPTIVE,
+        ServiceBuilder::new()
+            .layer(
+                QueueLayer::builder()
+                    .limit(limiter.handle())
+                    .build()
+                    .expect("queue config"),
+            )
+            .layer(limiter)
             .service(backend()),
     );
     v.stack(
@@ -201,6 +233,17 @@ pub(crate) fn stacks(v: &mut impl Visit) {
             ))
             .service(backend()),
     );
+}
+
+/// Our adaptive limiter starting at the benchmark limit, so it never refuses; the algorithm still runs once per
+/// window as in production.
+fn adaptive(algorithm: impl Algorithm) -> AdaptiveConcurrencyLayer {
+    AdaptiveConcurrencyLayer::builder()
+        .initial_limit(LIMIT)
+        .max_limit(LIMIT)
+        .algorithm(algorithm)
+        .build()
+        .expect("adaptive config")
 }
 
 /// failsafe has no tower layer: this is the thinnest service that puts its futures-aware breaker around an inner
