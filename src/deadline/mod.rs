@@ -1,0 +1,5 @@
+//! Deadline propagation.
+
+pub mod codec;
+
+pub use crate::core::Deadline;
