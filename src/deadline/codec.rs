@@ -449,7 +449,7 @@ mod tests {
         }
 
         #[test]
-        fn encode_round_trips_within_one_unit_and_never_grows(nanos in any::<u64>(), secs in 0u64..(400_000_000_000)) {
+        fn encode_round_trips_within_one_unit_and_never_grows(nanos in any::<u64>(), secs in 0u64..400_000_000_000) {
             for timeout in [Duration::from_nanos(nanos), Duration::new(secs, (nanos % 1_000_000_000) as u32)] {
                 let encoded = encode_grpc_timeout(timeout);
                 prop_assert!(encoded.as_bytes().len() <= 9);
