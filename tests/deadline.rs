@@ -25,12 +25,16 @@ struct Seen {
 fn recording(
     seen: Arc<Seen>,
     work: Duration,
-) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send> + Clone {
+) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send> + Clone
+{
     service_fn(move |req: Request<String>| {
         let seen = seen.clone();
         async move {
             seen.calls.fetch_add(1, Ordering::SeqCst);
-            seen.deadlines.lock().unwrap().push((Deadline::of(&req), Deadline::current()));
+            seen.deadlines
+                .lock()
+                .unwrap()
+                .push((Deadline::of(&req), Deadline::current()));
             seen.headers.lock().unwrap().push(req.headers().clone());
             tokio::time::sleep(work).await;
             Ok::<_, Infallible>(Response::new(String::from("done")))
@@ -46,7 +50,10 @@ fn request(headers: &[(&str, &str)]) -> Request<String> {
     builder.body(String::new()).unwrap()
 }
 
-fn events() -> (Arc<Mutex<Vec<Event>>>, impl Fn(&Event) + Send + Sync + 'static) {
+fn events() -> (
+    Arc<Mutex<Vec<Event>>>,
+    impl Fn(&Event) + Send + Sync + 'static,
+) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
     (log, move |e: &Event| sink.lock().unwrap().push(*e))
@@ -56,19 +63,29 @@ fn events() -> (Arc<Mutex<Vec<Event>>>, impl Fn(&Event) + Send + Sync + 'static)
 async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
     let start = Instant::now();
     let seen = Arc::new(Seen::default());
-    let layer = DeadlineLayer::builder().max_timeout(Duration::from_secs(10)).build().unwrap();
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
 
     // Header smallest (grpc-timeout and the ms header: the smaller of the two).
     svc.clone()
-        .oneshot(request(&[("grpc-timeout", "3S"), ("x-request-timeout-ms", "2500")]))
+        .oneshot(request(&[
+            ("grpc-timeout", "3S"),
+            ("x-request-timeout-ms", "2500"),
+        ]))
         .await
         .unwrap();
     // Maximum smallest.
-    svc.clone().oneshot(request(&[("grpc-timeout", "1M")])).await.unwrap();
+    svc.clone()
+        .oneshot(request(&[("grpc-timeout", "1M")]))
+        .await
+        .unwrap();
     // Existing deadline smallest.
     let mut req = request(&[("x-request-timeout-ms", "5000")]);
-    req.extensions_mut().insert(Deadline::at(start + Duration::from_secs(1)));
+    req.extensions_mut()
+        .insert(Deadline::at(start + Duration::from_secs(1)));
     svc.clone().oneshot(req).await.unwrap();
     // An outer task-local scope counts too.
     Deadline::at(start + Duration::from_millis(700))
@@ -76,7 +93,8 @@ async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
         .await
         .unwrap();
 
-    let expected = [2500, 10_000, 1000, 700].map(|ms| Deadline::at(start + Duration::from_millis(ms)));
+    let expected =
+        [2500, 10_000, 1000, 700].map(|ms| Deadline::at(start + Duration::from_millis(ms)));
     let deadlines = seen.deadlines.lock().unwrap();
     assert_eq!(deadlines.len(), 4);
     for (seen, expected) in deadlines.iter().zip(expected) {
@@ -97,7 +115,10 @@ async fn no_deadline_anywhere_passes_through_untouched() {
     assert_eq!(response.into_body(), "done");
     assert_eq!(seen.deadlines.lock().unwrap()[0], (None, None));
     let snapshot = layer.handle().snapshot();
-    assert_eq!((snapshot.admitted, snapshot.rejected, snapshot.in_flight), (0, 0, 0));
+    assert_eq!(
+        (snapshot.admitted, snapshot.rejected, snapshot.in_flight),
+        (0, 0, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -127,11 +148,18 @@ async fn expired_or_too_short_budgets_are_rejected_before_the_inner_service_is_c
     assert_eq!(layer.handle().snapshot().rejected, 4);
     assert!(log.lock().unwrap().iter().all(|e| matches!(
         e,
-        Event::Rejected { layer: "deadline", reason: Reason::DeadlineExceeded, .. }
+        Event::Rejected {
+            layer: "deadline",
+            reason: Reason::DeadlineExceeded,
+            ..
+        }
     )));
 
     // Exactly the minimum budget is enough.
-    svc.clone().oneshot(request(&[("grpc-timeout", "50m")])).await.unwrap();
+    svc.clone()
+        .oneshot(request(&[("grpc-timeout", "50m")]))
+        .await
+        .unwrap();
     assert_eq!(seen.calls.load(Ordering::SeqCst), 1);
 
     // HTTP mode answers 504, still without calling the inner service.
@@ -157,7 +185,11 @@ impl Drop for DropCount {
 #[tokio::test(start_paused = true)]
 async fn expiry_mid_flight_answers_504_and_records_dropped() {
     let (log, observer) = events();
-    let layer = DeadlineLayer::builder().http().observer(observer).build().unwrap();
+    let layer = DeadlineLayer::builder()
+        .http()
+        .observer(observer)
+        .build()
+        .unwrap();
     let dropped = Arc::new(AtomicUsize::new(0));
     let counter = dropped.clone();
     let slow = service_fn(move |_req: Request<String>| {
@@ -169,13 +201,27 @@ async fn expiry_mid_flight_answers_504_and_records_dropped() {
         }
     });
     let start = Instant::now();
-    let response = layer.layer(slow).oneshot(request(&[("grpc-timeout", "1500m")])).await.unwrap();
+    let response = layer
+        .layer(slow)
+        .oneshot(request(&[("grpc-timeout", "1500m")]))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(start.elapsed(), Duration::from_millis(1500));
-    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the inner future is dropped at expiry");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the inner future is dropped at expiry"
+    );
 
     let log = log.lock().unwrap();
-    assert!(matches!(log[0], Event::Admitted { layer: "deadline", in_flight: 1 }));
+    assert!(matches!(
+        log[0],
+        Event::Admitted {
+            layer: "deadline",
+            in_flight: 1
+        }
+    ));
     match log[1] {
         Event::Completed {
             layer: "deadline",
@@ -205,7 +251,10 @@ async fn work_finishing_in_time_is_delivered_and_counted_a_success() {
     assert_eq!(response.into_body(), "done");
     assert!(matches!(
         log.lock().unwrap()[1],
-        Event::Completed { outcome: Outcome::Success, .. }
+        Event::Completed {
+            outcome: Outcome::Success,
+            ..
+        }
     ));
 }
 
@@ -242,7 +291,10 @@ const MALFORMED: [(&str, &str); 8] = [
 #[tokio::test(start_paused = true)]
 async fn malformed_headers_are_ignored_by_default() {
     let seen = Arc::new(Seen::default());
-    let layer = DeadlineLayer::builder().max_timeout(Duration::from_secs(5)).build().unwrap();
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
     let start = Instant::now();
     for header in MALFORMED {
@@ -250,22 +302,37 @@ async fn malformed_headers_are_ignored_by_default() {
     }
     // A valid header next to a malformed one still counts.
     svc.clone()
-        .oneshot(request(&[("grpc-timeout", "junk"), ("x-request-timeout-ms", "1000")]))
+        .oneshot(request(&[
+            ("grpc-timeout", "junk"),
+            ("x-request-timeout-ms", "1000"),
+        ]))
         .await
         .unwrap();
     let deadlines = seen.deadlines.lock().unwrap();
     let max = Deadline::at(start + Duration::from_secs(5));
-    assert!(deadlines[..MALFORMED.len()].iter().all(|d| *d == (Some(max), Some(max))));
+    assert!(deadlines[..MALFORMED.len()]
+        .iter()
+        .all(|d| *d == (Some(max), Some(max))));
     let one_second = Deadline::at(start + Duration::from_secs(1));
-    assert_eq!(deadlines[MALFORMED.len()], (Some(one_second), Some(one_second)));
-    assert_eq!(layer.handle().snapshot().invalid, MALFORMED.len() as u64 + 1);
+    assert_eq!(
+        deadlines[MALFORMED.len()],
+        (Some(one_second), Some(one_second))
+    );
+    assert_eq!(
+        layer.handle().snapshot().invalid,
+        MALFORMED.len() as u64 + 1
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn strict_mode_rejects_malformed_headers_in_every_mode() {
     let seen = Arc::new(Seen::default());
     let errors = DeadlineLayer::builder().strict(true).build().unwrap();
-    let http = DeadlineLayer::builder().strict(true).http().build().unwrap();
+    let http = DeadlineLayer::builder()
+        .strict(true)
+        .http()
+        .build()
+        .unwrap();
     for header in MALFORMED {
         let error: BoxError = errors
             .layer(recording(seen.clone(), Duration::ZERO))
@@ -282,7 +349,11 @@ async fn strict_mode_rejects_malformed_headers_in_every_mode() {
     }
     #[cfg(feature = "grpc")]
     {
-        let grpc = DeadlineLayer::builder().strict(true).grpc().build().unwrap();
+        let grpc = DeadlineLayer::builder()
+            .strict(true)
+            .grpc()
+            .build()
+            .unwrap();
         let response = grpc
             .layer(recording(seen.clone(), Duration::ZERO))
             .oneshot(request(&[("grpc-timeout", "9999999999n")]))
@@ -302,8 +373,14 @@ async fn strict_mode_rejects_malformed_headers_in_every_mode() {
 
 #[test]
 fn builders_validate() {
-    let zero = DeadlineLayer::builder().max_timeout(Duration::ZERO).build().unwrap_err();
-    assert_eq!(zero.to_string(), "invalid deadline config: max_timeout: must be greater than zero");
+    let zero = DeadlineLayer::builder()
+        .max_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        zero.to_string(),
+        "invalid deadline config: max_timeout: must be greater than zero"
+    );
     let inverted = DeadlineLayer::builder()
         .max_timeout(Duration::from_secs(1))
         .min_budget(Duration::from_secs(1))
@@ -311,11 +388,21 @@ fn builders_validate() {
         .unwrap_err();
     assert_eq!(inverted.field(), "min_budget");
     assert_eq!(
-        DeadlineLayer::builder().timeout_header("bad header").build().unwrap_err().field(),
+        DeadlineLayer::builder()
+            .timeout_header("bad header")
+            .build()
+            .unwrap_err()
+            .field(),
         "timeout_header"
     );
-    assert!(PropagateDeadlineLayer::builder().timeout_header("grpc-timeout").build().is_err());
-    assert!(PropagateDeadlineLayer::builder().timeout_header("X-Budget-Ms").build().is_ok());
+    assert!(PropagateDeadlineLayer::builder()
+        .timeout_header("grpc-timeout")
+        .build()
+        .is_err());
+    assert!(PropagateDeadlineLayer::builder()
+        .timeout_header("X-Budget-Ms")
+        .build()
+        .is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -329,11 +416,18 @@ async fn propagation_writes_the_budget_minus_the_margin() {
     let deadline = Deadline::after(Duration::from_secs(2));
 
     // From the task-local scope ...
-    deadline.scope(client.clone().oneshot(request(&[]))).await.unwrap();
+    deadline
+        .scope(client.clone().oneshot(request(&[])))
+        .await
+        .unwrap();
     // ... or from the request's extensions, which win.
     let mut req = request(&[]);
-    req.extensions_mut().insert(Deadline::after(Duration::from_millis(1500)));
-    Deadline::after(Duration::from_secs(9)).scope(client.clone().oneshot(req)).await.unwrap();
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_millis(1500)));
+    Deadline::after(Duration::from_secs(9))
+        .scope(client.clone().oneshot(req))
+        .await
+        .unwrap();
     // A caller's own smaller timeout is kept.
     deadline
         .scope(client.clone().oneshot(request(&[("grpc-timeout", "100m")])))
@@ -345,8 +439,12 @@ async fn propagation_writes_the_budget_minus_the_margin() {
     let headers = seen.headers.lock().unwrap();
     let written = |i: usize| {
         (
-            headers[i].get("grpc-timeout").map(|v| v.to_str().unwrap().to_owned()),
-            headers[i].get("x-request-timeout-ms").map(|v| v.to_str().unwrap().to_owned()),
+            headers[i]
+                .get("grpc-timeout")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            headers[i]
+                .get("x-request-timeout-ms")
+                .map(|v| v.to_str().unwrap().to_owned()),
         )
     };
     assert_eq!(written(0), (Some("1990000u".into()), Some("1990".into())));
@@ -354,7 +452,10 @@ async fn propagation_writes_the_budget_minus_the_margin() {
     assert_eq!(written(2), (Some("100m".into()), Some("1990".into())));
     assert_eq!(written(3), (None, None));
     // The inner client stack sees the deadline too (for shedding doomed calls).
-    assert_eq!(seen.deadlines.lock().unwrap()[0], (Some(deadline), Some(deadline)));
+    assert_eq!(
+        seen.deadlines.lock().unwrap()[0],
+        (Some(deadline), Some(deadline))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -368,9 +469,14 @@ async fn propagation_with_nothing_left_fails_at_once_and_sends_nothing() {
     let deadline = Deadline::after(Duration::from_millis(10));
     handle.allow(1);
     let mut client = layer.layer(&mut mock);
-    std::future::poll_fn(|cx| client.poll_ready(cx)).await.unwrap();
+    std::future::poll_fn(|cx| client.poll_ready(cx))
+        .await
+        .unwrap();
     // `call` reads the task-local deadline, so it must run inside the scope.
-    let response = deadline.scope(async { client.call(request(&[])).await }).await.unwrap();
+    let response = deadline
+        .scope(async { client.call(request(&[])).await })
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     drop(client);
     drop(mock);
@@ -381,7 +487,9 @@ async fn propagation_with_nothing_left_fails_at_once_and_sends_nothing() {
 #[tokio::test(start_paused = true)]
 async fn propagation_enforces_the_deadline_locally() {
     let layer = PropagateDeadlineLayer::builder().build().unwrap();
-    let hang = service_fn(|_req: Request<String>| std::future::pending::<Result<Response<String>, Infallible>>());
+    let hang = service_fn(|_req: Request<String>| {
+        std::future::pending::<Result<Response<String>, Infallible>>()
+    });
     let start = Instant::now();
     let error = Deadline::after(Duration::from_secs(3))
         .scope(layer.layer(hang).oneshot(request(&[])))

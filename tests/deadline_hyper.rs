@@ -38,7 +38,8 @@ type Log = Arc<Mutex<Vec<Arrival>>>;
 /// Sends one request over a fresh HTTP/1.1 connection and reads the whole body.
 async fn send(addr: SocketAddr, request: Request<String>) -> Result<Response<String>, BoxError> {
     let stream = TcpStream::connect(addr).await?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let response = sender.send_request(request).await?;
     let (parts, body) = response.into_parts();
@@ -49,16 +50,29 @@ async fn send(addr: SocketAddr, request: Request<String>) -> Result<Response<Str
 /// Starts hop `hop`: a hyper server whose stack is `DeadlineLayer` → handler. The handler logs what it received,
 /// spends `spend`, then calls `next` (if any) through `PropagateDeadlineLayer` with no explicit deadline: the
 /// task-local one is found on its own.
-async fn start_hop(hop: &'static str, spend: Duration, next: Option<SocketAddr>, log: Log) -> SocketAddr {
+async fn start_hop(
+    hop: &'static str,
+    spend: Duration,
+    next: Option<SocketAddr>,
+    log: Log,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = DeadlineLayer::builder().http().build().unwrap();
-    let client = PropagateDeadlineLayer::builder().margin(MARGIN).http().build().unwrap();
+    let client = PropagateDeadlineLayer::builder()
+        .margin(MARGIN)
+        .http()
+        .build()
+        .unwrap();
     let handler = service_fn(move |req: Request<Incoming>| {
         let log = log.clone();
         let client = client.clone();
         async move {
-            let header = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
             log.lock().unwrap().push(Arrival {
                 hop,
                 grpc_timeout: header("grpc-timeout"),
@@ -70,7 +84,11 @@ async fn start_hop(hop: &'static str, spend: Duration, next: Option<SocketAddr>,
                 return Ok::<_, Infallible>(Response::new(hop.to_owned()));
             };
             let request = Request::builder().uri("/").body(String::new()).unwrap();
-            let Ok(response) = client.layer(service_fn(move |r| send(next, r))).oneshot(request).await else {
+            let Ok(response) = client
+                .layer(service_fn(move |r| send(next, r)))
+                .oneshot(request)
+                .await
+            else {
                 let mut failed = Response::new(String::new());
                 *failed.status_mut() = StatusCode::BAD_GATEWAY;
                 return Ok(failed);
@@ -87,7 +105,8 @@ async fn start_hop(hop: &'static str, spend: Duration, next: Option<SocketAddr>,
             let (stream, _) = listener.accept().await.unwrap();
             let service = service.clone();
             tokio::spawn(async move {
-                let hyper_service = hyper::service::service_fn(move |req| service.clone().oneshot(req));
+                let hyper_service =
+                    hyper::service::service_fn(move |req| service.clone().oneshot(req));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), hyper_service)
                     .await;
@@ -109,7 +128,11 @@ async fn budget_shrinks_by_time_spent_and_margins_across_three_hops() {
     let b = start_hop("B", Duration::from_secs(4), Some(c), log.clone()).await;
     let a = start_hop("A", Duration::from_secs(7), Some(b), log.clone()).await;
 
-    let request = Request::builder().uri("/").header("grpc-timeout", "30S").body(String::new()).unwrap();
+    let request = Request::builder()
+        .uri("/")
+        .header("grpc-timeout", "30S")
+        .body(String::new())
+        .unwrap();
     let response = send(a, request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.into_body(), "A>B>C");
@@ -149,7 +172,11 @@ async fn a_hop_whose_budget_runs_out_answers_504_and_the_next_hop_is_never_calle
     let b = start_hop("B", Duration::from_secs(30), Some(c), log.clone()).await;
     let a = start_hop("A", Duration::from_secs(7), Some(b), log.clone()).await;
 
-    let request = Request::builder().uri("/").header("x-request-timeout-ms", "30000").body(String::new()).unwrap();
+    let request = Request::builder()
+        .uri("/")
+        .header("x-request-timeout-ms", "30000")
+        .body(String::new())
+        .unwrap();
     let response = send(a, request).await.unwrap();
     // B's outbound call finds nothing left and fails at once with 504, which B and then A pass on.
     let hops: Vec<_> = log.lock().unwrap().iter().map(|a| a.hop).collect();

@@ -175,8 +175,11 @@ impl GrpcTimeoutUnit {
 /// assert!(decode_grpc_timeout(b" 10S").is_err());
 /// ```
 pub fn decode_grpc_timeout(bytes: &[u8]) -> Result<Duration, InvalidTimeout> {
-    let (&letter, digits) = bytes.split_last().ok_or(InvalidTimeout::new(Problem::Empty))?;
-    let unit = GrpcTimeoutUnit::from_letter(letter).ok_or(InvalidTimeout::new(Problem::UnknownUnit))?;
+    let (&letter, digits) = bytes
+        .split_last()
+        .ok_or(InvalidTimeout::new(Problem::Empty))?;
+    let unit =
+        GrpcTimeoutUnit::from_letter(letter).ok_or(InvalidTimeout::new(Problem::UnknownUnit))?;
     if digits.is_empty() {
         return Err(InvalidTimeout::new(Problem::NoDigits));
     }
@@ -331,14 +334,25 @@ mod tests {
             (b"7n", Duration::from_nanos(7)),
         ];
         for (bytes, expected) in cases {
-            assert_eq!(decode_grpc_timeout(bytes), Ok(expected), "{}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                decode_grpc_timeout(bytes),
+                Ok(expected),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 
     #[test]
     fn eight_digits_is_the_limit() {
-        assert_eq!(decode_grpc_timeout(b"99999999S"), Ok(Duration::from_secs(99_999_999)));
-        assert_eq!(decode_grpc_timeout(b"00000001S"), Ok(Duration::from_secs(1)));
+        assert_eq!(
+            decode_grpc_timeout(b"99999999S"),
+            Ok(Duration::from_secs(99_999_999))
+        );
+        assert_eq!(
+            decode_grpc_timeout(b"00000001S"),
+            Ok(Duration::from_secs(1))
+        );
         assert_eq!(
             decode_grpc_timeout(b"99999999H"),
             Ok(Duration::from_secs(99_999_999 * 3600))
@@ -371,7 +385,11 @@ mod tests {
             b"0x10S",
             "１S".as_bytes(),
         ] {
-            assert!(decode_grpc_timeout(bad).is_err(), "{:?} accepted", String::from_utf8_lossy(bad));
+            assert!(
+                decode_grpc_timeout(bad).is_err(),
+                "{:?} accepted",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -394,7 +412,11 @@ mod tests {
             (Duration::MAX, "99999999H"),
         ];
         for (timeout, expected) in cases {
-            assert_eq!(encode_grpc_timeout(timeout).as_str(), expected, "{timeout:?}");
+            assert_eq!(
+                encode_grpc_timeout(timeout).as_str(),
+                expected,
+                "{timeout:?}"
+            );
         }
     }
 
@@ -413,13 +435,31 @@ mod tests {
     #[test]
     fn millisecond_header() {
         assert_eq!(decode_timeout_ms(b"0"), Ok(Duration::ZERO));
-        assert_eq!(decode_timeout_ms(b"18446744073709551615"), Ok(Duration::from_millis(u64::MAX)));
         assert_eq!(
-            decode_timeout_ms(b"18446744073709551616").unwrap_err().to_string(),
+            decode_timeout_ms(b"18446744073709551615"),
+            Ok(Duration::from_millis(u64::MAX))
+        );
+        assert_eq!(
+            decode_timeout_ms(b"18446744073709551616")
+                .unwrap_err()
+                .to_string(),
             "invalid timeout header: out of range"
         );
-        for bad in [&b""[..], b" 1", b"1 ", b"1ms", b"-1", b"+1", b"1e3", b"1_000"] {
-            assert!(decode_timeout_ms(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b""[..],
+            b" 1",
+            b"1 ",
+            b"1ms",
+            b"-1",
+            b"+1",
+            b"1e3",
+            b"1_000",
+        ] {
+            assert!(
+                decode_timeout_ms(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -108,7 +108,9 @@ where
         let output = match this.state.as_mut().project() {
             StateProj::Passthrough { inner, classify } => {
                 let result = ready!(inner.poll(cx));
-                classify.finish(result, None).map_err(|e| this.mode.inner_error(e))
+                classify
+                    .finish(result, None)
+                    .map_err(|e| this.mode.inner_error(e))
             }
             StateProj::Running {
                 inner,
@@ -116,12 +118,16 @@ where
                 permit,
                 classify,
             } => ready!(race(inner, sleep, permit, classify, this.mode, cx)),
-            StateProj::Rejected { rejection } => {
-                this.mode.reject(rejection.take().expect("ResponseFuture polled after completion"))
-            }
-            StateProj::Invalid { error } => {
-                this.mode.reject_invalid(error.take().expect("ResponseFuture polled after completion"))
-            }
+            StateProj::Rejected { rejection } => this.mode.reject(
+                rejection
+                    .take()
+                    .expect("ResponseFuture polled after completion"),
+            ),
+            StateProj::Invalid { error } => this.mode.reject_invalid(
+                error
+                    .take()
+                    .expect("ResponseFuture polled after completion"),
+            ),
             StateProj::Done => panic!("ResponseFuture polled after completion"),
         };
         // Drop the inner future and the timer now rather than whenever the caller drops us.
@@ -145,7 +151,11 @@ where
     M: RejectMode<C::Response, E>,
 {
     if let Poll::Ready(result) = inner.poll(cx) {
-        return Poll::Ready(classify.finish(result, permit.take()).map_err(|e| mode.inner_error(e)));
+        return Poll::Ready(
+            classify
+                .finish(result, permit.take())
+                .map_err(|e| mode.inner_error(e)),
+        );
     }
     ready!(sleep.poll(cx));
     if let Some(permit) = permit.take() {
@@ -163,7 +173,9 @@ impl<F, C, M> fmt::Debug for ResponseFuture<F, C, M> {
             State::Invalid { .. } => "invalid",
             State::Done => "done",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 
@@ -245,7 +257,9 @@ where
         let output = match this.state.as_mut().project() {
             PropagateStateProj::Passthrough { inner, classify } => {
                 let result = ready!(inner.poll(cx));
-                classify.finish(result, None).map_err(|e| this.mode.inner_error(e))
+                classify
+                    .finish(result, None)
+                    .map_err(|e| this.mode.inner_error(e))
             }
             PropagateStateProj::Running {
                 inner,
@@ -253,7 +267,9 @@ where
                 permit,
                 classify,
             } => ready!(race(inner, sleep, permit, classify, this.mode, cx)),
-            PropagateStateProj::Rejected => this.mode.reject(Rejection::new(Reason::DeadlineExceeded)),
+            PropagateStateProj::Rejected => {
+                this.mode.reject(Rejection::new(Reason::DeadlineExceeded))
+            }
             PropagateStateProj::Done => panic!("PropagateFuture polled after completion"),
         };
         this.state.set(PropagateState::Done);
@@ -269,6 +285,8 @@ impl<F, C, M> fmt::Debug for PropagateFuture<F, C, M> {
             PropagateState::Rejected => "rejected",
             PropagateState::Done => "done",
         };
-        f.debug_struct("PropagateFuture").field("state", &state).finish()
+        f.debug_struct("PropagateFuture")
+            .field("state", &state)
+            .finish()
     }
 }

@@ -32,10 +32,18 @@ pub(super) struct ClientConfig {
     pub(super) timeout_header: Option<HeaderName>,
 }
 
-fn header_name(layer: &'static str, name: Option<Cow<'static, str>>) -> Result<Option<HeaderName>, ConfigError> {
+fn header_name(
+    layer: &'static str,
+    name: Option<Cow<'static, str>>,
+) -> Result<Option<HeaderName>, ConfigError> {
     let Some(name) = name else { return Ok(None) };
-    let parsed = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| ConfigError::new(layer, "timeout_header", format!("not a valid header name: {name:?}")))?;
+    let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        ConfigError::new(
+            layer,
+            "timeout_header",
+            format!("not a valid header name: {name:?}"),
+        )
+    })?;
     if parsed == super::codec::GRPC_TIMEOUT_HEADER {
         return Err(ConfigError::new(
             layer,
@@ -92,7 +100,9 @@ impl<C: Clone, M: Clone, O> Clone for DeadlineLayer<C, M, O> {
 
 impl<C, M, O> fmt::Debug for DeadlineLayer<C, M, O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeadlineLayer").field("config", &self.shared.config).finish()
+        f.debug_struct("DeadlineLayer")
+            .field("config", &self.shared.config)
+            .finish()
     }
 }
 
@@ -100,7 +110,12 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for DeadlineLayer<C, M, O> {
     type Service = DeadlineService<S, C, M, O>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        DeadlineService::new(inner, self.shared.clone(), self.classify.clone(), self.mode.clone())
+        DeadlineService::new(
+            inner,
+            self.shared.clone(),
+            self.classify.clone(),
+            self.mode.clone(),
+        )
     }
 }
 
@@ -219,14 +234,18 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
     /// HTTP: classify by status, answer 504 (expired) and 400 (strict, malformed header).
     #[must_use]
     pub fn http(self) -> DeadlineLayerBuilder<crate::core::HttpStatus, crate::core::HttpMode, O> {
-        self.classifier(crate::core::HttpStatus::new()).reject_mode(crate::core::HttpMode)
+        self.classifier(crate::core::HttpStatus::new())
+            .reject_mode(crate::core::HttpMode)
     }
 
     /// gRPC: classify by `grpc-status`, answer trailers-only DEADLINE_EXCEEDED (4) and INVALID_ARGUMENT (3).
     #[cfg(feature = "grpc")]
     #[must_use]
-    pub fn grpc(self) -> DeadlineLayerBuilder<crate::core::GrpcClassifier, crate::core::GrpcMode, O> {
-        self.classifier(crate::core::GrpcClassifier::new()).reject_mode(crate::core::GrpcMode)
+    pub fn grpc(
+        self,
+    ) -> DeadlineLayerBuilder<crate::core::GrpcClassifier, crate::core::GrpcMode, O> {
+        self.classifier(crate::core::GrpcClassifier::new())
+            .reject_mode(crate::core::GrpcMode)
     }
 
     /// Checks the configuration: the maximum must be positive and larger than the minimum budget, and the header
@@ -238,13 +257,20 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
         const LAYER: &str = "deadline";
         if let Some(max) = self.max_timeout {
             if max.is_zero() {
-                return Err(ConfigError::new(LAYER, "max_timeout", "must be greater than zero"));
+                return Err(ConfigError::new(
+                    LAYER,
+                    "max_timeout",
+                    "must be greater than zero",
+                ));
             }
             if self.min_budget >= max {
                 return Err(ConfigError::new(
                     LAYER,
                     "min_budget",
-                    format!("must be less than max_timeout ({:?} >= {:?})", self.min_budget, max),
+                    format!(
+                        "must be less than max_timeout ({:?} >= {:?})",
+                        self.min_budget, max
+                    ),
                 ));
             }
         }
@@ -317,7 +343,12 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for PropagateDeadlineLayer<C, M, O> {
     type Service = PropagateDeadline<S, C, M, O>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        PropagateDeadline::new(inner, self.shared.clone(), self.classify.clone(), self.mode.clone())
+        PropagateDeadline::new(
+            inner,
+            self.shared.clone(),
+            self.classify.clone(),
+            self.mode.clone(),
+        )
     }
 }
 
@@ -412,15 +443,21 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
 
     /// HTTP: classify by status, answer 504 when the budget is spent.
     #[must_use]
-    pub fn http(self) -> PropagateDeadlineLayerBuilder<crate::core::HttpStatus, crate::core::HttpMode, O> {
-        self.classifier(crate::core::HttpStatus::new()).reject_mode(crate::core::HttpMode)
+    pub fn http(
+        self,
+    ) -> PropagateDeadlineLayerBuilder<crate::core::HttpStatus, crate::core::HttpMode, O> {
+        self.classifier(crate::core::HttpStatus::new())
+            .reject_mode(crate::core::HttpMode)
     }
 
     /// gRPC: classify by `grpc-status`, answer trailers-only DEADLINE_EXCEEDED when the budget is spent.
     #[cfg(feature = "grpc")]
     #[must_use]
-    pub fn grpc(self) -> PropagateDeadlineLayerBuilder<crate::core::GrpcClassifier, crate::core::GrpcMode, O> {
-        self.classifier(crate::core::GrpcClassifier::new()).reject_mode(crate::core::GrpcMode)
+    pub fn grpc(
+        self,
+    ) -> PropagateDeadlineLayerBuilder<crate::core::GrpcClassifier, crate::core::GrpcMode, O> {
+        self.classifier(crate::core::GrpcClassifier::new())
+            .reject_mode(crate::core::GrpcMode)
     }
 
     /// Checks the configuration (the header name).

@@ -36,12 +36,18 @@ impl<B: Default, E> RejectInvalid<http::Response<B>, E> for crate::core::GrpcMod
 
         let mut response = http::Response::new(B::default());
         let headers = response.headers_mut();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         headers.insert(
             "grpc-status",
             HeaderValue::from(crate::core::grpc::code::INVALID_ARGUMENT),
         );
-        headers.insert("grpc-message", HeaderValue::from_static("invalid grpc-timeout"));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("invalid grpc-timeout"),
+        );
         Ok(response)
     }
 }

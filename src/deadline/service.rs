@@ -30,7 +30,12 @@ pub struct DeadlineService<S, C, M, O> {
 }
 
 impl<S, C, M, O> DeadlineService<S, C, M, O> {
-    pub(super) fn new(inner: S, shared: Arc<Shared<ServerConfig, O>>, classify: C, mode: M) -> Self {
+    pub(super) fn new(
+        inner: S,
+        shared: Arc<Shared<ServerConfig, O>>,
+        classify: C,
+        mode: M,
+    ) -> Self {
         DeadlineService {
             inner,
             shared,
@@ -66,7 +71,10 @@ impl<S: fmt::Debug, C, M, O> fmt::Debug for DeadlineService<S, C, M, O> {
 }
 
 /// The smallest valid timeout among the configured headers, and the first malformed one.
-fn read_timeout(headers: &HeaderMap, config: &ServerConfig) -> (Option<Duration>, Option<InvalidTimeout>) {
+fn read_timeout(
+    headers: &HeaderMap,
+    config: &ServerConfig,
+) -> (Option<Duration>, Option<InvalidTimeout>) {
     let mut timeout: Option<Duration> = None;
     let mut invalid = None;
     let mut take = |name: &HeaderName, decode: fn(&[u8]) -> Result<Duration, InvalidTimeout>| {
@@ -108,7 +116,9 @@ where
     type Future = ResponseFuture<S::Future, C, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(|e| self.mode.inner_error(e))
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
@@ -122,19 +132,32 @@ where
         }
         let existing = Deadline::of(&request);
         let current = Deadline::current();
-        if header.is_none() && config.max_timeout.is_none() && existing.is_none() && current.is_none() {
-            return ResponseFuture::passthrough(self.inner.call(request), self.classify.clone(), self.mode.clone());
+        if header.is_none()
+            && config.max_timeout.is_none()
+            && existing.is_none()
+            && current.is_none()
+        {
+            return ResponseFuture::passthrough(
+                self.inner.call(request),
+                self.classify.clone(),
+                self.mode.clone(),
+            );
         }
 
         let now = Instant::now();
         // A budget too large to add to the clock is no constraint at all, not an error.
-        let after = |budget: Option<Duration>| budget.and_then(|b| now.checked_add(b)).map(Deadline::at);
+        let after =
+            |budget: Option<Duration>| budget.and_then(|b| now.checked_add(b)).map(Deadline::at);
         let deadline = [existing, current, after(header), after(config.max_timeout)]
             .into_iter()
             .flatten()
             .min();
         let Some(deadline) = deadline else {
-            return ResponseFuture::passthrough(self.inner.call(request), self.classify.clone(), self.mode.clone());
+            return ResponseFuture::passthrough(
+                self.inner.call(request),
+                self.classify.clone(),
+                self.mode.clone(),
+            );
         };
 
         let remaining = deadline.remaining_at(now);
@@ -166,7 +189,12 @@ pub struct PropagateDeadline<S, C, M, O> {
 }
 
 impl<S, C, M, O> PropagateDeadline<S, C, M, O> {
-    pub(super) fn new(inner: S, shared: Arc<Shared<ClientConfig, O>>, classify: C, mode: M) -> Self {
+    pub(super) fn new(
+        inner: S,
+        shared: Arc<Shared<ClientConfig, O>>,
+        classify: C,
+        mode: M,
+    ) -> Self {
         PropagateDeadline {
             inner,
             shared,
@@ -209,7 +237,10 @@ fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duratio
             .and_then(|v| decode_grpc_timeout(v.as_bytes()).ok())
             .is_some_and(|t| t <= budget);
         // Digits and a unit letter always make a valid header value.
-        if let (false, Ok(value)) = (smaller_set, HeaderValue::from_bytes(encode_grpc_timeout(budget).as_bytes())) {
+        if let (false, Ok(value)) = (
+            smaller_set,
+            HeaderValue::from_bytes(encode_grpc_timeout(budget).as_bytes()),
+        ) {
             headers.insert(GRPC_TIMEOUT.clone(), value);
         }
     }
@@ -236,15 +267,23 @@ where
     type Future = PropagateFuture<S::Future, C, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(|e| self.mode.inner_error(e))
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let Some(deadline) = Deadline::of(&request).or_else(Deadline::current) else {
-            return PropagateFuture::passthrough(self.inner.call(request), self.classify.clone(), self.mode.clone());
+            return PropagateFuture::passthrough(
+                self.inner.call(request),
+                self.classify.clone(),
+                self.mode.clone(),
+            );
         };
         let now = Instant::now();
-        let budget = deadline.remaining_at(now).saturating_sub(self.shared.config.margin);
+        let budget = deadline
+            .remaining_at(now)
+            .saturating_sub(self.shared.config.margin);
         if budget.is_zero() {
             self.shared.rejected();
             return PropagateFuture::rejected(self.mode.clone());

@@ -107,7 +107,9 @@ impl DeadlineHandle {
 
 impl fmt::Debug for DeadlineHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("DeadlineHandle").field(&self.snapshot()).finish()
+        f.debug_tuple("DeadlineHandle")
+            .field(&self.snapshot())
+            .finish()
     }
 }
 
