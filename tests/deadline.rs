@@ -107,11 +107,14 @@ async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
 async fn no_deadline_anywhere_passes_through_untouched() {
     let seen = Arc::new(Seen::default());
     let layer = DeadlineLayer::builder().build().unwrap();
-    let response = layer
-        .layer(recording(seen.clone(), Duration::from_secs(3600)))
-        .oneshot(request(&[]))
-        .await
-        .unwrap();
+    let mut svc = layer.layer(recording(seen.clone(), Duration::from_secs(3600)));
+    let future = svc.ready().await.unwrap().call(request(&[]));
+    // No timer was made for it (the timer lives only in the running state).
+    assert_eq!(
+        format!("{future:?}"),
+        r#"ResponseFuture { state: "passthrough" }"#
+    );
+    let response = future.await.unwrap();
     assert_eq!(response.into_body(), "done");
     assert_eq!(seen.deadlines.lock().unwrap()[0], (None, None));
     let snapshot = layer.handle().snapshot();
@@ -499,4 +502,19 @@ async fn propagation_enforces_the_deadline_locally() {
     // Enforced at the deadline itself: the margin only shortens what the next hop is told.
     assert_eq!(start.elapsed(), Duration::from_secs(3));
     assert_eq!(layer.handle().snapshot().dropped, 1);
+}
+
+#[cfg(feature = "grpc")]
+#[tokio::test(start_paused = true)]
+async fn grpc_propagation_with_nothing_left_answers_deadline_exceeded_without_calling() {
+    let seen = Arc::new(Seen::default());
+    let layer = PropagateDeadlineLayer::builder().grpc().build().unwrap();
+    let client = layer.layer(recording(seen.clone(), Duration::ZERO));
+    // 5 ms left, a 5 ms margin: nothing to pass on.
+    let response = Deadline::after(Duration::from_millis(5))
+        .scope(client.oneshot(request(&[])))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["grpc-status"], "4");
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
 }

@@ -39,6 +39,10 @@
 //!   [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
 //!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set), and enforces the
 //!   deadline locally. If nothing is left, the call fails at once with deadline-exceeded and nothing is sent.
+//!   The deadline is read in `call`: under [`Deadline::scope`], make the call inside the scoped future
+//!   (`oneshot`, or `call` in an `async` block), not before it. Over a tonic `Channel`, note that the channel
+//!   enforces the `grpc-timeout` it is given on its own and answers CANCELLED when it fires (at the deadline minus
+//!   the margin); the next hop's DEADLINE_EXCEEDED usually arrives first only if the margin covers the round trip.
 //!
 //! | refusal | [`ErrorMode`](crate::core::ErrorMode) | [`HttpMode`](crate::core::HttpMode) | `GrpcMode` |
 //! |---|---|---|---|
