@@ -4,3 +4,7 @@
 
 pub mod core;
 pub mod deadline;
+pub mod pressure;
+pub mod rate;
+#[cfg(feature = "sim")]
+pub mod sim;

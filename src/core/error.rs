@@ -80,7 +80,11 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// A configuration error for `field` of `layer`.
-    pub fn new(layer: &'static str, field: &'static str, problem: impl Into<Cow<'static, str>>) -> Self {
+    pub fn new(
+        layer: &'static str,
+        field: &'static str,
+        problem: impl Into<Cow<'static, str>>,
+    ) -> Self {
         ConfigError {
             layer,
             field,
@@ -101,7 +105,11 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid {} config: {}: {}", self.layer, self.field, self.problem)
+        write!(
+            f,
+            "invalid {} config: {}: {}",
+            self.layer, self.field, self.problem
+        )
     }
 }
 

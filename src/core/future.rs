@@ -85,7 +85,9 @@ where
                 )
             }
             StateProj::Rejected { rejection } => {
-                let rejection = rejection.take().expect("ResponseFuture polled after completion");
+                let rejection = rejection
+                    .take()
+                    .expect("ResponseFuture polled after completion");
                 Poll::Ready(this.mode.reject(rejection))
             }
         }
@@ -98,6 +100,8 @@ impl<F, C, M> fmt::Debug for ResponseFuture<F, C, M> {
             State::Admitted { .. } => "admitted",
             State::Rejected { .. } => "rejected",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }

@@ -7,7 +7,9 @@ use http::{HeaderMap, HeaderValue};
 use http_body::Body;
 
 use super::rejection::retry_after_millis;
-use super::{Classify, ClassifyEos, HttpStatus, Outcome, Permit, RejectMode, Rejection, TrackedBody};
+use super::{
+    Classify, ClassifyEos, HttpStatus, Outcome, Permit, RejectMode, Rejection, TrackedBody,
+};
 
 /// gRPC status codes, as numbers (`grpc-status` values).
 pub mod code {
@@ -71,7 +73,11 @@ pub struct GrpcClassifier {
 impl Default for GrpcClassifier {
     fn default() -> Self {
         let mut table = [Outcome::Success; 17];
-        for c in [code::UNAVAILABLE, code::RESOURCE_EXHAUSTED, code::DEADLINE_EXCEEDED] {
+        for c in [
+            code::UNAVAILABLE,
+            code::RESOURCE_EXHAUSTED,
+            code::DEADLINE_EXCEEDED,
+        ] {
             table[usize::from(c)] = Outcome::Dropped;
         }
         for c in [code::INTERNAL, code::UNKNOWN, code::DATA_LOSS] {
@@ -99,7 +105,10 @@ impl GrpcClassifier {
 
     /// The outcome for gRPC status `code`; codes outside 0..=16 are failures.
     pub fn outcome_for_code(&self, code: u16) -> Outcome {
-        self.table.get(usize::from(code)).copied().unwrap_or(Outcome::Failure)
+        self.table
+            .get(usize::from(code))
+            .copied()
+            .unwrap_or(Outcome::Failure)
     }
 
     /// The outcome for a `grpc-status` value in `headers`, or `None` when there is none.
@@ -122,7 +131,9 @@ fn parse_code(bytes: &[u8]) -> Option<u16> {
 
 impl fmt::Debug for GrpcClassifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GrpcClassifier").field("table", &self.table).finish()
+        f.debug_struct("GrpcClassifier")
+            .field("table", &self.table)
+            .finish()
     }
 }
 
@@ -187,10 +198,19 @@ impl<B: Default, E> RejectMode<http::Response<B>, E> for GrpcMode {
 pub fn grpc_rejection<B: Default>(rejection: Rejection) -> http::Response<B> {
     let mut response = http::Response::new(B::default());
     let headers = response.headers_mut();
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", HeaderValue::from(rejection.reason().grpc_code()));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(
+        "grpc-status",
+        HeaderValue::from(rejection.reason().grpc_code()),
+    );
     // Messages are fixed lowercase ASCII with spaces only: valid grpc-message without percent-encoding.
-    headers.insert("grpc-message", HeaderValue::from_static(rejection.reason().message()));
+    headers.insert(
+        "grpc-message",
+        HeaderValue::from_static(rejection.reason().message()),
+    );
     if let Some(ms) = rejection.retry_after().and_then(retry_after_millis) {
         headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
     }

@@ -88,7 +88,10 @@ impl<B: Body, T: ClassifyEos> Body for TrackedBody<B, T> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         let finished = match &frame {
@@ -96,7 +99,9 @@ impl<B: Body, T: ClassifyEos> Body for TrackedBody<B, T> {
                 if let (None, Some(trailers)) = (*this.outcome, frame.trailers_ref()) {
                     *this.outcome = Some(this.eos.classify_eos(Some(trailers)));
                 }
-                this.inner.is_end_stream().then(|| this.outcome.unwrap_or_else(|| this.eos.classify_eos(None)))
+                this.inner
+                    .is_end_stream()
+                    .then(|| this.outcome.unwrap_or_else(|| this.eos.classify_eos(None)))
             }
             Some(Err(_)) => Some(Outcome::Failure),
             None => Some(this.outcome.unwrap_or_else(|| this.eos.classify_eos(None))),
@@ -186,7 +191,9 @@ fn default_outcome(code: u16) -> Outcome {
 
 impl fmt::Debug for HttpStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpStatus").field("customised", &self.table.is_some()).finish()
+        f.debug_struct("HttpStatus")
+            .field("customised", &self.table.is_some())
+            .finish()
     }
 }
 
@@ -241,7 +248,9 @@ pub fn http_rejection<B: Default>(rejection: Rejection) -> http::Response<B> {
     let mut response = http::Response::new(B::default());
     *response.status_mut() = rejection.reason().http_status();
     if let Some(secs) = rejection.retry_after().and_then(retry_after_secs) {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     response
 }

@@ -14,6 +14,10 @@ use super::{Event, Observer};
 /// | `backpressure_queue_depth` | gauge | `layer` | queue depth changes |
 /// | `backpressure_queue_wait_seconds` | histogram | `layer` | time spent queued |
 /// | `backpressure_breaker_state` | gauge | `layer` | 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled, 5 metrics only |
+/// | `backpressure_runtime_lag_seconds` | histogram | `layer` | every runtime monitor sample |
+/// | `backpressure_runtime_alive_tasks` | gauge | `layer` | every runtime monitor sample |
+/// | `backpressure_runtime_global_queue_depth` | gauge | `layer` | every runtime monitor sample |
+/// | `backpressure_runtime_under_pressure` | gauge | `layer` | 1 while the runtime monitor reports pressure, else 0 |
 ///
 /// Label values are static strings: recording allocates nothing.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,10 +52,32 @@ impl Observer for MetricsObserver {
                 metrics::gauge!("backpressure_queue_depth", "layer" => layer).set(depth as f64);
             }
             Event::QueueWait { layer, wait } => {
-                metrics::histogram!("backpressure_queue_wait_seconds", "layer" => layer).record(wait.as_secs_f64());
+                metrics::histogram!("backpressure_queue_wait_seconds", "layer" => layer)
+                    .record(wait.as_secs_f64());
             }
             Event::BreakerState { layer, to, .. } => {
                 metrics::gauge!("backpressure_breaker_state", "layer" => layer).set(to.as_gauge());
+            }
+            Event::RuntimeLag {
+                layer,
+                lag,
+                alive_tasks,
+                global_queue_depth,
+            } => {
+                metrics::histogram!("backpressure_runtime_lag_seconds", "layer" => layer)
+                    .record(lag.as_secs_f64());
+                metrics::gauge!("backpressure_runtime_alive_tasks", "layer" => layer)
+                    .set(alive_tasks as f64);
+                metrics::gauge!("backpressure_runtime_global_queue_depth", "layer" => layer)
+                    .set(global_queue_depth as f64);
+            }
+            Event::PressureChanged {
+                layer,
+                under_pressure,
+                ..
+            } => {
+                metrics::gauge!("backpressure_runtime_under_pressure", "layer" => layer)
+                    .set(if under_pressure { 1.0 } else { 0.0 });
             }
         }
     }

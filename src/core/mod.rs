@@ -39,7 +39,9 @@ pub use self::limit::LimitSource;
 pub use self::observer::{CircuitState, Event, Observer, TracingObserver};
 pub use self::outcome::Outcome;
 pub use self::permit::{Permit, Release};
-pub use self::rejection::{retry_after_millis, retry_after_secs, ErrorMode, Reason, RejectMode, Rejection};
+pub use self::rejection::{
+    retry_after_millis, retry_after_secs, ErrorMode, Reason, RejectMode, Rejection,
+};
 
 #[cfg(feature = "grpc")]
 pub use self::grpc::{grpc_rejection, GrpcClassifier, GrpcMode};

@@ -117,6 +117,27 @@ pub enum Event {
         /// The state now.
         to: CircuitState,
     },
+    /// A runtime monitor took a sample: how late its probe ran, and the runtime's task figures.
+    RuntimeLag {
+        /// The layer kind.
+        layer: &'static str,
+        /// How much later than asked the probe task ran (scheduling delay, event-loop lag).
+        lag: Duration,
+        /// Tasks alive on the runtime.
+        alive_tasks: usize,
+        /// Tasks waiting in the runtime's global queue.
+        global_queue_depth: usize,
+    },
+    /// A runtime monitor entered or left the pressured state.
+    PressureChanged {
+        /// The layer kind.
+        layer: &'static str,
+        /// Whether the runtime is under pressure now.
+        under_pressure: bool,
+        /// The signal that tripped (entering) or recovered last (leaving): `"lag"`, `"alive_tasks"`, or the
+        /// name of a user probe.
+        signal: &'static str,
+    },
 }
 
 /// Receives the [`Event`]s of a layer.
@@ -153,8 +174,8 @@ impl<A: Observer, B: Observer> Observer for (A, B) {
     }
 }
 
-/// Emits every event as a structured `tracing` event (target `tower_backpressure`): rejections and breaker
-/// transitions at `INFO`, the rest at `DEBUG`/`TRACE`.
+/// Emits every event as a structured `tracing` event (target `tower_backpressure`): rejections, breaker
+/// transitions and runtime pressure changes at `INFO`, the rest at `DEBUG`/`TRACE`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TracingObserver;
 
@@ -205,6 +226,26 @@ impl Observer for TracingObserver {
                 to = to.as_str(),
                 "circuit breaker state changed"
             ),
+            Event::RuntimeLag {
+                layer,
+                lag,
+                alive_tasks,
+                global_queue_depth,
+            } => tracing::trace!(
+                target: T,
+                layer,
+                lag_us = lag.as_micros() as u64,
+                alive_tasks,
+                global_queue_depth,
+                "runtime lag"
+            ),
+            Event::PressureChanged {
+                layer,
+                under_pressure,
+                signal,
+            } => {
+                tracing::info!(target: T, layer, under_pressure, signal, "runtime pressure changed")
+            }
         }
     }
 }

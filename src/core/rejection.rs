@@ -129,7 +129,11 @@ pub fn retry_after_secs(retry_after: Duration) -> Option<u64> {
         return None;
     }
     let secs = retry_after.as_secs();
-    Some(if retry_after.subsec_nanos() > 0 { secs + 1 } else { secs })
+    Some(if retry_after.subsec_nanos() > 0 {
+        secs + 1
+    } else {
+        secs
+    })
 }
 
 /// Whole milliseconds for `grpc-retry-pushback-ms`, rounded up; `None` for zero.
@@ -138,7 +142,11 @@ pub fn retry_after_millis(retry_after: Duration) -> Option<u64> {
         return None;
     }
     let ms = retry_after.as_millis();
-    let ms = if retry_after.as_nanos() % 1_000_000 > 0 { ms + 1 } else { ms };
+    let ms = if retry_after.as_nanos() % 1_000_000 > 0 {
+        ms + 1
+    } else {
+        ms
+    };
     Some(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 

@@ -1,0 +1,350 @@
+//! The pressure state machine and the layer, fed synthetic samples in paused time.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::{service_fn, Layer, ServiceExt};
+
+use super::monitor::{Evaluator, Sample};
+use super::*;
+use crate::core::{error, BoxError, Classify, Event, Outcome, Permit, Release};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn lag(ms: u64) -> Sample {
+    Sample {
+        lag: MS * ms as u32,
+        workers: 1,
+        alive_tasks: 3,
+        global_queue_depth: 0,
+        probe: None,
+    }
+}
+
+fn feed(monitor: &RuntimeMonitor, eval: &mut Evaluator, sample: Sample) {
+    monitor.record(eval, &sample, Instant::now());
+}
+
+type Events = Arc<Mutex<Vec<Event>>>;
+
+fn recorder() -> (Events, impl Fn(&Event) + Clone + Send + Sync + 'static) {
+    let events: Events = Arc::default();
+    let sink = events.clone();
+    (events, move |e: &Event| sink.lock().unwrap().push(*e))
+}
+
+#[tokio::test(start_paused = true)]
+async fn layer_sheds_above_trip_and_recovers_below_recover_after_the_hold() {
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .min_recovery(100 * MS)
+        .build()
+        .unwrap();
+    let mut eval = monitor.evaluator();
+    let layer = PressureLayer::builder(&monitor)
+        .retry_after(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|n: u32| async move { Ok::<_, BoxError>(n) }));
+    let passes = |svc: &Pressure<_>| {
+        let svc = svc.clone();
+        async move {
+            match svc.oneshot(7).await {
+                Ok(7) => true,
+                Ok(other) => panic!("unexpected response {other}"),
+                Err(e) => {
+                    let shed = e
+                        .downcast_ref::<error::Overloaded>()
+                        .expect("an Overloaded error");
+                    assert_eq!(shed.retry_after(), Some(Duration::from_secs(3)));
+                    false
+                }
+            }
+        }
+    };
+
+    feed(&monitor, &mut eval, lag(50));
+    assert!(passes(&svc).await, "at trip is not above it");
+    feed(&monitor, &mut eval, lag(51));
+    assert!(!passes(&svc).await, "above trip: shed");
+    for _ in 0..5 {
+        tokio::time::advance(40 * MS).await;
+        feed(&monitor, &mut eval, lag(30));
+        assert!(!passes(&svc).await, "between recover and trip: still shed");
+    }
+    feed(&monitor, &mut eval, lag(10));
+    assert!(!passes(&svc).await, "calm, hold just started");
+    tokio::time::advance(60 * MS).await;
+    feed(&monitor, &mut eval, lag(10));
+    assert!(!passes(&svc).await, "60 ms of calm");
+    tokio::time::advance(40 * MS).await;
+    feed(&monitor, &mut eval, lag(10));
+    assert!(passes(&svc).await, "100 ms of calm: recovered");
+    feed(&monitor, &mut eval, lag(40));
+    assert!(
+        passes(&svc).await,
+        "between the thresholds from healthy: still admitted"
+    );
+
+    let snap = handle.snapshot();
+    assert_eq!((snap.admitted, snap.rejected, snap.in_flight), (3, 8, 0));
+    assert!(!snap.under_pressure);
+    assert_eq!(monitor.snapshot().trips, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bypassed_requests_pass_under_pressure() {
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .build()
+        .unwrap();
+    let mut eval = monitor.evaluator();
+    let layer = PressureLayer::builder(&monitor)
+        .bypass(|path: &&'static str| *path == "/health")
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|p: &'static str| async move {
+        Ok::<_, BoxError>(p.len())
+    }));
+
+    feed(&monitor, &mut eval, lag(80));
+    assert_eq!(svc.clone().oneshot("/health").await.unwrap(), 7);
+    assert!(svc.clone().oneshot("/work").await.is_err());
+    let snap = handle.snapshot();
+    assert_eq!((snap.admitted, snap.rejected, snap.bypassed), (0, 1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_signal_trips_and_events_name_it() {
+    let (events, observer) = recorder();
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .max_alive_tasks(100, 50)
+        .max_probe("memory", || 0, 1000, 500)
+        .observer(observer)
+        .build()
+        .unwrap();
+    let mut eval = monitor.evaluator();
+    let calm = lag(1);
+
+    feed(
+        &monitor,
+        &mut eval,
+        Sample {
+            alive_tasks: 101,
+            ..calm
+        },
+    );
+    assert!(monitor.is_under_pressure());
+    assert!(!monitor.is_lagging(), "tasks, not lag");
+    feed(
+        &monitor,
+        &mut eval,
+        Sample {
+            alive_tasks: 49,
+            ..calm
+        },
+    );
+    assert!(!monitor.is_under_pressure());
+
+    feed(
+        &monitor,
+        &mut eval,
+        Sample {
+            probe: Some(1001),
+            ..calm
+        },
+    );
+    assert!(monitor.is_under_pressure());
+    // Lag trips too; the pressure holds until both have recovered.
+    feed(
+        &monitor,
+        &mut eval,
+        Sample {
+            probe: Some(499),
+            ..lag(60)
+        },
+    );
+    assert!(monitor.is_lagging() && monitor.is_under_pressure());
+    feed(
+        &monitor,
+        &mut eval,
+        Sample {
+            probe: Some(499),
+            ..lag(5)
+        },
+    );
+    assert!(!monitor.is_under_pressure());
+
+    let transitions: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match *e {
+            Event::PressureChanged {
+                layer,
+                under_pressure,
+                signal,
+            } => Some((layer, under_pressure, signal)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        transitions,
+        [
+            ("pressure", true, "alive_tasks"),
+            ("pressure", false, "alive_tasks"),
+            ("pressure", true, "memory"),
+            ("pressure", false, "lag"),
+        ]
+    );
+    let lags = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::RuntimeLag {
+                    layer: "pressure",
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(lags, 5, "one RuntimeLag per sample");
+    let snap = monitor.snapshot();
+    assert_eq!((snap.trips, snap.samples, snap.probe), (2, 5, Some(499)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn snapshot_reports_window_max_and_percentiles() {
+    let monitor = RuntimeMonitor::builder().window(100).build().unwrap();
+    let mut eval = monitor.evaluator();
+    // 1..=100 ms in a shuffled order: the figures must not depend on it.
+    for i in 0..100u64 {
+        feed(&monitor, &mut eval, lag((i * 37) % 100 + 1));
+    }
+    let snap = monitor.snapshot();
+    assert_eq!(snap.window, 100);
+    assert_eq!(snap.max_lag, 100 * MS);
+    assert_eq!(snap.p50_lag, 50 * MS);
+    assert_eq!(snap.p99_lag, 99 * MS);
+    assert_eq!(snap.last_lag, MS * ((99 * 37) % 100 + 1));
+
+    // The window is bounded: older samples fall out.
+    for _ in 0..100 {
+        feed(&monitor, &mut eval, lag(2));
+    }
+    let snap = monitor.snapshot();
+    assert_eq!(
+        (snap.window, snap.max_lag, snap.p99_lag),
+        (100, 2 * MS, 2 * MS)
+    );
+    assert!(!snap.under_pressure, "no thresholds: never pressured");
+}
+
+#[tokio::test(start_paused = true)]
+async fn probe_samples_once_per_interval() {
+    let monitor = RuntimeMonitor::builder().interval(10 * MS).build().unwrap();
+    let guard = monitor.start().unwrap();
+    tokio::time::sleep(105 * MS).await;
+    let snap = monitor.snapshot();
+    assert_eq!(snap.samples, 10);
+    assert_eq!(snap.max_lag, Duration::ZERO, "paused time never runs late");
+    assert!(snap.running && snap.workers == 1 && snap.alive_tasks >= 1);
+    guard.stop().await;
+    assert!(!monitor.is_running());
+}
+
+#[derive(Default)]
+struct Outcomes(Mutex<Vec<Outcome>>);
+
+impl Release for Outcomes {
+    fn release(&self, outcome: Outcome, _latency: Duration, _tag: u64) {
+        self.0.lock().unwrap().push(outcome);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn lag_aware_turns_outcomes_during_lag_into_drops() {
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .build()
+        .unwrap();
+    let mut eval = monitor.evaluator();
+    let log = Arc::new(Outcomes::default());
+    let classify = LagAware::new(crate::core::AnyOk, &monitor);
+    let finish = |result: Result<u32, &'static str>| {
+        classify.finish(result, Some(Permit::new(log.clone(), 0)))
+    };
+
+    assert_eq!(finish(Ok(1)), Ok(1));
+    assert_eq!(finish(Err("boom")), Err("boom"));
+    feed(&monitor, &mut eval, lag(70));
+    assert_eq!(finish(Ok(2)), Ok(2), "the response passes unchanged");
+    assert_eq!(finish(Err("boom")), Err("boom"));
+    feed(&monitor, &mut eval, lag(5));
+    assert_eq!(finish(Ok(3)), Ok(3));
+    assert_eq!(
+        *log.0.lock().unwrap(),
+        [
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::Dropped,
+            Outcome::Dropped,
+            Outcome::Success
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn pressure_is_lag_aware_only_for_lag() {
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .max_alive_tasks(10, 5)
+        .build()
+        .unwrap();
+    let mut eval = monitor.evaluator();
+    feed(
+        &monitor,
+        &mut eval,
+        Sample {
+            alive_tasks: 20,
+            ..lag(1)
+        },
+    );
+    let log = Arc::new(Outcomes::default());
+    let classify = LagAware::new(crate::core::AnyOk, &monitor);
+    let _ = Classify::<u8, ()>::finish(&classify, Ok(1), Some(Permit::new(log.clone(), 0)));
+    assert_eq!(*log.0.lock().unwrap(), [Outcome::Success]);
+}
+
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn http_mode_answers_503_with_retry_after() {
+    use http_body_util::Empty;
+
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .build()
+        .unwrap();
+    let mut eval = monitor.evaluator();
+    let layer = PressureLayer::builder(&monitor)
+        .http()
+        .retry_after(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
+    }));
+    let ok = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+    assert_eq!(ok.status(), http::StatusCode::OK);
+    feed(&monitor, &mut eval, lag(90));
+    let shed = svc.oneshot(http::Request::new(())).await.unwrap();
+    assert_eq!(shed.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.headers()[http::header::RETRY_AFTER], "2");
+}

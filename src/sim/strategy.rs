@@ -1,0 +1,187 @@
+//! Protection strategies: named stacks the simulator puts between clients and backend.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use super::{Scenario, SimBody, SimResponseBody, SimService};
+use crate::core::BoxError;
+
+/// A function reading a live figure of a stack (its current limit, its queue depth).
+pub type Probe = Arc<dyn Fn() -> usize + Send + Sync>;
+
+/// Live figures a stack exposes to the simulator; they feed `mean_limit`, `max_queue_depth` and the time
+/// series. A figure without a probe is reported as `null`.
+#[derive(Clone, Default)]
+pub struct Probes {
+    /// The current concurrency limit.
+    pub limit: Option<Probe>,
+    /// The current depth of the stack's wait queue.
+    pub queue_depth: Option<Probe>,
+}
+
+impl Probes {
+    /// No probes.
+    pub fn none() -> Self {
+        Probes::default()
+    }
+
+    /// Reads the limit from `probe`.
+    #[must_use]
+    pub fn limit(mut self, probe: impl Fn() -> usize + Send + Sync + 'static) -> Self {
+        self.limit = Some(Arc::new(probe));
+        self
+    }
+
+    /// Reads the queue depth from `probe`.
+    #[must_use]
+    pub fn queue_depth(mut self, probe: impl Fn() -> usize + Send + Sync + 'static) -> Self {
+        self.queue_depth = Some(Arc::new(probe));
+        self
+    }
+}
+
+impl fmt::Debug for Probes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Probes")
+            .field("limit", &self.limit.is_some())
+            .field("queue_depth", &self.queue_depth.is_some())
+            .finish()
+    }
+}
+
+/// A stack under test: the service clients call (wrapping the backend) and its probes.
+#[derive(Debug)]
+pub struct Stack {
+    /// What clients call.
+    pub service: SimService,
+    /// Live figures of the stack.
+    pub probes: Probes,
+}
+
+impl Stack {
+    /// A stack without probes.
+    pub fn new(service: SimService) -> Self {
+        Stack {
+            service,
+            probes: Probes::none(),
+        }
+    }
+
+    /// Sets the probes.
+    #[must_use]
+    pub fn probes(mut self, probes: Probes) -> Self {
+        self.probes = probes;
+        self
+    }
+}
+
+/// Builds a stack around the backend for a scenario. It runs inside the simulation's runtime, so layers may read
+/// the (paused) clock and spawn tasks.
+pub type BuildStack = fn(backend: SimService, scenario: &Scenario) -> Stack;
+
+/// A named protection strategy.
+///
+/// A strategy is a name and a plain function building the stack from the backend and the scenario (the number
+/// of workers, say). The crate's own strategies are listed in [`STRATEGIES`]; adding one there takes a function
+/// and one line. Your own run the same way:
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_backpressure::sim::{self, Probes, Scenario, SimService, Stack, Strategy};
+///
+/// fn limit_per_worker(backend: SimService, scenario: &Scenario) -> Stack {
+///     let limit = scenario.backend.workers;
+///     let service = ServiceBuilder::new().load_shed().concurrency_limit(limit).service(backend);
+///     Stack::new(sim::boxed(service)).probes(Probes::none().limit(move || limit))
+/// }
+///
+/// let mine = Strategy { name: "limit-per-worker", about: "one request per worker", build: limit_per_worker };
+/// let mut scenario = Scenario::builtin().remove(0);
+/// for phase in &mut scenario.phases {
+///     phase.duration_s = 1.0; // a quick look
+/// }
+/// let report = sim::run(&scenario, &mine)?;
+/// assert_eq!(report.strategy, "limit-per-worker");
+/// assert_eq!(report.row("2x", "all").unwrap().mean_limit, Some(2.0));
+/// # Ok::<(), sim::ScenarioError>(())
+/// ```
+#[derive(Clone, Copy)]
+pub struct Strategy {
+    /// Name used on the command line and in reports.
+    pub name: &'static str,
+    /// One line on what sits between clients and backend.
+    pub about: &'static str,
+    /// Builds the stack.
+    pub build: BuildStack,
+}
+
+impl fmt::Debug for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Strategy")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Every strategy, in the order reports show them.
+pub const STRATEGIES: &[Strategy] = &[
+    Strategy {
+        name: "unprotected",
+        about: "nothing: every request reaches the backend's queue",
+        build: unprotected,
+    },
+    Strategy {
+        name: "static",
+        about: "tower's LoadShed + ConcurrencyLimit, limit = 2 x workers",
+        build: static_limit,
+    },
+];
+
+/// The strategy called `name`.
+pub fn strategy(name: &str) -> Option<&'static Strategy> {
+    STRATEGIES.iter().find(|s| s.name == name)
+}
+
+fn unprotected(backend: SimService, _scenario: &Scenario) -> Stack {
+    Stack::new(backend)
+}
+
+fn static_limit(backend: SimService, scenario: &Scenario) -> Stack {
+    let limit = 2 * scenario.backend.workers;
+    let service = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(limit)
+        .service(backend);
+    Stack::new(BoxCloneService::new(service)).probes(Probes::none().limit(move || limit))
+}
+
+/// Boxes any HTTP stack over the simulator's request type into a [`SimService`], boxing its response body.
+pub fn boxed<S, B>(service: S) -> SimService
+where
+    S: Service<Request<SimBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    BoxCloneService::new(
+        service
+            .map_response(|response: Response<B>| response.map(box_body))
+            .map_err(Into::into),
+    )
+}
+
+fn box_body<B>(body: B) -> SimResponseBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
