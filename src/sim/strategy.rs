@@ -142,6 +142,11 @@ pub const STRATEGIES: &[Strategy] = &[
         about: "tower's LoadShed + ConcurrencyLimit, limit = 2 x workers",
         build: static_limit,
     },
+    Strategy {
+        name: "deadline",
+        about: "DeadlineLayer alone (HTTP mode): reads grpc-timeout, refuses expired requests, cancels at expiry",
+        build: deadline,
+    },
 ];
 
 /// The strategy called `name`.
@@ -160,6 +165,14 @@ fn static_limit(backend: SimService, scenario: &Scenario) -> Stack {
         .concurrency_limit(limit)
         .service(backend);
     Stack::new(BoxCloneService::new(service)).probes(Probes::none().limit(move || limit))
+}
+
+fn deadline(backend: SimService, _scenario: &Scenario) -> Stack {
+    let layer = crate::deadline::DeadlineLayer::builder()
+        .http()
+        .build()
+        .expect("the default deadline configuration is valid");
+    Stack::new(boxed(ServiceBuilder::new().layer(layer).service(backend)))
 }
 
 /// Boxes any HTTP stack over the simulator's request type into a [`SimService`], boxing its response body.
