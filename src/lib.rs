@@ -5,6 +5,7 @@
 pub mod adaptive;
 pub mod breaker;
 pub mod core;
+pub mod deadline;
 pub mod pressure;
 pub mod queue;
 pub mod rate;

@@ -40,13 +40,26 @@ pub(crate) mod name {
     pub(crate) const RATE: &str = "ours RateLimit (global)";
     pub(crate) const PRESSURE: &str = "ours Pressure (calm runtime)";
     pub(crate) const BREAKER: &str = "ours CircuitBreaker (closed)";
+    pub(crate) const DEADLINE: &str = "ours Deadline (server, max 30 s)";
+    pub(crate) const PROPAGATE: &str = "ours PropagateDeadline (no deadline set)";
+    pub(crate) const SERVER: &str = "ours server stack: Deadline+Queue+Adaptive";
+    pub(crate) const CLIENT: &str = "ours client stack: PropagateDeadline+Breaker+Adaptive";
     pub(crate) const ADAPTIVE: &str = "ours AdaptiveConcurrency (Knee, default)";
     pub(crate) const ADAPTIVE_AIMD: &str = "ours AdaptiveConcurrency (AIMD)";
     pub(crate) const QUEUE: &str = "ours Queue (empty, fixed limit)";
     pub(crate) const QUEUE_ADAPTIVE: &str = "ours Queue+AdaptiveConcurrency";
 
     /// Our layers, each alone: held to zero allocations and to tower's `ConcurrencyLimit` throughput.
-    pub(crate) const OURS: &[&str] = &[ADAPTIVE, ADAPTIVE_AIMD, QUEUE, BREAKER, RATE, PRESSURE];
+    pub(crate) const OURS: &[&str] = &[
+        ADAPTIVE,
+        ADAPTIVE_AIMD,
+        QUEUE,
+        BREAKER,
+        DEADLINE,
+        PROPAGATE,
+        RATE,
+        PRESSURE,
+    ];
 
     /// The cost goals, "ours ≤ ratio × theirs" on the added ns per request of a single task.
     pub(crate) const COST_GOALS: &[(&str, &str, f64)] = &[
@@ -54,6 +67,7 @@ pub(crate) mod name {
         (ADAPTIVE, TR_ADAPTIVE, 0.3),
         (BREAKER, FAILSAFE_BREAKER, 0.5),
         (BREAKER, TR_BREAKER, 0.15),
+        (SERVER, TOWER_SHED_LIMIT_TIMEOUT, 2.0),
     ];
 }
 
@@ -174,6 +188,8 @@ pub(crate) fn stacks(v: &mut impl Visit) {
             )
             .service(backend()),
     );
+    #[cfg(feature = "http")]
+    deadline_stacks(v);
     v.stack(
         name::RATE,
         ServiceBuilder::new()
@@ -231,6 +247,66 @@ pub(crate) fn stacks(v: &mut impl Visit) {
                     .build()
                     .expect("aimd config"),
             ))
+            .service(backend()),
+    );
+}
+
+/// The stacks with deadlines, which read and write HTTP headers (feature `http`).
+#[cfg(feature = "http")]
+fn deadline_stacks(v: &mut impl Visit) {
+    use tower_backpressure::deadline::{DeadlineLayer, PropagateDeadlineLayer};
+
+    let server_deadline = || {
+        DeadlineLayer::builder()
+            .max_timeout(TIMEOUT)
+            .build()
+            .expect("deadline config")
+    };
+    v.stack(
+        name::DEADLINE,
+        ServiceBuilder::new()
+            .layer(server_deadline())
+            .service(backend()),
+    );
+    v.stack(
+        name::PROPAGATE,
+        ServiceBuilder::new()
+            .layer(
+                PropagateDeadlineLayer::builder()
+                    .build()
+                    .expect("propagate config"),
+            )
+            .service(backend()),
+    );
+
+    let limiter = adaptive(Knee::new());
+    v.stack(
+        name::SERVER,
+        ServiceBuilder::new()
+            .layer(server_deadline())
+            .layer(
+                QueueLayer::builder()
+                    .limit(limiter.handle())
+                    .build()
+                    .expect("queue config"),
+            )
+            .layer(limiter)
+            .service(backend()),
+    );
+    v.stack(
+        name::CLIENT,
+        ServiceBuilder::new()
+            .layer(
+                PropagateDeadlineLayer::builder()
+                    .build()
+                    .expect("propagate config"),
+            )
+            .layer(
+                CircuitBreakerLayer::builder()
+                    .build()
+                    .expect("breaker config"),
+            )
+            .layer(adaptive(Knee::new()))
             .service(backend()),
     );
 }

@@ -174,6 +174,11 @@ pub const STRATEGIES: &[Strategy] = &[
         about: "adaptive concurrency limit alone, its default algorithm (Knee)",
         build: adaptive,
     },
+    Strategy {
+        name: "deadline",
+        about: "DeadlineLayer alone (HTTP mode): reads grpc-timeout, refuses expired requests, cancels at expiry",
+        build: deadline,
+    },
 ];
 
 /// The strategy called `name`.
@@ -243,6 +248,14 @@ fn gradient2(backend: SimService, _scenario: &Scenario) -> Stack {
 
 fn adaptive(backend: SimService, _scenario: &Scenario) -> Stack {
     limiter_alone(backend, Knee::new())
+}
+
+fn deadline(backend: SimService, _scenario: &Scenario) -> Stack {
+    let layer = crate::deadline::DeadlineLayer::builder()
+        .http()
+        .build()
+        .expect("the default deadline configuration is valid");
+    Stack::new(boxed(ServiceBuilder::new().layer(layer).service(backend)))
 }
 
 /// Boxes any HTTP stack over the simulator's request type into a [`SimService`], boxing its response body.
