@@ -27,7 +27,8 @@ pub(crate) type Req = http::Request<()>;
 /// The response of the inner service.
 pub(crate) type Res = http::Response<()>;
 
-/// Names of the stacks the goals of docs/PERFORMANCE.md refer to.
+/// Names of the stacks the goals of docs/PERFORMANCE.md refer to. Criterion turns `:` and a few other characters
+/// into `_` in its directory names, which `overhead`'s tables read back: keep names free of them.
 pub(crate) mod name {
     pub(crate) const BARE: &str = "bare service_fn";
     pub(crate) const TOWER_LIMIT: &str = "tower ConcurrencyLimit";
@@ -42,8 +43,8 @@ pub(crate) mod name {
     pub(crate) const BREAKER: &str = "ours CircuitBreaker (closed)";
     pub(crate) const DEADLINE: &str = "ours Deadline (server, max 30 s)";
     pub(crate) const PROPAGATE: &str = "ours PropagateDeadline (no deadline set)";
-    pub(crate) const SERVER: &str = "ours server stack: Deadline+Queue+Adaptive";
-    pub(crate) const CLIENT: &str = "ours client stack: PropagateDeadline+Breaker+Adaptive";
+    pub(crate) const SERVER: &str = "ours server stack (Deadline+Queue+Adaptive)";
+    pub(crate) const CLIENT: &str = "ours client stack (PropagateDeadline+Breaker+Adaptive)";
     pub(crate) const ADAPTIVE: &str = "ours AdaptiveConcurrency (Knee, default)";
     pub(crate) const ADAPTIVE_AIMD: &str = "ours AdaptiveConcurrency (AIMD)";
     pub(crate) const QUEUE: &str = "ours Queue (empty, fixed limit)";
