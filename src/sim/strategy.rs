@@ -144,8 +144,13 @@ pub const STRATEGIES: &[Strategy] = &[
         build: static_limit,
     },
     Strategy {
+        name: "default",
+        about: "recommended server stack: deadline -> queue shedder (CoDel, LIFO, priorities) -> adaptive limit",
+        build: default_stack,
+    },
+    Strategy {
         name: "breaker",
-        about: "circuit breaker with its defaults, HTTP mode",
+        about: "recommended client stack: deadline propagation -> circuit breaker -> adaptive limit",
         build: breaker,
     },
     Strategy {
@@ -199,12 +204,60 @@ fn static_limit(backend: SimService, scenario: &Scenario) -> Stack {
     Stack::new(BoxCloneService::new(service)).probes(Probes::none().limit(move || limit))
 }
 
+/// The recommended client stack for calling a dependency: deadline propagation, then the circuit breaker, then
+/// the adaptive limiter, all in HTTP mode with their defaults.
 fn breaker(backend: SimService, _scenario: &Scenario) -> Stack {
-    let layer = crate::breaker::CircuitBreakerLayer::builder()
+    let propagate = crate::deadline::PropagateDeadlineLayer::builder()
+        .http()
+        .build()
+        .expect("the default propagation configuration is valid");
+    let breaker = crate::breaker::CircuitBreakerLayer::builder()
         .http()
         .build()
         .expect("the breaker's defaults are valid");
-    Stack::new(boxed(tower_layer::Layer::layer(&layer, backend)))
+    let limiter = AdaptiveConcurrencyLayer::builder()
+        .http()
+        .build()
+        .expect("the limiter's defaults are valid");
+    let limit = limiter.handle();
+    let service = ServiceBuilder::new()
+        .layer(propagate)
+        .layer(breaker)
+        .layer(limiter)
+        .service(backend);
+    Stack::new(boxed(service)).probes(Probes::none().limit(move || limit.limit()))
+}
+
+/// The recommended server stack: the deadline layer outermost (so queueing time counts), then the queue shedder
+/// (CoDel, adaptive LIFO, priorities from the simulator's `x-priority` header) in front of the adaptive limiter's
+/// live limit, then the limiter itself; all in HTTP mode with their defaults.
+fn default_stack(backend: SimService, _scenario: &Scenario) -> Stack {
+    let deadline = crate::deadline::DeadlineLayer::builder()
+        .http()
+        .build()
+        .expect("the default deadline configuration is valid");
+    let limiter = AdaptiveConcurrencyLayer::builder()
+        .http()
+        .build()
+        .expect("the limiter's defaults are valid");
+    let limit = limiter.handle();
+    let queue = crate::queue::QueueLayer::builder()
+        .limit(limit.clone())
+        .prioritize(crate::queue::HeaderPriority::default())
+        .http()
+        .build()
+        .expect("the queue's defaults are valid");
+    let depth = queue.handle();
+    let service = ServiceBuilder::new()
+        .layer(deadline)
+        .layer(queue)
+        .layer(limiter)
+        .service(backend);
+    Stack::new(boxed(service)).probes(
+        Probes::none()
+            .limit(move || limit.limit())
+            .queue_depth(move || depth.snapshot().depth),
+    )
 }
 
 fn queue(backend: SimService, scenario: &Scenario) -> Stack {
