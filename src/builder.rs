@@ -90,6 +90,7 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
 
     /// Adds a [`QueueLayer`]; give it an [`AdaptiveHandle`](crate::adaptive::AdaptiveHandle) as its limit to
     /// queue in front of an adaptive limit.
+    #[allow(clippy::type_complexity)]
     fn queue<S, C, M, O, P>(
         self,
         layer: QueueLayer<S, C, M, O, P>,
@@ -138,6 +139,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(layer)
     }
 
+    #[allow(clippy::type_complexity)]
     fn queue<S, C, M, O, P>(
         self,
         layer: QueueLayer<S, C, M, O, P>,

@@ -132,7 +132,10 @@ fn small() -> Config {
 async fn idle_server_answers_200() {
     let server = start(small(), Backend::sleeping(2, Duration::ZERO)).await;
     let work = get(server.addr, "/work").await.unwrap();
-    assert_eq!((work.status, work.body.as_str()), (StatusCode::OK, "done\n"));
+    assert_eq!(
+        (work.status, work.body.as_str()),
+        (StatusCode::OK, "done\n")
+    );
     assert_eq!(work.retry_after, None);
     let health = get(server.addr, "/health").await.unwrap();
     assert_eq!(health.status, StatusCode::OK);
@@ -197,7 +200,11 @@ async fn metrics_serves_the_documented_names() {
         "backpressure_limit",
         "backpressure_rejections_total",
     ] {
-        assert!(scrape.body.contains(name), "{name} missing from:\n{}", scrape.body);
+        assert!(
+            scrape.body.contains(name),
+            "{name} missing from:\n{}",
+            scrape.body
+        );
     }
     assert!(
         scrape
@@ -236,7 +243,10 @@ async fn graceful_shutdown_finishes_requests_in_flight_and_refuses_new_ones() {
 
     gate.release.add_permits(1);
     let answer = in_flight.await.unwrap();
-    assert_eq!((answer.status, answer.body.as_str()), (StatusCode::OK, "done\n"));
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (StatusCode::OK, "done\n")
+    );
     assert_eq!(server.task.await.unwrap().unwrap(), Stopped::Drained);
 }
 
@@ -253,9 +263,6 @@ async fn shutdown_gives_up_on_requests_in_flight_after_the_drain_period() {
     gate.wait_entered(1).await;
 
     server.shutdown.send(()).unwrap();
-    assert_eq!(
-        server.task.await.unwrap().unwrap(),
-        Stopped::DrainTimedOut
-    );
+    assert_eq!(server.task.await.unwrap().unwrap(), Stopped::DrainTimedOut);
     stuck.abort();
 }
