@@ -1,49 +1,4 @@
 //! [`ServiceBuilderExt`]: the crate's layers as methods on `tower::ServiceBuilder`.
-//!
-//! Every layer here is configured by a builder whose `build()` returns a `Result` (configuration is checked, never
-//! a panic), so the methods take a **built** layer: build each one, keep its handle if you need it, then stack.
-//! Layers wrap in the order they are written, the first outermost, exactly as with `ServiceBuilder::layer`.
-//!
-//! # Example
-//!
-//! The recommended server stack, `Deadline → RateLimit → Queue(adaptive limit) → AdaptiveConcurrency → handler`,
-//! in HTTP mode:
-//!
-//! ```
-//! # #[cfg(feature = "http")] {
-//! use std::convert::Infallible;
-//! use std::time::Duration;
-//! use http::{Request, Response, StatusCode};
-//! use tower::{service_fn, ServiceBuilder, ServiceExt};
-//! use tower_backpressure::adaptive::AdaptiveConcurrencyLayer;
-//! use tower_backpressure::deadline::DeadlineLayer;
-//! use tower_backpressure::queue::QueueLayer;
-//! use tower_backpressure::rate::RateLimitLayer;
-//! use tower_backpressure::ServiceBuilderExt;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let deadline = DeadlineLayer::builder().max_timeout(Duration::from_secs(10)).http().build()?;
-//! let rate = RateLimitLayer::builder().rate(1_000, Duration::from_secs(1)).http().build()?;
-//! let adaptive = AdaptiveConcurrencyLayer::builder().max_limit(200).http().build()?;
-//! // The queue admits up to the limit the adaptive limiter has learned, and lets a few more wait.
-//! let queue = QueueLayer::builder().limit(adaptive.handle()).max_depth(32).http().build()?;
-//!
-//! let svc = ServiceBuilder::new()
-//!     .deadline(deadline)
-//!     .rate_limiter(rate)
-//!     .queue(queue)
-//!     .adaptive_concurrency(adaptive)
-//!     .service(service_fn(|_req: Request<String>| async {
-//!         Ok::<_, Infallible>(Response::new("hello".to_owned()))
-//!     }));
-//!
-//! let response = svc.oneshot(Request::new(String::new())).await?;
-//! assert_eq!(response.status(), StatusCode::OK);
-//! # Ok(())
-//! # }
-//! # }
-//! ```
 
 use tower::ServiceBuilder;
 use tower_layer::Stack;
@@ -64,8 +19,50 @@ mod sealed {
 
 /// The crate's layers as `ServiceBuilder` methods. Sealed: implemented for `tower::ServiceBuilder` only.
 ///
-/// Each method takes a layer built with its builder and adds it below the layers already on the builder (it
-/// wraps everything added after it). See the [module docs](self) for the recommended stacks.
+/// Every layer here is configured by a builder whose `build()` returns a `Result` (configuration is checked, never
+/// a panic), so the methods take a **built** layer: build each one, keep its handle if you need it, then stack.
+/// Layers wrap in the order they are written, the first outermost, exactly as with `ServiceBuilder::layer`.
+///
+/// # Example
+///
+/// The recommended server stack, `Deadline → RateLimit → Queue(adaptive limit) → AdaptiveConcurrency → handler`,
+/// in HTTP mode:
+///
+/// ```
+/// # #[cfg(feature = "http")] {
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+/// use http::{Request, Response, StatusCode};
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+/// use tower_backpressure::adaptive::AdaptiveConcurrencyLayer;
+/// use tower_backpressure::deadline::DeadlineLayer;
+/// use tower_backpressure::queue::QueueLayer;
+/// use tower_backpressure::rate::RateLimitLayer;
+/// use tower_backpressure::ServiceBuilderExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let deadline = DeadlineLayer::builder().max_timeout(Duration::from_secs(10)).http().build()?;
+/// let rate = RateLimitLayer::builder().rate(1_000, Duration::from_secs(1)).http().build()?;
+/// let adaptive = AdaptiveConcurrencyLayer::builder().max_limit(200).http().build()?;
+/// // The queue admits up to the limit the adaptive limiter has learned, and lets a few more wait.
+/// let queue = QueueLayer::builder().limit(adaptive.handle()).max_depth(32).http().build()?;
+///
+/// let svc = ServiceBuilder::new()
+///     .deadline(deadline)
+///     .rate_limiter(rate)
+///     .queue(queue)
+///     .adaptive_concurrency(adaptive)
+///     .service(service_fn(|_req: Request<String>| async {
+///         Ok::<_, Infallible>(Response::new("hello".to_owned()))
+///     }));
+///
+/// let response = svc.oneshot(Request::new(String::new())).await?;
+/// assert_eq!(response.status(), StatusCode::OK);
+/// # Ok(())
+/// # }
+/// # }
+/// ```
 pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
     #[cfg(feature = "http")]
     /// Adds a server-side [`DeadlineLayer`]: put it first, so time spent queued below counts against the budget.
