@@ -4,6 +4,7 @@
 
 pub mod adaptive;
 pub mod breaker;
+mod builder;
 pub mod core;
 pub mod deadline;
 pub mod pressure;
@@ -11,3 +12,5 @@ pub mod queue;
 pub mod rate;
 #[cfg(feature = "sim")]
 pub mod sim;
+
+pub use builder::ServiceBuilderExt;
