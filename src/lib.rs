@@ -5,6 +5,7 @@
 pub mod adaptive;
 pub mod core;
 pub mod pressure;
+pub mod queue;
 pub mod rate;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -30,7 +30,8 @@ pub trait Release: Send + Sync + 'static {
 /// `Arc` the layer already holds.
 pub struct Permit {
     owner: Option<Arc<dyn Release>>,
-    admitted_at: Instant,
+    /// `None` for an untimed permit.
+    admitted_at: Option<Instant>,
     tag: u64,
 }
 
@@ -45,14 +46,25 @@ impl Permit {
     pub fn admitted_at(owner: Arc<dyn Release>, tag: u64, admitted_at: Instant) -> Self {
         Permit {
             owner: Some(owner),
-            admitted_at,
+            admitted_at: Some(admitted_at),
             tag,
         }
     }
 
-    /// When the request was admitted.
+    /// Like [`Permit::new`] without reading the clock, for owners and observers that need no latency: neither
+    /// creating nor finishing it reads the clock, and [`Release::release`] is told a latency of zero. A clock
+    /// read costs from ~30 ns to ~100 ns depending on the machine, more than the rest of a lock-free admission.
+    pub fn untimed(owner: Arc<dyn Release>, tag: u64) -> Self {
+        Permit {
+            owner: Some(owner),
+            admitted_at: None,
+            tag,
+        }
+    }
+
+    /// When the request was admitted (for an untimed permit, which never read the clock: now).
     pub fn admission(&self) -> Instant {
-        self.admitted_at
+        self.admitted_at.unwrap_or_else(Instant::now)
     }
 
     /// The tag given at admission.
@@ -67,7 +79,8 @@ impl Permit {
 
     fn finish(&mut self, outcome: Outcome) {
         if let Some(owner) = self.owner.take() {
-            owner.release(outcome, self.admitted_at.elapsed(), self.tag);
+            let latency = self.admitted_at.map_or(Duration::ZERO, |at| at.elapsed());
+            owner.release(outcome, latency, self.tag);
         }
     }
 }

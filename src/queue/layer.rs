@@ -1,0 +1,363 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::shared::{Config, Shared};
+use super::{Queue, QueueHandle, Uniform};
+use crate::core::{AnyOk, ConfigError, ErrorMode, LimitSource, Observer};
+
+const NAME: &str = "queue";
+
+/// Puts a bounded, managed wait queue in front of a concurrency limit. See the [module docs](super).
+///
+/// Every service this layer builds shares the one limit and queue of the layer.
+pub struct QueueLayer<L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
+    shared: Arc<Shared<L, O>>,
+    classify: C,
+    mode: M,
+    prioritize: P,
+}
+
+impl QueueLayer {
+    /// A builder with the defaults: no limit yet (set one with [`QueueBuilder::limit`]), `max_depth` 128,
+    /// CoDel on with target 5 ms and interval 100 ms, `max_wait` = the interval, adaptive LIFO on, no reserve.
+    pub fn builder() -> QueueBuilder {
+        QueueBuilder {
+            limit: None,
+            settings: Settings {
+                max_depth: 128,
+                max_wait: None,
+                codel: true,
+                target: Duration::from_millis(5),
+                interval: Duration::from_millis(100),
+                lifo: true,
+                critical_reserve: 0.0,
+            },
+            classify: AnyOk,
+            mode: ErrorMode,
+            observer: (),
+            prioritize: Uniform::default(),
+        }
+    }
+}
+
+impl<L: LimitSource, C, M, O: Observer, P> QueueLayer<L, C, M, O, P> {
+    /// A cheap, cloneable handle on the layer's shared state.
+    pub fn handle(&self) -> QueueHandle {
+        QueueHandle::new(self.shared.clone())
+    }
+}
+
+impl<S, L, C: Clone, M: Clone, O, P: Clone> Layer<S> for QueueLayer<L, C, M, O, P> {
+    type Service = Queue<S, L, C, M, O, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Queue::new(
+            inner,
+            self.shared.clone(),
+            self.classify.clone(),
+            self.mode.clone(),
+            self.prioritize.clone(),
+        )
+    }
+}
+
+impl<L, C: Clone, M: Clone, O, P: Clone> Clone for QueueLayer<L, C, M, O, P> {
+    fn clone(&self) -> Self {
+        QueueLayer {
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            mode: self.mode.clone(),
+            prioritize: self.prioritize.clone(),
+        }
+    }
+}
+
+impl<L, C, M, O, P> fmt::Debug for QueueLayer<L, C, M, O, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueLayer").finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`QueueLayer`]; see [`QueueLayer::builder`] for the defaults.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_backpressure::queue::QueueLayer;
+///
+/// let layer = QueueLayer::builder()
+///     .limit(16)
+///     .max_depth(64)
+///     .max_wait(Duration::from_millis(200))
+///     .build()
+///     .unwrap();
+/// # let _ = layer;
+/// assert!(QueueLayer::builder().build().is_err()); // no limit
+/// ```
+#[must_use]
+pub struct QueueBuilder<L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
+    limit: Option<L>,
+    settings: Settings,
+    classify: C,
+    mode: M,
+    observer: O,
+    prioritize: P,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    max_depth: usize,
+    max_wait: Option<Duration>,
+    codel: bool,
+    target: Duration,
+    interval: Duration,
+    lifo: bool,
+    critical_reserve: f64,
+}
+
+impl<L, C, M, O, P> fmt::Debug for QueueBuilder<L, C, M, O, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueBuilder")
+            .field("limit_set", &self.limit.is_some())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
+    /// The concurrency limit: a fixed number, or any [`LimitSource`] such as an adaptive limiter's handle, read
+    /// live on every arrival and release (so a raised limit is used at the next one). Required.
+    pub fn limit<L2: LimitSource>(self, limit: L2) -> QueueBuilder<L2, C, M, O, P> {
+        QueueBuilder {
+            limit: Some(limit),
+            settings: self.settings,
+            classify: self.classify,
+            mode: self.mode,
+            observer: self.observer,
+            prioritize: self.prioritize,
+        }
+    }
+
+    /// How many requests may wait beyond the limit (default 128); a full queue rejects at once with reason
+    /// queue-full. `0` means no queue: the layer then sheds like tower's `LoadShed` + `ConcurrencyLimit`.
+    pub fn max_depth(mut self, max_depth: usize) -> Self {
+        self.settings.max_depth = max_depth;
+        self
+    }
+
+    /// The longest a request may wait while its level's queue is not standing (default: the CoDel interval); one that
+    /// waited this long is rejected with reason queue-timeout.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.settings.max_wait = Some(max_wait);
+        self
+    }
+
+    /// CoDel's target (default 5 ms): once a level's queueing delay has stayed above half of it for a whole
+    /// interval (a standing queue), its queued requests may wait at most this long.
+    pub fn codel_target(mut self, target: Duration) -> Self {
+        self.settings.target = target;
+        self
+    }
+
+    /// CoDel's interval (default 100 ms): how long a level's delay must stay above half the target to count as a
+    /// standing queue. Adaptive LIFO uses the same test.
+    pub fn codel_interval(mut self, interval: Duration) -> Self {
+        self.settings.interval = interval;
+        self
+    }
+
+    /// Switches CoDel on or off (default on). Off, every queued request may wait `max_wait`; the standing test
+    /// still drives adaptive LIFO.
+    pub fn codel(mut self, on: bool) -> Self {
+        self.settings.codel = on;
+        self
+    }
+
+    /// Switches adaptive LIFO on or off (default on): while a level's queue stands, serve its newest request first.
+    pub fn adaptive_lifo(mut self, on: bool) -> Self {
+        self.settings.lifo = on;
+        self
+    }
+
+    /// Reserves `share` (in `[0, 1)`, default 0) of the limit for the critical levels. It binds only at
+    /// saturation: below the limit every level borrows freely; at the limit a critical request is still admitted
+    /// while critical traffic holds less than `ceil(limit × share)` slots, so in-flight may exceed the limit by
+    /// at most that many, all critical.
+    pub fn critical_reserve(mut self, share: f64) -> Self {
+        self.settings.critical_reserve = share;
+        self
+    }
+
+    /// How results are classified into outcomes (default [`AnyOk`]).
+    pub fn classifier<C2>(self, classify: C2) -> QueueBuilder<L, C2, M, O, P> {
+        QueueBuilder {
+            limit: self.limit,
+            settings: self.settings,
+            classify,
+            mode: self.mode,
+            observer: self.observer,
+            prioritize: self.prioritize,
+        }
+    }
+
+    /// How rejections leave the layer (default [`ErrorMode`]).
+    pub fn reject_mode<M2>(self, mode: M2) -> QueueBuilder<L, C, M2, O, P> {
+        QueueBuilder {
+            limit: self.limit,
+            settings: self.settings,
+            classify: self.classify,
+            mode,
+            observer: self.observer,
+            prioritize: self.prioritize,
+        }
+    }
+
+    /// Who hears the layer's events (default `()`, nothing).
+    pub fn observer<O2: Observer>(self, observer: O2) -> QueueBuilder<L, C, M, O2, P> {
+        QueueBuilder {
+            limit: self.limit,
+            settings: self.settings,
+            classify: self.classify,
+            mode: self.mode,
+            observer,
+            prioritize: self.prioritize,
+        }
+    }
+
+    /// How a request's priority and deadline are read (default [`Uniform`]: all critical, task-local deadline).
+    /// A closure `Fn(&Req) -> Priority` works.
+    pub fn prioritize<P2>(self, prioritize: P2) -> QueueBuilder<L, C, M, O, P2> {
+        QueueBuilder {
+            limit: self.limit,
+            settings: self.settings,
+            classify: self.classify,
+            mode: self.mode,
+            observer: self.observer,
+            prioritize,
+        }
+    }
+
+    /// Reads priorities from the HTTP header `header` (see [`HeaderPriority`](super::HeaderPriority)).
+    #[cfg(feature = "http")]
+    pub fn priority_header(
+        self,
+        header: http::HeaderName,
+    ) -> QueueBuilder<L, C, M, O, super::HeaderPriority> {
+        self.prioritize(super::HeaderPriority::new(header))
+    }
+
+    /// HTTP services: [`HttpStatus`](crate::core::HttpStatus) classification (permit held until the body ends),
+    /// [`HttpMode`](crate::core::HttpMode) rejections (503/504 responses), priorities from the `x-priority`
+    /// header and deadlines from the request's extensions ([`HeaderPriority::default`](super::HeaderPriority)).
+    /// Call it before [`QueueBuilder::prioritize`] to read priorities another way.
+    #[cfg(feature = "http")]
+    pub fn http(
+        self,
+    ) -> QueueBuilder<L, crate::core::HttpStatus, crate::core::HttpMode, O, super::HeaderPriority>
+    {
+        self.classifier(crate::core::HttpStatus::default())
+            .reject_mode(crate::core::HttpMode)
+            .prioritize(super::HeaderPriority::default())
+    }
+
+    /// gRPC services: [`GrpcClassifier`](crate::core::GrpcClassifier), [`GrpcMode`](crate::core::GrpcMode)
+    /// trailers-only rejections, priorities and deadlines as for [`QueueBuilder::http`].
+    #[cfg(feature = "grpc")]
+    pub fn grpc(
+        self,
+    ) -> QueueBuilder<L, crate::core::GrpcClassifier, crate::core::GrpcMode, O, super::HeaderPriority>
+    {
+        self.classifier(crate::core::GrpcClassifier::default())
+            .reject_mode(crate::core::GrpcMode)
+            .prioritize(super::HeaderPriority::default())
+    }
+}
+
+impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
+    /// Validates and builds the layer.
+    ///
+    /// Errors: no limit set, or a limit of 0 (nothing could ever be admitted); a zero `max_wait`; a zero CoDel
+    /// target or interval, or a target not below the interval; a reserve outside `[0, 1)`.
+    pub fn build(self) -> Result<QueueLayer<L, C, M, O, P>, ConfigError> {
+        let s = self.settings;
+        let limit = match self.limit {
+            Some(limit) => limit,
+            None if s.max_depth == 0 => {
+                return Err(ConfigError::new(
+                    NAME,
+                    "max_depth",
+                    "is 0 and no limit is set: give a limit (a number or a LimitSource) with .limit(..)",
+                ))
+            }
+            None => {
+                return Err(ConfigError::new(
+                    NAME,
+                    "limit",
+                    "not set: give a fixed number or a LimitSource with .limit(..)",
+                ))
+            }
+        };
+        if limit.limit() == 0 {
+            return Err(ConfigError::new(
+                NAME,
+                "limit",
+                "must be at least 1 (0 would admit nothing)",
+            ));
+        }
+        if s.max_wait == Some(Duration::ZERO) {
+            return Err(ConfigError::new(
+                NAME,
+                "max_wait",
+                "must be greater than zero (for no queue, set max_depth(0))",
+            ));
+        }
+        if s.interval.is_zero() {
+            return Err(ConfigError::new(
+                NAME,
+                "codel_interval",
+                "must be greater than zero",
+            ));
+        }
+        if s.target.is_zero() {
+            return Err(ConfigError::new(
+                NAME,
+                "codel_target",
+                "must be greater than zero",
+            ));
+        }
+        if s.target >= s.interval {
+            return Err(ConfigError::new(
+                NAME,
+                "codel_target",
+                format!(
+                    "must be below the interval ({:?} >= {:?})",
+                    s.target, s.interval
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&s.critical_reserve) {
+            return Err(ConfigError::new(
+                NAME,
+                "critical_reserve",
+                format!("must be in [0, 1), got {}", s.critical_reserve),
+            ));
+        }
+        let config = Config {
+            max_depth: s.max_depth,
+            max_wait: s.max_wait.unwrap_or(s.interval),
+            codel: s.codel,
+            target: s.target,
+            interval: s.interval,
+            lifo: s.lifo,
+            critical_reserve: s.critical_reserve,
+        };
+        Ok(QueueLayer {
+            shared: Arc::new(Shared::new(limit, self.observer, config)),
+            classify: self.classify,
+            mode: self.mode,
+            prioritize: self.prioritize,
+        })
+    }
+}

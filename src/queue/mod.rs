@@ -1,0 +1,154 @@
+//! The queue-depth shedder: a short, bounded, managed wait queue in front of a concurrency limit.
+//!
+//! # Why
+//!
+//! A bare concurrency limit (tower's `ConcurrencyLimit` + `LoadShed`) rejects every request beyond the limit,
+//! even in a 20 ms burst the service would have absorbed; tower's `ConcurrencyLimit` alone (or a `Buffer`) waits
+//! without bound, so under sustained overload the queue grows until every client has timed out and the service
+//! works only on requests nobody waits for. This layer sits in between:
+//!
+//! - **Bounded**: at most `max_depth` requests wait; a full queue rejects at once (reason queue-full), and a
+//!   request never waits longer than `max_wait` (queue-timeout).
+//! - **CoDel** (after Facebook's "Fail at Scale" and its implementation in folly; target 5 ms, interval 100 ms):
+//!   a level whose queueing delay stayed above half the target for a whole interval has a *standing* queue, and
+//!   its queued requests may then wait at most the target; otherwise up to `max_wait`. A burst that drains
+//!   within the interval is served in full; a standing queue is cut down to the target instead of growing
+//!   latency for everyone. The test looks at the smallest delay of the interval, not at whether the queue was
+//!   ever empty: a moderately loaded level whose queue is rarely empty but always short is not cut, and a
+//!   standing queue touching empty for an instant is not mistaken for a drained one. Each priority level is
+//!   judged on its own: a standing flood of sheddable requests does not cut the short waits of critical ones.
+//! - **Adaptive LIFO** (on by default): while a level's queue stands, its newest request is served first (the
+//!   oldest ones' clients have probably given up); FIFO otherwise.
+//! - **Priorities**: [`Priority`] `critical_plus`, `critical`, `sheddable_plus`, `sheddable` (the SRE book's
+//!   criticality), read by a [`Prioritize`]r: with `.http()`/`.grpc()`, [`HeaderPriority`] reads a [`Priority`]
+//!   request extension, a user extractor, or the `x-priority` header ([`PRIORITY_HEADER`], the one the
+//!   simulator sends); absent or malformed values are `critical` ([`Priority::DEFAULT`]), never an error. Higher
+//!   levels are served first; when the queue is full a higher arrival displaces the oldest request of the lowest
+//!   queued level (rejected queue-full); `sheddable` may fill only half the queue and `sheddable_plus` three
+//!   quarters. Optionally a share of the limit is reserved for critical levels, binding only at saturation
+//!   ([`QueueBuilder::critical_reserve`]).
+//! - **Deadline-aware**: a request whose [`Deadline`](crate::core::Deadline) cannot be met given the limit
+//!   source's [`expected_latency`](crate::core::LimitSource::expected_latency) is rejected deadline-exceeded on
+//!   arrival, while queued (its timer fires when it becomes doomed) and at dequeue, instead of being served late.
+//!
+//! The limit is any [`LimitSource`](crate::core::LimitSource): a fixed `usize`, or the adaptive limiter's handle.
+//! It is read live, so a raised limit is used at the next arrival or release.
+//!
+//! Admission happens in `call`, never in `poll_ready`. Below the limit with nobody queued, admission is one
+//! atomic compare-and-swap: no lock, no allocation. Only the queueing path takes a small mutex around the wait
+//! queue; a released permit wakes the next waiter in O(1). A queued request whose future is dropped leaves the
+//! queue at once, and a slot handed to it just before passes on to the next waiter.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{Service, ServiceExt};
+//! use tower_backpressure::core::error::QueueFull;
+//! use tower_backpressure::queue::QueueLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // One request at a time, one more may wait.
+//! let layer = QueueLayer::builder().limit(1).max_depth(1).build().unwrap();
+//! let handle = layer.handle();
+//! let mut svc = tower::ServiceBuilder::new().layer(layer).service_fn(|ms: u64| async move {
+//!     tokio::time::sleep(Duration::from_millis(ms)).await;
+//!     Ok::<_, std::convert::Infallible>(ms)
+//! });
+//!
+//! let first = svc.ready().await.unwrap().call(10);   // runs
+//! let second = svc.ready().await.unwrap().call(10);  // waits for the first
+//! let third = svc.ready().await.unwrap().call(10);   // queue full: rejected at once
+//! assert!(third.await.unwrap_err().is::<QueueFull>());
+//! assert_eq!(handle.snapshot().depth, 1);
+//!
+//! assert_eq!(first.await.unwrap(), 10);
+//! assert_eq!(second.await.unwrap(), 10);
+//! let snapshot = handle.snapshot();
+//! assert_eq!((snapshot.in_flight, snapshot.depth, snapshot.completed), (0, 0, 2));
+//! # }
+//! ```
+
+pub mod future;
+mod layer;
+mod priority;
+mod service;
+mod shared;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use self::layer::{QueueBuilder, QueueLayer};
+#[cfg(feature = "http")]
+pub use self::priority::{HeaderPriority, PRIORITY_HEADER};
+pub use self::priority::{ParsePriorityError, Prioritize, Priority, Uniform};
+pub use self::service::Queue;
+
+/// A cheap, cloneable handle on a queue layer's shared state.
+///
+/// [`QueueHandle::snapshot`] briefly takes the wait queue's lock, under which the layer also calls its observer:
+/// do not take a snapshot from inside the same layer's observer.
+#[derive(Clone)]
+pub struct QueueHandle {
+    shared: Arc<dyn Inspect>,
+}
+
+trait Inspect: Send + Sync + 'static {
+    fn snapshot(&self) -> QueueSnapshot;
+}
+
+impl<L: crate::core::LimitSource, O: crate::core::Observer> Inspect for shared::Shared<L, O> {
+    fn snapshot(&self) -> QueueSnapshot {
+        shared::Shared::snapshot(self)
+    }
+}
+
+impl QueueHandle {
+    fn new<L: crate::core::LimitSource, O: crate::core::Observer>(
+        shared: Arc<shared::Shared<L, O>>,
+    ) -> Self {
+        QueueHandle { shared }
+    }
+
+    /// The current figures.
+    pub fn snapshot(&self) -> QueueSnapshot {
+        self.shared.snapshot()
+    }
+}
+
+impl fmt::Debug for QueueHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueHandle")
+            .field("snapshot", &self.snapshot())
+            .finish()
+    }
+}
+
+/// A queue layer's figures at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueSnapshot {
+    /// Requests admitted and not yet finished.
+    pub in_flight: usize,
+    /// The limit now.
+    pub limit: usize,
+    /// Requests waiting.
+    pub depth: usize,
+    /// Requests waiting per level, most important first (the order of [`Priority::ALL`]).
+    pub depth_by_priority: [usize; 4],
+    /// Requests admitted since the start (at once or after waiting).
+    pub admitted: u64,
+    /// Requests that entered the queue.
+    pub queued: u64,
+    /// Admitted requests that finished.
+    pub completed: u64,
+    /// Queued requests whose caller went away before they were served.
+    pub cancelled: u64,
+    /// Rejected because the queue (or their level's share of it) was full, or displaced by a higher level.
+    pub rejected_queue_full: u64,
+    /// Rejected after waiting `max_wait`, or the CoDel target under a standing queue.
+    pub rejected_queue_timeout: u64,
+    /// Rejected because their deadline had passed or could not be met.
+    pub rejected_deadline: u64,
+}

@@ -1,0 +1,125 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower_service::Service;
+
+use super::future::{ResponseFuture, Waiter};
+use super::shared::{Admission, Shared};
+use super::{Prioritize, QueueHandle, Uniform};
+use crate::core::{AnyOk, Classify, ErrorMode, LimitSource, Observer, RejectMode, Rejection};
+
+/// The queue-depth shedder around a service `S`; built by [`QueueLayer`](super::QueueLayer).
+///
+/// Clones share one limit and one queue.
+pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
+    inner: S,
+    shared: Arc<Shared<L, O>>,
+    classify: C,
+    mode: M,
+    prioritize: P,
+}
+
+impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
+    pub(crate) fn new(
+        inner: S,
+        shared: Arc<Shared<L, O>>,
+        classify: C,
+        mode: M,
+        prioritize: P,
+    ) -> Self {
+        Queue {
+            inner,
+            shared,
+            classify,
+            mode,
+            prioritize,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A handle on the shared state (snapshot).
+    pub fn handle(&self) -> QueueHandle
+    where
+        L: LimitSource,
+        O: Observer,
+    {
+        QueueHandle::new(self.shared.clone())
+    }
+}
+
+impl<S: Clone, L, C: Clone, M: Clone, O, P: Clone> Clone for Queue<S, L, C, M, O, P> {
+    fn clone(&self) -> Self {
+        Queue {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            mode: self.mode.clone(),
+            prioritize: self.prioritize.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, L, C, M, O, P> fmt::Debug for Queue<S, L, C, M, O, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, L, C, M, O, P> Service<Req> for Queue<S, L, C, M, O, P>
+where
+    S: Service<Req> + Clone,
+    L: LimitSource,
+    C: Classify<S::Response, S::Error>,
+    M: RejectMode<C::Response, S::Error>,
+    O: Observer,
+    P: Prioritize<Req>,
+{
+    type Response = C::Response;
+    type Error = M::Error;
+    type Future = ResponseFuture<S, Req, C, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let priority = self.prioritize.priority(&request);
+        let deadline = self.prioritize.deadline(&request);
+        match self.shared.admit(priority, deadline) {
+            Admission::Now(permit) => {
+                ResponseFuture::called(crate::core::ResponseFuture::admitted(
+                    self.inner.call(request),
+                    Some(permit),
+                    self.classify.clone(),
+                    self.mode.clone(),
+                ))
+            }
+            Admission::Rejected(reason) => ResponseFuture::called(
+                crate::core::ResponseFuture::rejected(Rejection::new(reason), self.mode.clone()),
+            ),
+            Admission::Queued { index, wake_at } => {
+                // The service we polled ready goes with the request; a fresh clone stays for the next one.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                let waiter = Waiter::new(self.shared.clone(), self.shared.clone(), index);
+                ResponseFuture::queued(
+                    waiter,
+                    ready,
+                    request,
+                    self.classify.clone(),
+                    self.mode.clone(),
+                    wake_at,
+                )
+            }
+        }
+    }
+}

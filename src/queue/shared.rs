@@ -1,0 +1,677 @@
+//! The state one queue layer shares across its services: the in-flight count, the wait queue and the counters.
+
+use std::any::TypeId;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::priority::Priority;
+use super::QueueSnapshot;
+use crate::core::{Deadline, Event, LimitSource, Observer, Outcome, Permit, Reason, Release};
+
+const LAYER: &str = "queue";
+const NIL: usize = usize::MAX;
+const LEVELS: usize = 4;
+
+/// The share of `max_depth` each level may fill (indexed by [`Priority::index`]): sheddable traffic may take half
+/// the queue, sheddable_plus three quarters, critical levels all of it.
+const LEVEL_SHARE: [f64; LEVELS] = [0.5, 0.75, 1.0, 1.0];
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) max_depth: usize,
+    pub(crate) max_wait: Duration,
+    /// Off: queued requests may always wait `max_wait` (the standing test still drives adaptive LIFO).
+    pub(crate) codel: bool,
+    pub(crate) target: Duration,
+    pub(crate) interval: Duration,
+    pub(crate) lifo: bool,
+    pub(crate) critical_reserve: f64,
+}
+
+impl Config {
+    fn level_cap(&self, level: usize) -> usize {
+        let cap = (self.max_depth as f64 * LEVEL_SHARE[level]).floor() as usize;
+        cap.clamp(1.min(self.max_depth), self.max_depth)
+    }
+}
+
+/// A request's answer from the queue, once it leaves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Queued,
+    Granted,
+    Rejected(Reason),
+}
+
+#[derive(Debug)]
+struct Node {
+    prev: usize,
+    next: usize,
+    level: usize,
+    enqueued: Instant,
+    deadline: Option<Deadline>,
+    waker: Option<Waker>,
+    slot: Slot,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct List {
+    head: usize,
+    tail: usize,
+    len: usize,
+}
+
+const EMPTY: List = List {
+    head: NIL,
+    tail: NIL,
+    len: 0,
+};
+
+/// CoDel's standing-queue test for one level, after Facebook's "Fail at Scale": a queue that has not been empty
+/// for a whole interval is standing. Emptiness is measured as a share of time: the level stands for the next
+/// interval if it was non-empty for at least 90 % of the last one. Under overload, a queue cut down to the target
+/// can touch empty for an instant; that must not reset it to a long FIFO wait. A moderately loaded level whose
+/// queue keeps emptying (critical traffic passing through a flood of sheddable requests) never stands.
+#[derive(Debug, Clone, Copy)]
+struct Standing {
+    interval_start: Instant,
+    /// Since when the level is non-empty, if it is.
+    nonempty_since: Option<Instant>,
+    /// Time non-empty in the current interval, up to `nonempty_since`.
+    nonempty: Duration,
+    standing: bool,
+}
+
+impl Standing {
+    fn new(now: Instant) -> Self {
+        Standing {
+            interval_start: now,
+            nonempty_since: None,
+            nonempty: Duration::ZERO,
+            standing: false,
+        }
+    }
+
+    fn filled(&mut self, now: Instant) {
+        self.nonempty_since = Some(now);
+    }
+
+    fn emptied(&mut self, now: Instant) {
+        if let Some(since) = self.nonempty_since.take() {
+            self.nonempty += now.saturating_duration_since(since);
+        }
+    }
+
+    fn observe(&mut self, now: Instant, interval: Duration) {
+        let elapsed = now.saturating_duration_since(self.interval_start);
+        if elapsed < interval {
+            return;
+        }
+        let mut nonempty = self.nonempty;
+        if let Some(since) = self.nonempty_since.as_mut() {
+            nonempty += now.saturating_duration_since(*since);
+            *since = now;
+        }
+        self.standing = nonempty >= elapsed.mul_f64(0.9);
+        self.nonempty = Duration::ZERO;
+        self.interval_start = now;
+    }
+}
+
+/// The wait queue: one intrusive doubly linked list per level over a slab of nodes, so pushing, popping either
+/// end and unlinking a cancelled waiter are O(1), and memory is reused instead of growing.
+#[derive(Debug)]
+pub(crate) struct WaitQueue {
+    nodes: Vec<Node>,
+    free: Vec<usize>,
+    lists: [List; LEVELS],
+    len: usize,
+    /// The standing-queue test of each level. Per level, because a flood of sheddable traffic stands in the
+    /// queue while critical requests pass straight through: their short waits must not be cut on the flood's
+    /// account.
+    standing: [Standing; LEVELS],
+}
+
+impl WaitQueue {
+    fn new() -> Self {
+        WaitQueue {
+            nodes: Vec::new(),
+            free: Vec::new(),
+            lists: [EMPTY; LEVELS],
+            len: 0,
+            standing: [Standing::new(Instant::now()); LEVELS],
+        }
+    }
+
+    /// Closes the standing tests' measuring intervals that are over.
+    fn observe(&mut self, now: Instant, config: &Config) {
+        for standing in &mut self.standing {
+            standing.observe(now, config.interval);
+        }
+    }
+
+    /// Whether CoDel's cut and adaptive LIFO act on `level` now: its queue stands, and no lower level is queued.
+    /// Lower levels are shed first: while sheddable requests wait, critical ones keep their FIFO order and their
+    /// full `max_wait`, even if their own queue is rarely empty.
+    fn managed(&self, level: usize) -> bool {
+        self.standing[level].standing && self.lowest_level().is_none_or(|l| l >= level)
+    }
+
+    fn push(&mut self, level: usize, enqueued: Instant, deadline: Option<Deadline>) -> usize {
+        if self.lists[level].len == 0 {
+            self.standing[level].filled(enqueued);
+        }
+        let node = Node {
+            prev: self.lists[level].tail,
+            next: NIL,
+            level,
+            enqueued,
+            deadline,
+            waker: None,
+            slot: Slot::Queued,
+        };
+        let index = match self.free.pop() {
+            Some(i) => {
+                self.nodes[i] = node;
+                i
+            }
+            None => {
+                self.nodes.push(node);
+                self.nodes.len() - 1
+            }
+        };
+        let list = &mut self.lists[level];
+        if list.tail == NIL {
+            list.head = index;
+        } else {
+            self.nodes[list.tail].next = index;
+        }
+        list.tail = index;
+        list.len += 1;
+        self.len += 1;
+        index
+    }
+
+    /// Takes a queued node out of its list and gives it its answer; the node stays allocated until its waiter
+    /// collects the answer (or is dropped).
+    fn unlink(&mut self, index: usize, slot: Slot, now: Instant) -> Option<Waker> {
+        let (prev, next, level) = {
+            let n = &self.nodes[index];
+            (n.prev, n.next, n.level)
+        };
+        if prev == NIL {
+            self.lists[level].head = next;
+        } else {
+            self.nodes[prev].next = next;
+        }
+        if next == NIL {
+            self.lists[level].tail = prev;
+        } else {
+            self.nodes[next].prev = prev;
+        }
+        self.lists[level].len -= 1;
+        self.len -= 1;
+        if self.lists[level].len == 0 {
+            self.standing[level].emptied(now);
+        }
+        let node = &mut self.nodes[index];
+        node.slot = slot;
+        node.prev = NIL;
+        node.next = NIL;
+        node.waker.take()
+    }
+
+    fn release_node(&mut self, index: usize) {
+        self.nodes[index].waker = None;
+        self.free.push(index);
+    }
+
+    fn top_level(&self) -> Option<usize> {
+        (0..LEVELS).rev().find(|&l| self.lists[l].len > 0)
+    }
+
+    fn lowest_level(&self) -> Option<usize> {
+        (0..LEVELS).find(|&l| self.lists[l].len > 0)
+    }
+}
+
+/// The shared state of one queue layer.
+pub(crate) struct Shared<L, O> {
+    limit: L,
+    observer: O,
+    config: Config,
+    /// Whether latencies are worth a clock read: only the observer uses them, and `()` ignores them.
+    timed: bool,
+    reserving: bool,
+    in_flight: AtomicUsize,
+    /// Requests of critical levels in flight; only kept when a share of the limit is reserved for them.
+    critical_in_flight: AtomicUsize,
+    /// Queued requests: the fast path reads it to know it may skip the lock.
+    waiting: AtomicUsize,
+    queue: Mutex<WaitQueue>,
+    admitted: AtomicU64,
+    queued: AtomicU64,
+    cancelled: AtomicU64,
+    rejected: [AtomicU64; 3],
+}
+
+/// What `call` learned.
+pub(crate) enum Admission {
+    /// Run now with this permit.
+    Now(Permit),
+    /// Wait in the queue at this node until `wake_at` at the latest.
+    Queued { index: usize, wake_at: Instant },
+    /// Refused.
+    Rejected(Reason),
+}
+
+impl<L: LimitSource, O: Observer> Shared<L, O> {
+    pub(crate) fn new(limit: L, observer: O, config: Config) -> Self {
+        Shared {
+            limit,
+            observer,
+            reserving: config.critical_reserve > 0.0,
+            config,
+            timed: TypeId::of::<O>() != TypeId::of::<()>(),
+            in_flight: AtomicUsize::new(0),
+            critical_in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            queue: Mutex::new(WaitQueue::new()),
+            admitted: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            rejected: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WaitQueue> {
+        // The queue's invariants hold between statements that cannot panic, so a poisoned lock is still usable.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reserving(&self) -> bool {
+        self.reserving
+    }
+
+    /// Takes an in-flight slot if `level` may have one now.
+    fn try_acquire(&self, level: usize) -> bool {
+        let limit = self.limit.limit();
+        let critical = self.reserving() && Priority::from_index(level).is_critical();
+        // Idle capacity is borrowed by every level; the reserve only binds once the limit is reached, where a
+        // critical request may still enter while critical traffic holds less than its reserved share.
+        let ceiling = if critical {
+            let reserved = (limit as f64 * self.config.critical_reserve).ceil() as usize;
+            if self.critical_in_flight.load(Ordering::SeqCst) < reserved {
+                limit + reserved
+            } else {
+                limit
+            }
+        } else {
+            limit
+        };
+        let mut current = self.in_flight.load(Ordering::SeqCst);
+        loop {
+            if current >= ceiling {
+                return false;
+            }
+            match self.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    if critical {
+                        self.critical_in_flight.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return true;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn tag(&self, level: usize) -> u64 {
+        let critical = self.reserving() && Priority::from_index(level).is_critical();
+        level as u64 | (u64::from(critical) << 8)
+    }
+
+    /// Counts and reports an admission; returns the permit's tag.
+    fn note_admitted(&self, level: usize) -> u64 {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        self.admitted.fetch_add(1, Ordering::SeqCst);
+        self.observer.on_event(&Event::Admitted {
+            layer: LAYER,
+            in_flight,
+        });
+        self.tag(level)
+    }
+
+    fn permit(self: &Arc<Self>, level: usize, now: Option<Instant>) -> Permit {
+        let tag = self.note_admitted(level);
+        match now {
+            Some(now) => Permit::admitted_at(self.clone(), tag, now),
+            None if self.timed => Permit::new(self.clone(), tag),
+            None => Permit::untimed(self.clone(), tag),
+        }
+    }
+
+    fn count_rejection(&self, reason: Reason) {
+        let i = match reason {
+            Reason::QueueFull => 0,
+            Reason::QueueTimeout => 1,
+            _ => 2,
+        };
+        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        self.observer.on_event(&Event::Rejected {
+            layer: LAYER,
+            reason,
+            retry_after: None,
+        });
+    }
+
+    fn expected(&self) -> Duration {
+        self.limit.expected_latency().unwrap_or(Duration::ZERO)
+    }
+
+    /// Decides a request's fate in `call`.
+    #[inline]
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        priority: Priority,
+        deadline: Option<Deadline>,
+    ) -> Admission {
+        let level = priority.index();
+        if let Some(deadline) = deadline {
+            let now = Instant::now();
+            if !deadline.can_finish(now, self.expected()) {
+                self.count_rejection(Reason::DeadlineExceeded);
+                return Admission::Rejected(Reason::DeadlineExceeded);
+            }
+        }
+        // Fast path: nobody waits, so taking a free slot cannot jump the queue.
+        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_acquire(level) {
+            return Admission::Now(self.permit(level, None));
+        }
+        self.admit_slow(level, deadline)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn admit_slow(self: &Arc<Self>, level: usize, deadline: Option<Deadline>) -> Admission {
+        let now = Instant::now();
+        let mut q = self.lock();
+        self.drain(&mut q, now);
+        if q.len == 0 && self.try_acquire(level) {
+            drop(q);
+            return Admission::Now(self.permit(level, Some(now)));
+        }
+        if self.config.max_depth == 0 {
+            drop(q);
+            self.count_rejection(Reason::QueueFull);
+            return Admission::Rejected(Reason::QueueFull);
+        }
+        let full = q.len >= self.config.max_depth || q.len >= self.config.level_cap(level);
+        if full {
+            // A higher-priority arrival displaces the oldest request of the lowest level queued below it.
+            match q.lowest_level().filter(|&l| l < level) {
+                Some(victim_level) => {
+                    let victim = q.lists[victim_level].head;
+                    self.leave(&mut q, victim, Slot::Rejected(Reason::QueueFull), now);
+                }
+                None => {
+                    drop(q);
+                    self.count_rejection(Reason::QueueFull);
+                    return Admission::Rejected(Reason::QueueFull);
+                }
+            }
+        }
+        q.observe(now, &self.config);
+        let standing = q.managed(level);
+        let index = q.push(level, now, deadline);
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.observer.on_event(&Event::QueueDepth {
+            layer: LAYER,
+            depth: q.len,
+        });
+        // The slot a release freed between our fast-path check and the push above is picked up here.
+        self.drain(&mut q, now);
+        let wait = if self.config.codel && standing {
+            self.config.target.min(self.config.max_wait)
+        } else {
+            self.config.max_wait
+        };
+        let mut wake_at = now + wait;
+        if let Some(d) = deadline {
+            let doomed_at = d.instant().checked_sub(self.expected()).unwrap_or(now);
+            wake_at = wake_at.min(doomed_at.max(now));
+        }
+        Admission::Queued { index, wake_at }
+    }
+
+    /// Unlinks a queued node with its answer, wakes its waiter and reports.
+    fn leave(&self, q: &mut WaitQueue, index: usize, slot: Slot, now: Instant) {
+        let enqueued = q.nodes[index].enqueued;
+        let waker = q.unlink(index, slot, now);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.observer.on_event(&Event::QueueWait {
+            layer: LAYER,
+            wait: now.saturating_duration_since(enqueued),
+        });
+        self.observer.on_event(&Event::QueueDepth {
+            layer: LAYER,
+            depth: q.len,
+        });
+        if let Slot::Rejected(reason) = slot {
+            self.count_rejection(reason);
+        }
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Sheds what CoDel and deadlines condemn, then hands free slots to waiters in priority order: FIFO within a
+    /// level, or newest first while that level's queue stands (adaptive LIFO).
+    fn drain(&self, q: &mut WaitQueue, now: Instant) {
+        if q.len == 0 {
+            return;
+        }
+        q.observe(now, &self.config);
+        if self.config.codel {
+            let target = self.config.target;
+            // In a standing queue nobody may wait longer than the target; the oldest sit at the heads.
+            if let Some(level) = q.lowest_level().filter(|&l| q.managed(l)) {
+                while let Some(head) = Some(q.lists[level].head).filter(|&h| h != NIL) {
+                    if now.saturating_duration_since(q.nodes[head].enqueued) <= target {
+                        break;
+                    }
+                    self.leave(q, head, Slot::Rejected(Reason::QueueTimeout), now);
+                }
+            }
+        }
+        let expected = self.expected();
+        while let Some(level) = q.top_level() {
+            let list = q.lists[level];
+            let lifo = self.config.lifo && q.managed(level);
+            let index = if lifo { list.tail } else { list.head };
+            if let Some(d) = q.nodes[index].deadline {
+                if !d.can_finish(now, expected) {
+                    self.leave(q, index, Slot::Rejected(Reason::DeadlineExceeded), now);
+                    continue;
+                }
+            }
+            if !self.try_acquire(level) {
+                break;
+            }
+            self.leave(q, index, Slot::Granted, now);
+        }
+    }
+
+    fn poll_waiter_inner(
+        &self,
+        index: usize,
+        timed_out: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Granted, Reason>> {
+        let now = Instant::now();
+        let mut q = self.lock();
+        match q.nodes[index].slot {
+            Slot::Queued if timed_out => {
+                let reason = match q.nodes[index].deadline {
+                    Some(d) if !d.can_finish(now, self.expected()) => Reason::DeadlineExceeded,
+                    _ => Reason::QueueTimeout,
+                };
+                self.leave(&mut q, index, Slot::Rejected(reason), now);
+                q.release_node(index);
+                Poll::Ready(Err(reason))
+            }
+            Slot::Queued => {
+                let node = &mut q.nodes[index];
+                match &mut node.waker {
+                    Some(w) => w.clone_from(cx.waker()),
+                    None => node.waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Slot::Granted => {
+                let level = q.nodes[index].level;
+                q.release_node(index);
+                drop(q);
+                Poll::Ready(Ok(Granted {
+                    tag: self.note_admitted(level),
+                    at: now,
+                }))
+            }
+            Slot::Rejected(reason) => {
+                q.release_node(index);
+                Poll::Ready(Err(reason))
+            }
+        }
+    }
+
+    fn cancel_waiter_inner(&self, index: usize) {
+        let now = Instant::now();
+        let mut q = self.lock();
+        match q.nodes[index].slot {
+            Slot::Queued => {
+                let enqueued = q.nodes[index].enqueued;
+                q.unlink(index, Slot::Rejected(Reason::QueueTimeout), now);
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.observer.on_event(&Event::QueueWait {
+                    layer: LAYER,
+                    wait: now.saturating_duration_since(enqueued),
+                });
+                self.observer.on_event(&Event::QueueDepth {
+                    layer: LAYER,
+                    depth: q.len,
+                });
+            }
+            Slot::Granted => {
+                // Handed a slot it will never use: pass it on.
+                self.cancelled.fetch_add(1, Ordering::Relaxed);
+                let level = q.nodes[index].level;
+                self.return_slot(level);
+                self.drain(&mut q, now);
+            }
+            Slot::Rejected(_) => {}
+        }
+        q.release_node(index);
+    }
+
+    fn return_slot(&self, level: usize) {
+        if self.reserving() && Priority::from_index(level).is_critical() {
+            self.critical_in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn snapshot(&self) -> QueueSnapshot {
+        let (depth, depth_by_priority) = {
+            let q = self.lock();
+            let mut by = [0; LEVELS];
+            for (i, p) in Priority::ALL.iter().enumerate() {
+                by[i] = q.lists[p.index()].len;
+            }
+            (q.len, by)
+        };
+        let r = |i: usize| self.rejected[i].load(Ordering::Relaxed);
+        // One counter fewer on the fast path: finished = admitted - in flight (read in this order, so a request
+        // admitted in between is not counted as finished).
+        let admitted = self.admitted.load(Ordering::SeqCst);
+        let in_flight = self.in_flight.load(Ordering::SeqCst);
+        QueueSnapshot {
+            in_flight,
+            limit: self.limit.limit(),
+            depth,
+            depth_by_priority,
+            admitted,
+            queued: self.queued.load(Ordering::Relaxed),
+            completed: admitted.saturating_sub(in_flight as u64),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
+            rejected_queue_full: r(0),
+            rejected_queue_timeout: r(1),
+            rejected_deadline: r(2),
+        }
+    }
+}
+
+impl<L: LimitSource, O: Observer> Release for Shared<L, O> {
+    fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
+        let level = (tag & 0xff) as usize;
+        self.return_slot(level);
+        self.observer.on_event(&Event::Completed {
+            layer: LAYER,
+            outcome,
+            latency,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        });
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let now = Instant::now();
+            let mut q = self.lock();
+            self.drain(&mut q, now);
+        }
+    }
+}
+
+/// A waiter's admission: the permit's tag and the admission instant.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Granted {
+    pub(crate) tag: u64,
+    pub(crate) at: Instant,
+}
+
+/// What a waiting response future needs from the shared state, without its type parameters.
+pub(crate) trait WaitSlot: Send + Sync + 'static {
+    /// A waiter asks for its answer. `timed_out`: its wait (or deadline) timer has fired.
+    fn poll_waiter(
+        &self,
+        index: usize,
+        timed_out: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Granted, Reason>>;
+
+    /// A waiter's future was dropped before it collected its answer.
+    fn cancel_waiter(&self, index: usize);
+}
+
+impl<L: LimitSource, O: Observer> WaitSlot for Shared<L, O> {
+    fn poll_waiter(
+        &self,
+        index: usize,
+        timed_out: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Granted, Reason>> {
+        self.poll_waiter_inner(index, timed_out, cx)
+    }
+
+    fn cancel_waiter(&self, index: usize) {
+        self.cancel_waiter_inner(index)
+    }
+}
