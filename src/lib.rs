@@ -4,6 +4,7 @@
 
 pub mod adaptive;
 pub mod core;
+pub mod deadline;
 pub mod pressure;
 pub mod queue;
 pub mod rate;

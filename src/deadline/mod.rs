@@ -1,0 +1,150 @@
+//! Deadlines that travel with a request from the first hop to the last.
+//!
+//! # Why
+//!
+//! A request nobody waits for any more should cost nothing. Under overload a service that keeps working on
+//! requests whose callers have given up spends its capacity on waste, and the queue in front of it only grows.
+//! A deadline fixes that if it is known everywhere: read on the way in, enforced, visible to handlers, passed on
+//! to every outbound call with the time already spent taken off, and used by the queue and the limiter to shed
+//! work that cannot finish in time.
+//!
+//! # How it differs from plain tower and tonic
+//!
+//! - `tower::timeout::Timeout` applies one fixed duration per layer and knows nothing of the caller's budget;
+//!   [`DeadlineLayer`] takes the **earliest** of the caller's header (`grpc-timeout` and/or a millisecond header),
+//!   its own maximum, and any [`Deadline`] already set (in the request's extensions or the task-local scope).
+//! - tonic parses `grpc-timeout` on servers only, answers expiry with CANCELLED, does not count time spent queued
+//!   and never propagates. Here expiry is 504 / DEADLINE_EXCEEDED (never CANCELLED), the layer goes outermost so
+//!   time queued in inner layers counts, and [`PropagateDeadlineLayer`] passes the rest on to the next hop.
+//! - Requests that arrive already expired, or with less than a configurable minimum left, are refused before
+//!   the inner service is called.
+//!
+//! # The pieces
+//!
+//! - [`Deadline`] (from [`core`](crate::core)): an absolute `tokio::time::Instant`, stored in the request's
+//!   extensions (`Deadline::of(&req)`) and, around the inner future, in a task-local scope
+//!   ([`Deadline::current`]); nested scopes keep the earliest.
+//! - [`codec`]: the `grpc-timeout` grammar of the gRPC HTTP/2 protocol and the millisecond header
+//!   ([`TIMEOUT_MS_HEADER`], `x-request-timeout-ms` by default). Budgets are encoded **truncated**, never larger
+//!   than they are.
+//! - [`DeadlineLayer`] (server, feature `http`): computes the effective deadline, refuses doomed requests, stores
+//!   the deadline in the request's extensions (so the queue and the limiter see it through `Deadline::of`), runs
+//!   the inner future inside [`Deadline::scope`] and races it against a timer. On expiry the inner future is
+//!   dropped, the answer is deadline-exceeded and the outcome [`Outcome::Dropped`](crate::core::Outcome::Dropped).
+//!   A malformed header (too many digits, unknown unit, overflow, garbage) is ignored with a `tracing` event by
+//!   default, or refused in [strict](DeadlineLayerBuilder::strict) mode with 400 / INVALID_ARGUMENT /
+//!   [`InvalidTimeout`]; never a panic, never a wrong deadline. A request with no deadline anywhere and no
+//!   configured maximum passes straight through: no clock read, no timer, no allocation.
+//! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (its extensions, else
+//!   [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
+//!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set), and enforces the
+//!   deadline locally. If nothing is left, the call fails at once with deadline-exceeded and nothing is sent.
+//!   The deadline is read in `call`: under [`Deadline::scope`], make the call inside the scoped future
+//!   (`oneshot`, or `call` in an `async` block), not before it. Over a tonic `Channel`, note that the channel
+//!   enforces the `grpc-timeout` it is given on its own and answers CANCELLED when it fires (at the deadline minus
+//!   the margin); the next hop's DEADLINE_EXCEEDED usually arrives first only if the margin covers the round trip.
+//!
+//! | refusal | [`ErrorMode`](crate::core::ErrorMode) | [`HttpMode`](crate::core::HttpMode) | `GrpcMode` |
+//! |---|---|---|---|
+//! | expired, too little left, or expiry in flight | [`DeadlineExceeded`](crate::core::error::DeadlineExceeded) | 504 | trailers-only `grpc-status: 4` |
+//! | malformed header, strict mode | [`InvalidTimeout`] | 400 | trailers-only `grpc-status: 3` |
+//!
+//! Place the server layer outermost (`Deadline → RateLimit → Queue(adaptive) → handler`) so queueing counts
+//! against the budget, and the client layer first on outbound stacks
+//! (`PropagateDeadline → CircuitBreaker → AdaptiveConcurrency → transport`).
+//!
+//! # Example
+//!
+//! A handler gets 30 s from its caller, spends 7 s, and calls a dependency, which is told 23 s minus the margin:
+//!
+//! ```
+//! # #[cfg(feature = "http")] {
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//! use http::{Request, Response};
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use tower_backpressure::deadline::{Deadline, DeadlineLayer, PropagateDeadlineLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! tokio::time::pause();
+//! // The dependency reports the budget it was given.
+//! let dependency = service_fn(|req: Request<String>| async move {
+//!     let budget = req.headers()["grpc-timeout"].to_str().unwrap().to_owned();
+//!     Ok::<_, Infallible>(Response::new(budget))
+//! });
+//! let client = PropagateDeadlineLayer::builder()
+//!     .margin(Duration::from_millis(10))
+//!     .build()
+//!     .unwrap()
+//!     .layer(dependency);
+//!
+//! let handler = service_fn(move |_req: Request<String>| {
+//!     let client = client.clone();
+//!     async move {
+//!         assert!(Deadline::current().is_some()); // no plumbing needed
+//!         tokio::time::sleep(Duration::from_secs(7)).await; // the handler's own work
+//!         // No deadline passed explicitly: the task-local one is found.
+//!         client.oneshot(Request::new(String::new())).await
+//!     }
+//! });
+//! let server = DeadlineLayer::builder()
+//!     .max_timeout(Duration::from_secs(60))
+//!     .build()
+//!     .unwrap()
+//!     .layer(handler);
+//!
+//! let request = Request::builder().header("grpc-timeout", "30S").body(String::new()).unwrap();
+//! let response = server.oneshot(request).await.unwrap();
+//! assert_eq!(response.into_body(), "22990000u"); // 30 s - 7 s - 10 ms, in microseconds
+//! # }
+//! # }
+//! ```
+//!
+//! An expired budget never reaches the handler:
+//!
+//! ```
+//! # #[cfg(feature = "http")] {
+//! use std::convert::Infallible;
+//! use http::{Request, Response, StatusCode};
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use tower_backpressure::deadline::DeadlineLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let handler = service_fn(|_req: Request<String>| async {
+//!     unreachable!("an expired request is refused before the handler is called");
+//!     #[allow(unreachable_code)]
+//!     Ok::<_, Infallible>(Response::new(String::new()))
+//! });
+//! let server = DeadlineLayer::builder().http().build().unwrap().layer(handler);
+//! let request = Request::builder().header("x-request-timeout-ms", "0").body(String::new()).unwrap();
+//! let response = server.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+//! # }
+//! # }
+//! ```
+
+pub mod codec;
+#[cfg(feature = "http")]
+pub mod future;
+#[cfg(feature = "http")]
+mod layer;
+mod mode;
+#[cfg(feature = "http")]
+mod service;
+#[cfg(feature = "http")]
+mod shared;
+
+pub use self::codec::{InvalidTimeout, GRPC_TIMEOUT_HEADER, TIMEOUT_MS_HEADER};
+#[cfg(feature = "http")]
+pub use self::layer::{
+    DeadlineLayer, DeadlineLayerBuilder, PropagateDeadlineLayer, PropagateDeadlineLayerBuilder,
+    DEFAULT_MARGIN,
+};
+pub use self::mode::RejectInvalid;
+#[cfg(feature = "http")]
+pub use self::service::{DeadlineService, PropagateDeadline};
+#[cfg(feature = "http")]
+pub use self::shared::{DeadlineHandle, DeadlineSnapshot};
+pub use crate::core::Deadline;

@@ -1,0 +1,305 @@
+//! The services.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::codec::{
+    decode_grpc_timeout, decode_timeout_ms, encode_grpc_timeout, encode_timeout_ms, InvalidTimeout,
+    GRPC_TIMEOUT_HEADER,
+};
+use super::future::{PropagateFuture, ResponseFuture};
+use super::layer::{ClientConfig, ServerConfig};
+use super::mode::RejectInvalid;
+use super::shared::Shared;
+use crate::core::{Classify, Deadline, Observer, Permit, RejectMode};
+
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
+
+/// The service made by [`DeadlineLayer`](super::DeadlineLayer).
+pub struct DeadlineService<S, C, M, O> {
+    inner: S,
+    shared: Arc<Shared<ServerConfig, O>>,
+    classify: C,
+    mode: M,
+}
+
+impl<S, C, M, O> DeadlineService<S, C, M, O> {
+    pub(super) fn new(
+        inner: S,
+        shared: Arc<Shared<ServerConfig, O>>,
+        classify: C,
+        mode: M,
+    ) -> Self {
+        DeadlineService {
+            inner,
+            shared,
+            classify,
+            mode,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, C: Clone, M: Clone, O> Clone for DeadlineService<S, C, M, O> {
+    fn clone(&self) -> Self {
+        DeadlineService {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            mode: self.mode.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C, M, O> fmt::Debug for DeadlineService<S, C, M, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadlineService")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+/// The smallest valid timeout among the configured headers, and the first malformed one.
+fn read_timeout(
+    headers: &HeaderMap,
+    config: &ServerConfig,
+) -> (Option<Duration>, Option<InvalidTimeout>) {
+    let mut timeout: Option<Duration> = None;
+    let mut invalid = None;
+    let mut take = |name: &HeaderName, decode: fn(&[u8]) -> Result<Duration, InvalidTimeout>| {
+        if let Some(value) = headers.get(name) {
+            match decode(value.as_bytes()) {
+                Ok(t) => timeout = Some(timeout.map_or(t, |old| old.min(t))),
+                Err(e) => {
+                    tracing::debug!(
+                        target: "tower_backpressure",
+                        layer = "deadline",
+                        header = name.as_str(),
+                        error = %e,
+                        strict = config.strict,
+                        "malformed timeout header"
+                    );
+                    invalid.get_or_insert(e);
+                }
+            }
+        }
+    };
+    if config.read_grpc_timeout {
+        take(&GRPC_TIMEOUT, decode_grpc_timeout);
+    }
+    if let Some(name) = &config.timeout_header {
+        take(name, decode_timeout_ms);
+    }
+    (timeout, invalid)
+}
+
+impl<S, B, C, M, O> Service<Request<B>> for DeadlineService<S, C, M, O>
+where
+    S: Service<Request<B>>,
+    C: Classify<S::Response, S::Error>,
+    M: RejectInvalid<C::Response, S::Error>,
+    O: Observer,
+{
+    type Response = C::Response;
+    type Error = M::Error;
+    type Future = ResponseFuture<S::Future, C, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let config = &self.shared.config;
+        let (header, invalid) = read_timeout(request.headers(), config);
+        if let Some(error) = invalid {
+            self.shared.invalid();
+            if config.strict {
+                return ResponseFuture::invalid(error, self.mode.clone());
+            }
+        }
+        let existing = Deadline::of(&request);
+        let current = Deadline::current();
+        if header.is_none()
+            && config.max_timeout.is_none()
+            && existing.is_none()
+            && current.is_none()
+        {
+            return ResponseFuture::passthrough(
+                self.inner.call(request),
+                self.classify.clone(),
+                self.mode.clone(),
+            );
+        }
+
+        let now = Instant::now();
+        // A budget too large to add to the clock is no constraint at all, not an error.
+        let after =
+            |budget: Option<Duration>| budget.and_then(|b| now.checked_add(b)).map(Deadline::at);
+        let deadline = [existing, current, after(header), after(config.max_timeout)]
+            .into_iter()
+            .flatten()
+            .min();
+        let Some(deadline) = deadline else {
+            return ResponseFuture::passthrough(
+                self.inner.call(request),
+                self.classify.clone(),
+                self.mode.clone(),
+            );
+        };
+
+        let remaining = deadline.remaining_at(now);
+        if remaining.is_zero() || remaining < config.min_budget {
+            self.shared.rejected();
+            return ResponseFuture::rejected(self.mode.clone());
+        }
+
+        request.extensions_mut().insert(deadline);
+        self.shared.admitted();
+        let permit = Permit::admitted_at(self.shared.clone(), 0, now);
+        let inner = deadline.scope(self.inner.call(request));
+        ResponseFuture::running(
+            inner,
+            tokio::time::sleep_until(deadline.instant()),
+            permit,
+            self.classify.clone(),
+            self.mode.clone(),
+        )
+    }
+}
+
+/// The service made by [`PropagateDeadlineLayer`](super::PropagateDeadlineLayer).
+pub struct PropagateDeadline<S, C, M, O> {
+    inner: S,
+    shared: Arc<Shared<ClientConfig, O>>,
+    classify: C,
+    mode: M,
+}
+
+impl<S, C, M, O> PropagateDeadline<S, C, M, O> {
+    pub(super) fn new(
+        inner: S,
+        shared: Arc<Shared<ClientConfig, O>>,
+        classify: C,
+        mode: M,
+    ) -> Self {
+        PropagateDeadline {
+            inner,
+            shared,
+            classify,
+            mode,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, C: Clone, M: Clone, O> Clone for PropagateDeadline<S, C, M, O> {
+    fn clone(&self) -> Self {
+        PropagateDeadline {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            mode: self.mode.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C, M, O> fmt::Debug for PropagateDeadline<S, C, M, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PropagateDeadline")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+/// Writes `budget` into the outgoing headers, keeping a valid value the caller set that is already smaller.
+fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duration) {
+    if config.write_grpc_timeout {
+        let smaller_set = headers
+            .get(&GRPC_TIMEOUT)
+            .and_then(|v| decode_grpc_timeout(v.as_bytes()).ok())
+            .is_some_and(|t| t <= budget);
+        // Digits and a unit letter always make a valid header value.
+        if let (false, Ok(value)) = (
+            smaller_set,
+            HeaderValue::from_bytes(encode_grpc_timeout(budget).as_bytes()),
+        ) {
+            headers.insert(GRPC_TIMEOUT.clone(), value);
+        }
+    }
+    if let Some(name) = &config.timeout_header {
+        let smaller_set = headers
+            .get(name)
+            .and_then(|v| decode_timeout_ms(v.as_bytes()).ok())
+            .is_some_and(|t| t <= budget);
+        if !smaller_set {
+            headers.insert(name.clone(), HeaderValue::from(encode_timeout_ms(budget)));
+        }
+    }
+}
+
+impl<S, B, C, M, O> Service<Request<B>> for PropagateDeadline<S, C, M, O>
+where
+    S: Service<Request<B>>,
+    C: Classify<S::Response, S::Error>,
+    M: RejectMode<C::Response, S::Error>,
+    O: Observer,
+{
+    type Response = C::Response;
+    type Error = M::Error;
+    type Future = PropagateFuture<S::Future, C, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let Some(deadline) = Deadline::of(&request).or_else(Deadline::current) else {
+            return PropagateFuture::passthrough(
+                self.inner.call(request),
+                self.classify.clone(),
+                self.mode.clone(),
+            );
+        };
+        let now = Instant::now();
+        let budget = deadline
+            .remaining_at(now)
+            .saturating_sub(self.shared.config.margin);
+        if budget.is_zero() {
+            self.shared.rejected();
+            return PropagateFuture::rejected(self.mode.clone());
+        }
+        write_timeout(request.headers_mut(), &self.shared.config, budget);
+        // Layers below (breaker, limiter) may shed a request that cannot finish in time.
+        request.extensions_mut().insert(deadline);
+        self.shared.admitted();
+        let permit = Permit::admitted_at(self.shared.clone(), 0, now);
+        let inner = deadline.scope(self.inner.call(request));
+        PropagateFuture::running(
+            inner,
+            tokio::time::sleep_until(deadline.instant()),
+            permit,
+            self.classify.clone(),
+            self.mode.clone(),
+        )
+    }
+}

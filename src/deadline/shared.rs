@@ -1,0 +1,132 @@
+//! State shared by all clones of one deadline layer: configuration, observer and counters.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::core::{Event, Observer, Outcome, Reason, Release};
+
+#[derive(Debug, Default)]
+struct Counters {
+    in_flight: AtomicUsize,
+    admitted: AtomicU64,
+    rejected: AtomicU64,
+    invalid: AtomicU64,
+    dropped: AtomicU64,
+}
+
+pub(super) struct Shared<K, O> {
+    pub(super) config: K,
+    pub(super) observer: O,
+    layer: &'static str,
+    counters: Counters,
+}
+
+impl<K, O: Observer> Shared<K, O> {
+    pub(super) fn new(layer: &'static str, config: K, observer: O) -> Self {
+        Shared {
+            config,
+            observer,
+            layer,
+            counters: Counters::default(),
+        }
+    }
+
+    pub(super) fn admitted(&self) {
+        let in_flight = self.counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.counters.admitted.fetch_add(1, Ordering::Relaxed);
+        self.observer.on_event(&Event::Admitted {
+            layer: self.layer,
+            in_flight,
+        });
+    }
+
+    pub(super) fn rejected(&self) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        self.observer.on_event(&Event::Rejected {
+            layer: self.layer,
+            reason: Reason::DeadlineExceeded,
+            retry_after: None,
+        });
+    }
+
+    pub(super) fn invalid(&self) {
+        self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<K: Send + Sync + 'static, O: Observer> Release for Shared<K, O> {
+    fn release(&self, outcome: Outcome, latency: Duration, _tag: u64) {
+        let in_flight = self.counters.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        if outcome == Outcome::Dropped {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.observer.on_event(&Event::Completed {
+            layer: self.layer,
+            outcome,
+            latency,
+            in_flight,
+        });
+    }
+}
+
+trait Snapshot: Send + Sync + 'static {
+    fn snapshot(&self) -> DeadlineSnapshot;
+}
+
+impl<K: Send + Sync + 'static, O: Observer> Snapshot for Shared<K, O> {
+    fn snapshot(&self) -> DeadlineSnapshot {
+        let c = &self.counters;
+        DeadlineSnapshot {
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            admitted: c.admitted.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            invalid: c.invalid.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A cheap, cloneable view of a deadline layer's figures, shared by all services the layer made.
+#[derive(Clone)]
+pub struct DeadlineHandle {
+    shared: Arc<dyn Snapshot>,
+}
+
+impl DeadlineHandle {
+    pub(super) fn new<K: Send + Sync + 'static, O: Observer>(shared: Arc<Shared<K, O>>) -> Self {
+        DeadlineHandle { shared }
+    }
+
+    /// The figures now.
+    pub fn snapshot(&self) -> DeadlineSnapshot {
+        self.shared.snapshot()
+    }
+}
+
+impl fmt::Debug for DeadlineHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("DeadlineHandle")
+            .field(&self.snapshot())
+            .finish()
+    }
+}
+
+/// A deadline layer's figures. Requests without any deadline pass through uncounted (the layer does not even
+/// read the clock for them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadlineSnapshot {
+    /// Requests running under a deadline now.
+    pub in_flight: usize,
+    /// Requests let through under a deadline.
+    pub admitted: u64,
+    /// Requests refused before the inner service was called: expired, or less than the minimum budget left.
+    pub rejected: u64,
+    /// Malformed timeout headers seen (ignored, or refused in strict mode). Always 0 for the propagating layer.
+    pub invalid: u64,
+    /// Admitted requests whose outcome was [`Outcome::Dropped`]: the deadline expired in flight, or the inner
+    /// service answered with an overload signal.
+    pub dropped: u64,
+}

@@ -1,0 +1,520 @@
+//! Server `DeadlineLayer` and client `PropagateDeadlineLayer`, in paused time.
+#![cfg(feature = "http")]
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tokio::time::Instant;
+use tower::{service_fn, Layer, Service, ServiceExt};
+use tower_backpressure::core::error::DeadlineExceeded;
+use tower_backpressure::core::{BoxError, Deadline, Event, Outcome, Reason};
+use tower_backpressure::deadline::{DeadlineLayer, InvalidTimeout, PropagateDeadlineLayer};
+
+/// What the inner service saw: the deadline in the extensions and in the task-local scope.
+#[derive(Debug, Default)]
+struct Seen {
+    calls: AtomicUsize,
+    deadlines: Mutex<Vec<(Option<Deadline>, Option<Deadline>)>>,
+    headers: Mutex<Vec<http::HeaderMap>>,
+}
+
+/// An inner service that records what it saw and answers 200 after `work`.
+fn recording(
+    seen: Arc<Seen>,
+    work: Duration,
+) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send> + Clone
+{
+    service_fn(move |req: Request<String>| {
+        let seen = seen.clone();
+        async move {
+            seen.calls.fetch_add(1, Ordering::SeqCst);
+            seen.deadlines
+                .lock()
+                .unwrap()
+                .push((Deadline::of(&req), Deadline::current()));
+            seen.headers.lock().unwrap().push(req.headers().clone());
+            tokio::time::sleep(work).await;
+            Ok::<_, Infallible>(Response::new(String::from("done")))
+        }
+    })
+}
+
+fn request(headers: &[(&str, &str)]) -> Request<String> {
+    let mut builder = Request::builder().uri("/");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(String::new()).unwrap()
+}
+
+fn events() -> (
+    Arc<Mutex<Vec<Event>>>,
+    impl Fn(&Event) + Send + Sync + 'static,
+) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    (log, move |e: &Event| sink.lock().unwrap().push(*e))
+}
+
+#[tokio::test(start_paused = true)]
+async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
+    let start = Instant::now();
+    let seen = Arc::new(Seen::default());
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
+
+    // Header smallest (grpc-timeout and the ms header: the smaller of the two).
+    svc.clone()
+        .oneshot(request(&[
+            ("grpc-timeout", "3S"),
+            ("x-request-timeout-ms", "2500"),
+        ]))
+        .await
+        .unwrap();
+    // Maximum smallest.
+    svc.clone()
+        .oneshot(request(&[("grpc-timeout", "1M")]))
+        .await
+        .unwrap();
+    // Existing deadline smallest.
+    let mut req = request(&[("x-request-timeout-ms", "5000")]);
+    req.extensions_mut()
+        .insert(Deadline::at(start + Duration::from_secs(1)));
+    svc.clone().oneshot(req).await.unwrap();
+    // An outer task-local scope counts too.
+    Deadline::at(start + Duration::from_millis(700))
+        .scope(svc.clone().oneshot(request(&[("grpc-timeout", "3S")])))
+        .await
+        .unwrap();
+
+    let expected =
+        [2500, 10_000, 1000, 700].map(|ms| Deadline::at(start + Duration::from_millis(ms)));
+    let deadlines = seen.deadlines.lock().unwrap();
+    assert_eq!(deadlines.len(), 4);
+    for (seen, expected) in deadlines.iter().zip(expected) {
+        assert_eq!(*seen, (Some(expected), Some(expected)));
+    }
+    assert_eq!(layer.handle().snapshot().admitted, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_deadline_anywhere_passes_through_untouched() {
+    let seen = Arc::new(Seen::default());
+    let layer = DeadlineLayer::builder().build().unwrap();
+    let mut svc = layer.layer(recording(seen.clone(), Duration::from_secs(3600)));
+    let future = svc.ready().await.unwrap().call(request(&[]));
+    // No timer was made for it (the timer lives only in the running state).
+    assert_eq!(
+        format!("{future:?}"),
+        r#"ResponseFuture { state: "passthrough" }"#
+    );
+    let response = future.await.unwrap();
+    assert_eq!(response.into_body(), "done");
+    assert_eq!(seen.deadlines.lock().unwrap()[0], (None, None));
+    let snapshot = layer.handle().snapshot();
+    assert_eq!(
+        (snapshot.admitted, snapshot.rejected, snapshot.in_flight),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_or_too_short_budgets_are_rejected_before_the_inner_service_is_called() {
+    let seen = Arc::new(Seen::default());
+    let (log, observer) = events();
+    let layer = DeadlineLayer::builder()
+        .min_budget(Duration::from_millis(50))
+        .observer(observer)
+        .build()
+        .unwrap();
+    let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
+
+    let mut past = request(&[]);
+    past.extensions_mut().insert(Deadline::at(Instant::now()));
+    let requests = [
+        request(&[("grpc-timeout", "0n")]),
+        request(&[("x-request-timeout-ms", "0")]),
+        request(&[("grpc-timeout", "49999u")]),
+        past,
+    ];
+    for req in requests {
+        let error = svc.clone().oneshot(req).await.unwrap_err();
+        assert!(error.is::<DeadlineExceeded>(), "{error}");
+    }
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(layer.handle().snapshot().rejected, 4);
+    assert!(log.lock().unwrap().iter().all(|e| matches!(
+        e,
+        Event::Rejected {
+            layer: "deadline",
+            reason: Reason::DeadlineExceeded,
+            ..
+        }
+    )));
+
+    // Exactly the minimum budget is enough.
+    svc.clone()
+        .oneshot(request(&[("grpc-timeout", "50m")]))
+        .await
+        .unwrap();
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 1);
+
+    // HTTP mode answers 504, still without calling the inner service.
+    let http = DeadlineLayer::builder().http().build().unwrap();
+    let response = http
+        .layer(recording(seen.clone(), Duration::ZERO))
+        .oneshot(request(&[("grpc-timeout", "0n")]))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 1);
+}
+
+/// Drops of the inner future are counted, to show expiry cancels the work.
+struct DropCount(Arc<AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_mid_flight_answers_504_and_records_dropped() {
+    let (log, observer) = events();
+    let layer = DeadlineLayer::builder()
+        .http()
+        .observer(observer)
+        .build()
+        .unwrap();
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let counter = dropped.clone();
+    let slow = service_fn(move |_req: Request<String>| {
+        let guard = DropCount(counter.clone());
+        async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            drop(guard);
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }
+    });
+    let start = Instant::now();
+    let response = layer
+        .layer(slow)
+        .oneshot(request(&[("grpc-timeout", "1500m")]))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(start.elapsed(), Duration::from_millis(1500));
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the inner future is dropped at expiry"
+    );
+
+    let log = log.lock().unwrap();
+    assert!(matches!(
+        log[0],
+        Event::Admitted {
+            layer: "deadline",
+            in_flight: 1
+        }
+    ));
+    match log[1] {
+        Event::Completed {
+            layer: "deadline",
+            outcome,
+            latency,
+            in_flight: 0,
+        } => {
+            assert_eq!(outcome, Outcome::Dropped);
+            assert_eq!(latency, Duration::from_millis(1500));
+        }
+        other => panic!("unexpected event {other:?}"),
+    }
+    assert_eq!(layer.handle().snapshot().dropped, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn work_finishing_in_time_is_delivered_and_counted_a_success() {
+    let (log, observer) = events();
+    let seen = Arc::new(Seen::default());
+    let layer = DeadlineLayer::builder().observer(observer).build().unwrap();
+    // Finishing exactly at the deadline still counts: the inner future is polled before the timer.
+    let response = layer
+        .layer(recording(seen, Duration::from_secs(2)))
+        .oneshot(request(&[("grpc-timeout", "2S")]))
+        .await
+        .unwrap();
+    assert_eq!(response.into_body(), "done");
+    assert!(matches!(
+        log.lock().unwrap()[1],
+        Event::Completed {
+            outcome: Outcome::Success,
+            ..
+        }
+    ));
+}
+
+#[cfg(feature = "grpc")]
+#[tokio::test(start_paused = true)]
+async fn grpc_mode_answers_deadline_exceeded_never_cancelled() {
+    let layer = DeadlineLayer::builder().grpc().build().unwrap();
+    let slow = service_fn(|_req: Request<String>| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Ok::<_, Infallible>(Response::new(String::new()))
+    });
+    let svc = layer.layer(slow);
+    for headers in [[("grpc-timeout", "1S")], [("grpc-timeout", "0n")]] {
+        let response = svc.clone().oneshot(request(&headers)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "4");
+        assert_eq!(response.headers()["content-type"], "application/grpc");
+    }
+    let snapshot = layer.handle().snapshot();
+    assert_eq!((snapshot.dropped, snapshot.rejected), (1, 1));
+}
+
+const MALFORMED: [(&str, &str); 8] = [
+    ("grpc-timeout", "123456789S"),
+    ("grpc-timeout", "10s"),
+    ("grpc-timeout", "1.5S"),
+    ("grpc-timeout", "S"),
+    ("grpc-timeout", "-1S"),
+    ("x-request-timeout-ms", "99999999999999999999999"),
+    ("x-request-timeout-ms", "1e3"),
+    ("x-request-timeout-ms", "soon"),
+];
+
+#[tokio::test(start_paused = true)]
+async fn malformed_headers_are_ignored_by_default() {
+    let seen = Arc::new(Seen::default());
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
+    let start = Instant::now();
+    for header in MALFORMED {
+        svc.clone().oneshot(request(&[header])).await.unwrap();
+    }
+    // A valid header next to a malformed one still counts.
+    svc.clone()
+        .oneshot(request(&[
+            ("grpc-timeout", "junk"),
+            ("x-request-timeout-ms", "1000"),
+        ]))
+        .await
+        .unwrap();
+    let deadlines = seen.deadlines.lock().unwrap();
+    let max = Deadline::at(start + Duration::from_secs(5));
+    assert!(deadlines[..MALFORMED.len()]
+        .iter()
+        .all(|d| *d == (Some(max), Some(max))));
+    let one_second = Deadline::at(start + Duration::from_secs(1));
+    assert_eq!(
+        deadlines[MALFORMED.len()],
+        (Some(one_second), Some(one_second))
+    );
+    assert_eq!(
+        layer.handle().snapshot().invalid,
+        MALFORMED.len() as u64 + 1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_mode_rejects_malformed_headers_in_every_mode() {
+    let seen = Arc::new(Seen::default());
+    let errors = DeadlineLayer::builder().strict(true).build().unwrap();
+    let http = DeadlineLayer::builder()
+        .strict(true)
+        .http()
+        .build()
+        .unwrap();
+    for header in MALFORMED {
+        let error: BoxError = errors
+            .layer(recording(seen.clone(), Duration::ZERO))
+            .oneshot(request(&[header]))
+            .await
+            .unwrap_err();
+        assert!(error.is::<InvalidTimeout>(), "{header:?}: {error}");
+        let response = http
+            .layer(recording(seen.clone(), Duration::ZERO))
+            .oneshot(request(&[header]))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{header:?}");
+    }
+    #[cfg(feature = "grpc")]
+    {
+        let grpc = DeadlineLayer::builder()
+            .strict(true)
+            .grpc()
+            .build()
+            .unwrap();
+        let response = grpc
+            .layer(recording(seen.clone(), Duration::ZERO))
+            .oneshot(request(&[("grpc-timeout", "9999999999n")]))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["grpc-status"], "3");
+    }
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
+    // Strict mode still accepts well-formed headers.
+    errors
+        .layer(recording(seen.clone(), Duration::ZERO))
+        .oneshot(request(&[("grpc-timeout", "99999999H")]))
+        .await
+        .unwrap();
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn builders_validate() {
+    let zero = DeadlineLayer::builder()
+        .max_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        zero.to_string(),
+        "invalid deadline config: max_timeout: must be greater than zero"
+    );
+    let inverted = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(1))
+        .min_budget(Duration::from_secs(1))
+        .build()
+        .unwrap_err();
+    assert_eq!(inverted.field(), "min_budget");
+    assert_eq!(
+        DeadlineLayer::builder()
+            .timeout_header("bad header")
+            .build()
+            .unwrap_err()
+            .field(),
+        "timeout_header"
+    );
+    assert!(PropagateDeadlineLayer::builder()
+        .timeout_header("grpc-timeout")
+        .build()
+        .is_err());
+    assert!(PropagateDeadlineLayer::builder()
+        .timeout_header("X-Budget-Ms")
+        .build()
+        .is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn propagation_writes_the_budget_minus_the_margin() {
+    let seen = Arc::new(Seen::default());
+    let layer = PropagateDeadlineLayer::builder()
+        .margin(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let client = layer.layer(recording(seen.clone(), Duration::ZERO));
+    let deadline = Deadline::after(Duration::from_secs(2));
+
+    // From the task-local scope ...
+    deadline
+        .scope(client.clone().oneshot(request(&[])))
+        .await
+        .unwrap();
+    // ... or from the request's extensions, which win.
+    let mut req = request(&[]);
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_millis(1500)));
+    Deadline::after(Duration::from_secs(9))
+        .scope(client.clone().oneshot(req))
+        .await
+        .unwrap();
+    // A caller's own smaller timeout is kept.
+    deadline
+        .scope(client.clone().oneshot(request(&[("grpc-timeout", "100m")])))
+        .await
+        .unwrap();
+    // No deadline: nothing written.
+    client.clone().oneshot(request(&[])).await.unwrap();
+
+    let headers = seen.headers.lock().unwrap();
+    let written = |i: usize| {
+        (
+            headers[i]
+                .get("grpc-timeout")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            headers[i]
+                .get("x-request-timeout-ms")
+                .map(|v| v.to_str().unwrap().to_owned()),
+        )
+    };
+    assert_eq!(written(0), (Some("1990000u".into()), Some("1990".into())));
+    assert_eq!(written(1), (Some("1490000u".into()), Some("1490".into())));
+    assert_eq!(written(2), (Some("100m".into()), Some("1990".into())));
+    assert_eq!(written(3), (None, None));
+    // The inner client stack sees the deadline too (for shedding doomed calls).
+    assert_eq!(
+        seen.deadlines.lock().unwrap()[0],
+        (Some(deadline), Some(deadline))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn propagation_with_nothing_left_fails_at_once_and_sends_nothing() {
+    let (mut mock, mut handle) = tower_test::mock::pair::<Request<String>, Response<String>>();
+    let layer = PropagateDeadlineLayer::builder()
+        .margin(Duration::from_millis(10))
+        .http()
+        .build()
+        .unwrap();
+    let deadline = Deadline::after(Duration::from_millis(10));
+    handle.allow(1);
+    let mut client = layer.layer(&mut mock);
+    std::future::poll_fn(|cx| client.poll_ready(cx))
+        .await
+        .unwrap();
+    // `call` reads the task-local deadline, so it must run inside the scope.
+    let response = deadline
+        .scope(async { client.call(request(&[])).await })
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    drop(client);
+    drop(mock);
+    assert!(handle.next_request().await.is_none(), "nothing may be sent");
+    assert_eq!(layer.handle().snapshot().rejected, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn propagation_enforces_the_deadline_locally() {
+    let layer = PropagateDeadlineLayer::builder().build().unwrap();
+    let hang = service_fn(|_req: Request<String>| {
+        std::future::pending::<Result<Response<String>, Infallible>>()
+    });
+    let start = Instant::now();
+    let error = Deadline::after(Duration::from_secs(3))
+        .scope(layer.layer(hang).oneshot(request(&[])))
+        .await
+        .unwrap_err();
+    assert!(error.is::<DeadlineExceeded>());
+    // Enforced at the deadline itself: the margin only shortens what the next hop is told.
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(layer.handle().snapshot().dropped, 1);
+}
+
+#[cfg(feature = "grpc")]
+#[tokio::test(start_paused = true)]
+async fn grpc_propagation_with_nothing_left_answers_deadline_exceeded_without_calling() {
+    let seen = Arc::new(Seen::default());
+    let layer = PropagateDeadlineLayer::builder().grpc().build().unwrap();
+    let client = layer.layer(recording(seen.clone(), Duration::ZERO));
+    // 5 ms left, a 5 ms margin: nothing to pass on.
+    let response = Deadline::after(Duration::from_millis(5))
+        .scope(client.oneshot(request(&[])))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["grpc-status"], "4");
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
+}

@@ -1,0 +1,240 @@
+//! Multi-hop deadline propagation over real loopback sockets with tonic (gRPC over HTTP/2).
+//!
+//! The same SRE-book example as the hyper test: A gets 30 s, spends 7 s, calls B (which sees 23 s minus one
+//! margin); B spends 4 s, calls C (19 s minus two margins). The service is defined by hand (no protoc): one
+//! unary method whose messages are UTF-8 strings.
+//!
+//! Time is tokio's paused clock, moved only by the handlers' `tokio::time::advance`; a blocking task held open
+//! for the whole test keeps the runtime from auto-advancing while it waits on the sockets.
+#![cfg(feature = "grpc")]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+use http::uri::PathAndQuery;
+use tokio::net::TcpListener;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::server::{NamedService, UnaryService};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Server};
+use tonic::{Request, Response, Status};
+use tower::{Layer, Service};
+use tower_backpressure::core::Deadline;
+use tower_backpressure::deadline::{DeadlineLayer, PropagateDeadlineLayer};
+
+const MARGIN: Duration = Duration::from_millis(10);
+const PATH: &str = "/deadline.Hop/Call";
+
+#[derive(Debug, Clone, Copy, Default)]
+struct StringCodec;
+
+impl Codec for StringCodec {
+    type Encode = String;
+    type Decode = String;
+    type Encoder = StringCodec;
+    type Decoder = StringCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        StringCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        StringCodec
+    }
+}
+
+impl Encoder for StringCodec {
+    type Item = String;
+    type Error = Status;
+
+    fn encode(&mut self, item: String, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(item.as_bytes());
+        Ok(())
+    }
+}
+
+impl Decoder for StringCodec {
+    type Item = String;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<String>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        String::from_utf8(bytes.to_vec())
+            .map(Some)
+            .map_err(|_| Status::invalid_argument("not utf-8"))
+    }
+}
+
+type Log = Arc<Mutex<Vec<(&'static str, Option<Duration>)>>>;
+
+/// One hop: logs the budget it finds, spends `spend`, calls `next` with no explicit deadline.
+#[derive(Clone)]
+struct Hop {
+    name: &'static str,
+    spend: Duration,
+    next: Option<SocketAddr>,
+    log: Log,
+}
+
+impl NamedService for Hop {
+    const NAME: &'static str = "deadline.Hop";
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl UnaryService<String> for Hop {
+    type Response = String;
+    type Future = BoxFuture<Result<Response<String>, Status>>;
+
+    fn call(&mut self, _request: Request<String>) -> Self::Future {
+        let hop = self.clone();
+        Box::pin(async move {
+            hop.log
+                .lock()
+                .unwrap()
+                .push((hop.name, Deadline::current().map(Deadline::remaining)));
+            tokio::time::advance(hop.spend).await;
+            let Some(next) = hop.next else {
+                return Ok(Response::new(hop.name.to_owned()));
+            };
+            let answer = call(next, Request::new(String::new())).await?;
+            Ok(Response::new(format!("{}>{answer}", hop.name)))
+        })
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Hop {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let hop = self.clone();
+        Box::pin(async move {
+            Ok(tonic::server::Grpc::new(StringCodec)
+                .unary(hop, request)
+                .await)
+        })
+    }
+}
+
+/// A client call through `PropagateDeadlineLayer` over a tonic channel.
+async fn call(addr: SocketAddr, request: Request<String>) -> Result<String, Status> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let propagate = PropagateDeadlineLayer::builder()
+        .margin(MARGIN)
+        .no_timeout_header()
+        .build()
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(propagate.layer(channel));
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let response = client
+        .unary(request, PathAndQuery::from_static(PATH), StringCodec)
+        .await?;
+    Ok(response.into_inner())
+}
+
+async fn start_hop(
+    name: &'static str,
+    spend: Duration,
+    next: Option<SocketAddr>,
+    log: Log,
+    max_timeout: Option<Duration>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hop = Hop {
+        name,
+        spend,
+        next,
+        log,
+    };
+    let mut deadline = DeadlineLayer::builder().grpc();
+    if let Some(max) = max_timeout {
+        deadline = deadline.max_timeout(max);
+    }
+    let deadline = deadline.build().unwrap();
+    tokio::spawn(async move {
+        Server::builder()
+            .layer(deadline)
+            .add_service(hop)
+            .serve_with_incoming(TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    addr
+}
+
+#[tokio::test]
+async fn tonic_budget_shrinks_by_time_spent_and_margins_across_three_hops() {
+    tokio::time::pause();
+    let (hold, held) = std::sync::mpsc::channel::<Infallible>();
+    let inhibitor = tokio::task::spawn_blocking(move || held.recv());
+
+    let log = Log::default();
+    let c = start_hop("C", Duration::ZERO, None, log.clone(), None).await;
+    let b = start_hop("B", Duration::from_secs(4), Some(c), log.clone(), None).await;
+    let a = start_hop("A", Duration::from_secs(7), Some(b), log.clone(), None).await;
+
+    let mut request = Request::new(String::new());
+    request.set_timeout(Duration::from_secs(30));
+    assert_eq!(call(a, request).await.unwrap(), "A>B>C");
+
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            ("A", Some(Duration::from_secs(30))),
+            ("B", Some(Duration::from_millis(22_990))),
+            ("C", Some(Duration::from_millis(18_980))),
+        ]
+    );
+
+    drop(hold);
+    inhibitor.await.unwrap().unwrap_err();
+}
+
+#[tokio::test]
+async fn tonic_expiry_is_deadline_exceeded_not_cancelled() {
+    tokio::time::pause();
+    let (hold, held) = std::sync::mpsc::channel::<Infallible>();
+    let inhibitor = tokio::task::spawn_blocking(move || held.recv());
+
+    let log = Log::default();
+    let c = start_hop("C", Duration::ZERO, None, log.clone(), None).await;
+    // B allows itself 5 s and spends 60: its deadline layer answers at 5 s. (The caller sends no grpc-timeout:
+    // tonic's channel would enforce it on its own and answer CANCELLED, which is what this crate avoids.)
+    let b = start_hop(
+        "B",
+        Duration::from_secs(60),
+        Some(c),
+        log.clone(),
+        Some(Duration::from_secs(5)),
+    )
+    .await;
+
+    let request = Request::new(String::new());
+    let status = call(b, request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(log.lock().unwrap().len(), 1, "C is never called");
+
+    drop(hold);
+    inhibitor.await.unwrap().unwrap_err();
+}
