@@ -3,6 +3,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod adaptive;
+pub mod breaker;
 pub mod core;
 pub mod deadline;
 pub mod pressure;

@@ -163,6 +163,11 @@ pub const STRATEGIES: &[Strategy] = &[
         about: "adaptive concurrency limit alone, its default algorithm (Knee)",
         build: adaptive,
     },
+    Strategy {
+        name: "breaker",
+        about: "circuit breaker with its defaults, HTTP mode",
+        build: breaker,
+    },
 ];
 
 /// The strategy called `name`.
@@ -208,6 +213,14 @@ fn gradient2(backend: SimService, _scenario: &Scenario) -> Stack {
 
 fn adaptive(backend: SimService, _scenario: &Scenario) -> Stack {
     limiter_alone(backend, Knee::new())
+}
+
+fn breaker(backend: SimService, _scenario: &Scenario) -> Stack {
+    let layer = crate::breaker::CircuitBreakerLayer::builder()
+        .http()
+        .build()
+        .expect("the breaker's defaults are valid");
+    Stack::new(boxed(tower_layer::Layer::layer(&layer, backend)))
 }
 
 /// Boxes any HTTP stack over the simulator's request type into a [`SimService`], boxing its response body.

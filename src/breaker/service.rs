@@ -1,0 +1,122 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use super::state::{Admit, Shared};
+use crate::core::{Classify, Observer, Permit, RejectMode, Release, ResponseFuture};
+
+/// A circuit breaker in front of a service; made by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+///
+/// Admits or rejects in `call`. In readiness mode `poll_ready` also reports not-ready while the breaker is open.
+pub struct CircuitBreaker<S, C = crate::core::AnyOk, M = crate::core::ErrorMode, O = ()> {
+    inner: S,
+    shared: Arc<Shared<O>>,
+    classify: C,
+    mode: M,
+    readiness: bool,
+    // Readiness mode only: the wake-up at the end of the open period, made the first time it is needed.
+    wake: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S, C, M, O> CircuitBreaker<S, C, M, O> {
+    pub(crate) fn new(
+        inner: S,
+        shared: Arc<Shared<O>>,
+        classify: C,
+        mode: M,
+        readiness: bool,
+    ) -> Self {
+        CircuitBreaker {
+            inner,
+            shared,
+            classify,
+            mode,
+            readiness,
+            wake: None,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+// By hand: a clone gets its own wake-up timer; the timer belongs to the task polling this instance.
+impl<S: Clone, C: Clone, M: Clone, O> Clone for CircuitBreaker<S, C, M, O> {
+    fn clone(&self) -> Self {
+        CircuitBreaker::new(
+            self.inner.clone(),
+            self.shared.clone(),
+            self.classify.clone(),
+            self.mode.clone(),
+            self.readiness,
+        )
+    }
+}
+
+impl<S: fmt::Debug, C, M, O> fmt::Debug for CircuitBreaker<S, C, M, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .field("readiness", &self.readiness)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, M, O, Req> Service<Req> for CircuitBreaker<S, C, M, O>
+where
+    S: Service<Req>,
+    C: Classify<S::Response, S::Error>,
+    M: RejectMode<C::Response, S::Error>,
+    O: Observer,
+{
+    type Response = C::Response;
+    type Error = M::Error;
+    type Future = ResponseFuture<S::Future, C, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.readiness {
+            while let Some(until) = self.shared.blocked_until() {
+                match &mut self.wake {
+                    Some(sleep) => sleep.as_mut().reset(until),
+                    None => self.wake = Some(Box::pin(tokio::time::sleep_until(until))),
+                }
+                let sleep = self.wake.as_mut().expect("timer set above");
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.mode.inner_error(e))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.shared.admit() {
+            Admit::Tag(tag) => {
+                let owner: Arc<dyn Release> = self.shared.clone();
+                ResponseFuture::admitted(
+                    self.inner.call(req),
+                    Some(Permit::new(owner, tag)),
+                    self.classify.clone(),
+                    self.mode.clone(),
+                )
+            }
+            Admit::Bypass => ResponseFuture::admitted(
+                self.inner.call(req),
+                None,
+                self.classify.clone(),
+                self.mode.clone(),
+            ),
+            Admit::Reject(rejection) => ResponseFuture::rejected(rejection, self.mode.clone()),
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The windows over which failure and slow-call rates are measured. Both have a memory bound fixed at build time
+//! and O(1) lock-free updates.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::state::Padded;
+
+/// Counts read from a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+}
+
+/// Which window a breaker measures over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WindowKind {
+    Count(usize),
+    Time { buckets: usize, width: Duration },
+}
+
+// One per breaker, inside its `Arc`: the padding is the point, and boxing it would add a pointer chase per call.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Window {
+    Count(CountWindow),
+    Time(TimeWindow),
+}
+
+impl Window {
+    pub(crate) fn new(kind: WindowKind, base: Instant) -> Self {
+        match kind {
+            WindowKind::Count(size) => Window::Count(CountWindow::new(size)),
+            WindowKind::Time { buckets, width } => {
+                Window::Time(TimeWindow::new(buckets, width, base))
+            }
+        }
+    }
+
+    /// Records one counted call and returns the window's counts right after it, or `None` when a concurrent
+    /// update left them momentarily inconsistent (see [`CountWindow::record`]).
+    pub(crate) fn record(&self, failure: bool, slow: bool) -> Option<Counts> {
+        match self {
+            Window::Count(w) => w.record(failure, slow),
+            Window::Time(w) => Some(w.record(failure, slow, Instant::now())),
+        }
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        match self {
+            Window::Count(w) => w.counts().unwrap_or_default(),
+            Window::Time(w) => w.counts(Instant::now()),
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        match self {
+            Window::Count(w) => w.clear(),
+            Window::Time(w) => w.clear(),
+        }
+    }
+}
+
+// A ring slot holds the last outcome written to it.
+const SLOT_EMPTY: u8 = 0;
+const SLOT_CALL: u8 = 1;
+const SLOT_FAILURE: u8 = 2;
+const SLOT_SLOW: u8 = 4;
+
+// The three counts of the ring live in one word, 21 bits each, so one `fetch_add` updates them together and one
+// load reads a consistent triple.
+const FIELD_BITS: u32 = 21;
+const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
+const FAILURE_UNIT: u64 = 1 << FIELD_BITS;
+const SLOW_UNIT: u64 = 1 << (2 * FIELD_BITS);
+
+/// The largest count window: every count must fit its 21-bit field with room to spare.
+pub(crate) const MAX_COUNT_WINDOW: usize = 1 << 20;
+
+fn slot_weight(slot: u8) -> u64 {
+    let mut w = 0;
+    if slot & SLOT_CALL != 0 {
+        w += 1;
+    }
+    if slot & SLOT_FAILURE != 0 {
+        w += FAILURE_UNIT;
+    }
+    if slot & SLOT_SLOW != 0 {
+        w += SLOW_UNIT;
+    }
+    w
+}
+
+/// A true sliding window over the last `N` calls: a ring of `N` one-byte slots, and the counts kept incrementally
+/// (each write swaps a slot and adds the difference between the new and the old outcome).
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    slots: Box<[AtomicU8]>,
+    next: Padded<AtomicU64>,
+    packed: Padded<AtomicU64>,
+}
+
+impl CountWindow {
+    fn new(size: usize) -> Self {
+        CountWindow {
+            slots: (0..size).map(|_| AtomicU8::new(SLOT_EMPTY)).collect(),
+            next: Padded(AtomicU64::new(0)),
+            packed: Padded(AtomicU64::new(0)),
+        }
+    }
+
+    /// Two writers exactly `N` calls apart can hit the same slot at once; if the later one's difference lands
+    /// first, a field is briefly below zero (the borrow shows as a field larger than the window). The counts are
+    /// right again as soon as both differences have landed, so such a reading is reported as `None` and the
+    /// caller skips that one evaluation rather than act on it.
+    fn record(&self, failure: bool, slow: bool) -> Option<Counts> {
+        let mut slot = SLOT_CALL;
+        if failure {
+            slot |= SLOT_FAILURE;
+        }
+        if slow {
+            slot |= SLOT_SLOW;
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len() as u64;
+        let old = self.slots[index as usize].swap(slot, Ordering::AcqRel);
+        let delta = slot_weight(slot).wrapping_sub(slot_weight(old));
+        if delta == 0 {
+            return self.decode(self.packed.load(Ordering::Acquire));
+        }
+        let before = self.packed.fetch_add(delta, Ordering::AcqRel);
+        self.decode(before.wrapping_add(delta))
+    }
+
+    fn counts(&self) -> Option<Counts> {
+        self.decode(self.packed.load(Ordering::Acquire))
+    }
+
+    fn decode(&self, packed: u64) -> Option<Counts> {
+        let counts = Counts {
+            calls: packed & FIELD_MASK,
+            failures: (packed >> FIELD_BITS) & FIELD_MASK,
+            slow: (packed >> (2 * FIELD_BITS)) & FIELD_MASK,
+        };
+        let consistent = packed >> (3 * FIELD_BITS) == 0
+            && counts.calls <= self.slots.len() as u64
+            && counts.failures <= counts.calls
+            && counts.slow <= counts.calls;
+        consistent.then_some(counts)
+    }
+
+    fn clear(&self) {
+        // Swapping each slot out (rather than zeroing the counts) keeps counts and slots in step with writers
+        // that race the clear.
+        for slot in self.slots.iter() {
+            let old = slot.swap(SLOT_EMPTY, Ordering::AcqRel);
+            let w = slot_weight(old);
+            if w != 0 {
+                self.packed.fetch_sub(w, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// A window over the last `buckets × width` of time: a fixed ring of buckets, each counting one `width`-long
+/// epoch. Every count carries its epoch in its own word (epoch in the high half, count in the low half), so a
+/// writer that finds an old epoch restarts the count with one compare-and-swap, and a reader ignores counts
+/// from epochs that have left the window. No bucket is ever cleaned up in the background.
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    buckets: Box<[Bucket]>,
+    width_nanos: u128,
+    base: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
+}
+
+impl TimeWindow {
+    fn new(buckets: usize, width: Duration, base: Instant) -> Self {
+        TimeWindow {
+            buckets: (0..buckets).map(|_| Bucket::default()).collect(),
+            width_nanos: width.as_nanos().max(1),
+            base,
+        }
+    }
+
+    fn epoch(&self, now: Instant) -> u32 {
+        // Epochs wrap after 2^32 bucket widths; comparisons below use wrapping differences.
+        (now.saturating_duration_since(self.base).as_nanos() / self.width_nanos) as u32
+    }
+
+    fn record(&self, failure: bool, slow: bool, now: Instant) -> Counts {
+        let epoch = self.epoch(now);
+        let bucket = &self.buckets[epoch as usize % self.buckets.len()];
+        bump(&bucket.calls, epoch);
+        if failure {
+            bump(&bucket.failures, epoch);
+        }
+        if slow {
+            bump(&bucket.slow, epoch);
+        }
+        self.sum(epoch)
+    }
+
+    fn counts(&self, now: Instant) -> Counts {
+        self.sum(self.epoch(now))
+    }
+
+    fn sum(&self, epoch: u32) -> Counts {
+        let live = |word: &AtomicU64| {
+            let w = word.load(Ordering::Acquire);
+            let age = epoch.wrapping_sub((w >> 32) as u32);
+            if (age as usize) < self.buckets.len() {
+                w & u64::from(u32::MAX)
+            } else {
+                0
+            }
+        };
+        let mut counts = Counts::default();
+        for b in self.buckets.iter() {
+            counts.calls += live(&b.calls);
+            counts.failures += live(&b.failures);
+            counts.slow += live(&b.slow);
+        }
+        counts
+    }
+
+    fn clear(&self) {
+        // Epoch tags are kept so that a clear cannot resurrect an old bucket; only the counts go.
+        for b in self.buckets.iter() {
+            for word in [&b.calls, &b.failures, &b.slow] {
+                let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    Some(w & !u64::from(u32::MAX))
+                });
+            }
+        }
+    }
+}
+
+fn bump(word: &AtomicU64, epoch: u32) {
+    let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+        let word_epoch = (w >> 32) as u32;
+        if word_epoch == epoch {
+            // A bucket saturates rather than carry into its epoch tag.
+            ((w & u64::from(u32::MAX)) < u64::from(u32::MAX)).then_some(w + 1)
+        } else if (epoch.wrapping_sub(word_epoch) as i32) > 0 {
+            Some((u64::from(epoch) << 32) | 1)
+        } else {
+            // A writer delayed past a whole window turn: its epoch has already left the window.
+            None
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_keeps_only_the_last_n() {
+        let w = CountWindow::new(3);
+        w.record(true, false);
+        w.record(true, true);
+        w.record(false, false);
+        assert_eq!(
+            w.counts(),
+            Some(Counts {
+                calls: 3,
+                failures: 2,
+                slow: 1
+            })
+        );
+        w.record(false, false);
+        w.record(false, false);
+        assert_eq!(
+            w.counts(),
+            Some(Counts {
+                calls: 3,
+                failures: 0,
+                slow: 0
+            })
+        );
+        w.clear();
+        assert_eq!(w.counts(), Some(Counts::default()));
+    }
+
+    #[test]
+    fn a_borrowed_field_reads_as_inconsistent() {
+        let w = CountWindow::new(4);
+        assert_eq!(w.decode(0u64.wrapping_sub(FAILURE_UNIT)), None);
+        assert_eq!(w.decode(5), None);
+    }
+
+    #[test]
+    fn buckets_expire_by_epoch() {
+        let base = Instant::now();
+        let w = TimeWindow::new(3, Duration::from_secs(1), base);
+        w.record(true, false, base);
+        w.record(false, true, base + Duration::from_millis(1500));
+        assert_eq!(w.counts(base + Duration::from_millis(2999)).calls, 2);
+        let c = w.counts(base + Duration::from_secs(3));
+        assert_eq!((c.calls, c.failures, c.slow), (1, 0, 1));
+        assert_eq!(w.counts(base + Duration::from_secs(4)).calls, 0);
+        // A write to a recycled bucket starts from zero.
+        w.record(false, false, base + Duration::from_secs(3));
+        assert_eq!(w.counts(base + Duration::from_secs(3)).failures, 0);
+    }
+}
