@@ -39,11 +39,11 @@ use tower_backpressure::queue::{QueueHandle, QueueLayer};
 use tower_backpressure::rate::{RateLimitHandle, RateLimitLayer};
 
 /// The method's path: package `demo`, service `Work`, method `Do`.
-const PATH: &str = "/demo.Work/Do";
+pub(crate) const PATH: &str = "/demo.Work/Do";
 
 /// Messages are UTF-8 strings, framed by tonic.
 #[derive(Debug, Clone, Copy, Default)]
-struct Utf8;
+pub(crate) struct Utf8;
 
 impl Codec for Utf8 {
     type Encode = String;
@@ -89,8 +89,8 @@ pub(crate) struct Settings {
     pub(crate) max_concurrency: usize,
     /// How many requests may wait for the limit.
     pub(crate) queue_depth: usize,
-    /// Requests per second across all callers; also the burst.
-    pub(crate) rate_per_second: u32,
+    /// Requests per period across all callers (also the burst), and the period.
+    pub(crate) rate: (u32, Duration),
     /// The longest budget a request gets, whatever its caller asks for.
     pub(crate) max_timeout: Duration,
     /// How long the backend works on a request once a worker is free.
@@ -102,7 +102,7 @@ impl Default for Settings {
         Settings {
             max_concurrency: 64,
             queue_depth: 32,
-            rate_per_second: 10_000,
+            rate: (10_000, Duration::from_secs(1)),
             max_timeout: Duration::from_secs(10),
             service_time: Duration::from_millis(20),
         }
@@ -186,7 +186,7 @@ pub(crate) fn serve(
         .build()
         .expect("a positive max_timeout is valid");
     let rate = RateLimitLayer::builder()
-        .rate(settings.rate_per_second, Duration::from_secs(1))
+        .rate(settings.rate.0, settings.rate.1)
         .grpc()
         .build()
         .expect("a positive rate is valid");
