@@ -46,7 +46,10 @@ pub(crate) struct ServerHandles {
 }
 
 /// The handler: answers with a body fed through a channel whose sending end goes to `feeds`, the producer.
-async fn stream(_request: Request<Incoming>, feeds: mpsc::UnboundedSender<Feed>) -> Result<Response<Body>, Infallible> {
+async fn stream(
+    _request: Request<Incoming>,
+    feeds: mpsc::UnboundedSender<Feed>,
+) -> Result<Response<Body>, Infallible> {
     let (feed, chunks) = mpsc::channel::<Bytes>(1);
     if feeds.send(feed).is_err() {
         return Ok(Response::new(Empty::new().boxed_unsync()));
@@ -55,7 +58,9 @@ async fn stream(_request: Request<Incoming>, feeds: mpsc::UnboundedSender<Feed>)
         let chunk = chunks.recv().await?;
         Some((Ok::<_, Infallible>(Frame::data(chunk)), chunks))
     });
-    Ok(Response::new(BodyExt::boxed_unsync(StreamBody::new(frames))))
+    Ok(Response::new(BodyExt::boxed_unsync(StreamBody::new(
+        frames,
+    ))))
 }
 
 /// Starts the protected server on `listener`; each response's body is fed by whoever receives from `feeds`.
@@ -108,11 +113,12 @@ pub(crate) fn serve(listener: TcpListener, feeds: mpsc::UnboundedSender<Feed>) -
 /// The client's response bodies.
 pub(crate) type ClientBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
+/// The client's protected stack, boxed.
+pub(crate) type HttpService =
+    BoxCloneService<Request<Empty<Bytes>>, Response<ClientBody>, BoxError>;
+
 /// A protected HTTP client: `PropagateDeadline → AdaptiveConcurrency → hyper-util's pooled client`.
-pub(crate) fn client() -> (
-    BoxCloneService<Request<Empty<Bytes>>, Response<ClientBody>, BoxError>,
-    AdaptiveHandle,
-) {
+pub(crate) fn client() -> (HttpService, AdaptiveHandle) {
     let http: HttpClient<HttpConnector, Empty<Bytes>> =
         HttpClient::builder(TokioExecutor::new()).build_http();
     let propagate = PropagateDeadlineLayer::builder()
@@ -138,7 +144,11 @@ pub(crate) fn client() -> (
 /// Writes `count` chunks into `feed`, one every `every`, then ends the body.
 async fn produce(feed: Feed, count: usize, every: Duration) {
     for i in 1..=count {
-        if feed.send(Bytes::from(format!("chunk {i}\n"))).await.is_err() {
+        if feed
+            .send(Bytes::from(format!("chunk {i}\n")))
+            .await
+            .is_err()
+        {
             return;
         }
         tokio::time::sleep(every).await;
@@ -163,7 +173,10 @@ async fn main() -> Result<(), BoxError> {
     let response = Deadline::after(Duration::from_secs(5))
         .scope(client.ready().await?.call(request))
         .await?;
-    println!("status {}; the head has arrived, the body is streaming", response.status());
+    println!(
+        "status {}; the head has arrived, the body is streaming",
+        response.status()
+    );
     let mut body = response.into_body();
     while let Some(frame) = body.frame().await {
         if let Ok(chunk) = frame?.into_data() {

@@ -233,7 +233,11 @@ pub(crate) fn serve(
 
 /// The client stack around a tonic channel.
 type ClientStack = PropagateDeadline<
-    CircuitBreaker<AdaptiveConcurrency<Channel, GrpcClassifier, GrpcMode>, GrpcClassifier, GrpcMode>,
+    CircuitBreaker<
+        AdaptiveConcurrency<Channel, GrpcClassifier, GrpcMode>,
+        GrpcClassifier,
+        GrpcMode,
+    >,
     GrpcClassifier,
     GrpcMode,
     (),
@@ -296,7 +300,11 @@ impl Client {
     }
 
     /// Calls `Do` with `budget` to finish.
-    pub(crate) async fn work_within(&mut self, job: &str, budget: Duration) -> Result<String, Status> {
+    pub(crate) async fn work_within(
+        &mut self,
+        job: &str,
+        budget: Duration,
+    ) -> Result<String, Status> {
         Deadline::after(budget).scope(self.work(job)).await
     }
 }

@@ -60,7 +60,9 @@ fn hold_the_clock() -> (
 /// A tonic client over a bare HTTP/2 connection, which sends `grpc-timeout` without enforcing it.
 fn bare_client(
     addr: SocketAddr,
-) -> tonic::client::Grpc<HttpClient<hyper_util::client::legacy::connect::HttpConnector, tonic::body::Body>> {
+) -> tonic::client::Grpc<
+    HttpClient<hyper_util::client::legacy::connect::HttpConnector, tonic::body::Body>,
+> {
     let http = HttpClient::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
@@ -184,9 +186,10 @@ async fn spent_grpc_timeout_answers_deadline_exceeded_not_cancelled() {
     let (addr, server) = start(workers, ex::Settings::default()).await;
 
     let mut client = bare_client(addr);
-    let call = tokio::spawn(async move {
-        call_with_timeout(&mut client, Duration::from_millis(200)).await
-    });
+    let call =
+        tokio::spawn(
+            async move { call_with_timeout(&mut client, Duration::from_millis(200)).await },
+        );
     until("the handler is waiting for a worker", || {
         server.limiter.snapshot().in_flight == 1
     })
