@@ -380,3 +380,60 @@ mod http_mode {
         assert_eq!(second.headers()["grpc-status"], "14");
     }
 }
+
+/// Many tasks on two worker threads hammer one limiter: the inner service never sees more than the limit at once,
+/// and every permit comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_never_exceed_the_limit() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .initial_limit(4)
+        .max_limit(4)
+        .min_samples(1)
+        .window(Duration::from_nanos(1))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let svc = layer.layer(service_fn(move |_: u32| {
+        let (r, p) = (r.clone(), p.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut shed) = (0u32, 0u32);
+                for i in 0..2_000 {
+                    match svc.ready().await.unwrap().call(i).await {
+                        Ok(()) => ok += 1,
+                        Err(e) if e.is::<Overloaded>() => shed += 1,
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
+                }
+                (ok, shed)
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap().0;
+    }
+    assert!(admitted > 0);
+    assert!(
+        peak.load(Ordering::SeqCst) <= 4,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert_eq!(handle.in_flight(), 0);
+    assert!(handle.limit() <= 4 && handle.limit() >= 1);
+}

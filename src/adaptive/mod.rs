@@ -18,8 +18,9 @@
 //! - Clones share one limit and one in-flight count (one `Arc` per layer).
 //! - The permit is held until the response is really done (for HTTP until the body ends), and released exactly
 //!   once on every path, panics and dropped futures included.
-//! - The hot path is two atomic adds and a compare on admission and a few atomic adds on completion; the
-//!   algorithm runs once per window, by whichever request closes it, under a try-lock nobody waits for.
+//! - The hot path is an atomic add, a compare and an atomic max on admission and a few atomic adds on
+//!   completion; the algorithm runs once per window, by whichever request closes it, under a try-lock nobody
+//!   waits for.
 //! - The limit is observable and tunable live through an [`AdaptiveHandle`], which also serves as the queue
 //!   layer's [`LimitSource`](crate::core::LimitSource).
 //!

@@ -35,8 +35,9 @@ enum Phase {
 /// - unsaturated window (in-flight never reached the limit; stricter than app-limited): throughput was demand,
 ///   not capacity, so the limit holds, nothing is learnt and no probe starts;
 /// - a window with a drop caps the limit at `backoff × limit` (default 0.9);
-/// - **probe**: every `probe_interval` windows (default 8) the limit drops to `ceil(probe_factor × knee)`
-///   (default 0.9) until the requests admitted before have drained (1.5 mean latencies), and the next window's
+/// - **probe**: at the first saturated window and then every `probe_interval` saturated windows (default 12)
+///   the limit drops to `ceil(probe_factor × knee)` (default 0.92; at least one below the knee once it is 4 or
+///   more) until the requests admitted before have drained (1.5 mean latencies), and the next window's
 ///   mean latency — free of queueing if the probe limit is at or below `W` — updates `r0`.
 ///
 /// # Why it holds where the anchors fail
@@ -49,8 +50,8 @@ enum Phase {
 /// - **Modest sustained overload (s5b).** Overloaded from the start, no ordinary window is free of queueing.
 ///   The probe is: if `probe_factor × knee` is still past the knee, the probe latency is `probe_factor ×` the
 ///   current estimate's and the estimate contracts by that factor; at or below the knee the probe measures `S`
-///   itself. The estimate converges into `[W, W / probe_factor]` and cannot creep up.
-/// - **Baseline re-measurement (Envoy's min-RTT probe).** The probe lowers the limit to 85 % of the knee for
+///   itself. The estimate contracts towards `W` and cannot creep up.
+/// - **Baseline re-measurement (Envoy's min-RTT probe).** The probe lowers the limit to 92 % of the knee for
 ///   about one latency plus one window, not to a fixed minimum, so throughput barely dips and no burst of
 ///   rejections follows.
 /// - **Slowdown (s4).** When `S` triples the backend still has `W` workers: `x` falls and, at the next probe,
@@ -76,15 +77,15 @@ impl Default for Knee {
         Knee {
             gain: 2.0,
             headroom: 2.0,
-            probe_interval: 8,
-            probe_factor: 0.9,
+            probe_interval: 12,
+            probe_factor: 0.92,
             smoothing: 0.25,
             backoff: 0.9,
             throughput: 0.0,
             base_latency: 0.0,
             probe_limit: 0.0,
-            // The first probe comes early: the first windows' latency may already include a queue.
-            phase: Phase::Normal(6),
+            // The first saturated window starts a probe: its latency may include a queue.
+            phase: Phase::Normal(12),
             settled: false,
         }
     }
@@ -110,14 +111,15 @@ impl Knee {
         self
     }
 
-    /// Windows between two probes, in `[2, 10000]` (default 8).
+    /// Saturated windows between two probes, in `[2, 10000]` (default 12).
     #[must_use]
     pub fn probe_interval(mut self, windows: u64) -> Self {
         self.probe_interval = windows;
+        self.phase = Phase::Normal(windows);
         self
     }
 
-    /// The limit during a probe, as a fraction of the estimated knee (rounded up), in `[0.5, 1)` (default 0.9).
+    /// The limit during a probe, as a fraction of the estimated knee (rounded up), in `[0.5, 1)` (default 0.92).
     #[must_use]
     pub fn probe_factor(mut self, factor: f64) -> Self {
         self.probe_factor = factor;
@@ -142,7 +144,13 @@ impl Knee {
     /// Lowers the limit to `probe_factor × knee` until the requests admitted before have drained.
     fn start_probe(&mut self, latency: f64) -> f64 {
         let knee = self.throughput * self.base_latency;
-        self.probe_limit = (self.probe_factor * knee).ceil().max(1.0);
+        let mut probe = (self.probe_factor * knee).ceil();
+        // Rounding up would leave a mid-sized knee (below 1 / (1 - probe_factor)) unprobed: at least one request
+        // below it. Small knees are left alone: one request there is a large share of capacity.
+        if knee >= 4.0 {
+            probe = probe.min(knee.ceil() - 1.0);
+        }
+        self.probe_limit = probe.max(1.0);
         // Latency is a mean: the slowest requests admitted before the probe take longer to drain.
         self.phase = Phase::Draining(1.5 * latency);
         self.probe_limit
@@ -258,8 +266,24 @@ mod tests {
     use super::super::test_util::{busy, dropped, idle};
     use super::*;
 
-    /// A closed-loop model of a backend with `workers` workers and service time `service_ms`, run under
-    /// unlimited demand: in-flight is always the limit.
+    /// One window of a closed-loop model of a backend with `workers` workers and service time `service_ms`
+    /// under unlimited demand (in-flight is always the limit); `latency_ms` overrides the modelled latency.
+    fn model(workers: f64, service_ms: f64, limit: f64, latency_ms: Option<f64>) -> Window {
+        let in_flight = limit.floor().max(1.0);
+        let latency_ms = latency_ms.unwrap_or(service_ms * (in_flight / workers).max(1.0));
+        let duration = Duration::from_millis(250);
+        let throughput = in_flight.min(workers) / (service_ms / 1000.0);
+        Window {
+            limit,
+            samples: (throughput * duration.as_secs_f64()) as u64,
+            dropped: 0,
+            mean_latency: Duration::from_secs_f64(latency_ms / 1000.0),
+            min_latency: Duration::from_secs_f64(latency_ms / 1000.0),
+            max_in_flight: in_flight as usize,
+            duration,
+        }
+    }
+
     fn saturated(
         knee: &mut Knee,
         workers: f64,
@@ -269,25 +293,37 @@ mod tests {
     ) -> Vec<f64> {
         let mut limits = Vec::new();
         for _ in 0..windows {
-            let in_flight = limit.floor().max(1.0);
-            let busy_workers = in_flight.min(workers);
-            let latency_ms = service_ms * (in_flight / workers).max(1.0);
-            let duration = Duration::from_millis(250);
-            let throughput = busy_workers / (service_ms / 1000.0);
-            let samples = (throughput * duration.as_secs_f64()) as u64;
-            let w = Window {
-                limit,
-                samples,
-                dropped: 0,
-                mean_latency: Duration::from_secs_f64(latency_ms / 1000.0),
-                min_latency: Duration::from_secs_f64(latency_ms / 1000.0),
-                max_in_flight: in_flight as usize,
-                duration,
-            };
-            limit = knee.update(&w).max(1.0);
+            limit = knee
+                .update(&model(workers, service_ms, limit, None))
+                .max(1.0);
             limits.push(limit);
         }
         limits
+    }
+
+    #[test]
+    fn one_lucky_fast_probe_does_not_collapse_the_limit() {
+        let mut k = Knee::new();
+        let mut limit = *saturated(&mut k, 8.0, 40.0, 20.0, 100).last().unwrap();
+        let mut lucky = false;
+        let mut after = Vec::new();
+        for _ in 0..80 {
+            let measuring = matches!(k.phase, Phase::Draining(left) if left <= 0.0);
+            // The probe window that sets the baseline comes out 20 times faster than the service can be.
+            let latency = (measuring && !lucky).then_some(2.0);
+            lucky |= latency.is_some();
+            let before = limit;
+            limit = k.update(&model(8.0, 40.0, limit, latency)).max(1.0);
+            // The limit the service runs at between probes, read as each probe starts.
+            if lucky && matches!(k.phase, Phase::Draining(left) if left > 0.0) {
+                after.push(before);
+            }
+        }
+        assert!(lucky, "no probe measured");
+        assert!(
+            after.len() >= 2 && after.iter().all(|&l| l >= 8.0),
+            "{after:?}"
+        );
     }
 
     #[test]
