@@ -1071,3 +1071,86 @@ async fn http_latency_runs_to_the_end_of_the_body() {
     assert_eq!((snap.in_flight, snap.slow_calls), (0, 1));
     assert_eq!(snap.state, CircuitState::Open);
 }
+
+/// Many tasks on two threads arrive together after the open period: one Open → HalfOpen transition, exactly N
+/// probes admitted, one verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_tasks_get_exactly_n_probes() {
+    const TASKS: usize = 64;
+    const PROBES: usize = 5;
+    for round in 0..20 {
+        let transitions = Transitions::default();
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let count_admitted = {
+            let admitted = admitted.clone();
+            move |e: &Event| {
+                if matches!(e, Event::Admitted { .. }) {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
+        let layer = CircuitBreakerLayer::builder()
+            .count_window(1)
+            .minimum_calls(1)
+            .wait_in_open(Duration::from_millis(1))
+            .max_wait_in_open(Duration::from_millis(1))
+            .jitter(0.0)
+            .permitted_calls_in_half_open(PROBES as u32)
+            .max_wait_in_half_open(Duration::from_secs(3600))
+            .observer((transitions.observer(), count_admitted))
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        // Successful calls wait at the gate, so every probe is still in flight when the others arrive.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let svc = {
+            let gate = gate.clone();
+            layer.layer(service_fn(move |fail: bool| {
+                let gate = gate.clone();
+                async move {
+                    if fail {
+                        return Err::<(), BoxError>("boom".into());
+                    }
+                    gate.acquire().await.unwrap().forget();
+                    Ok(())
+                }
+            }))
+        };
+        let _ = svc.clone().call(true).await;
+        assert_eq!(handle.state(), CircuitState::Open);
+        let open_until = tokio::time::Instant::now() + Duration::from_millis(2);
+        let start = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let called = Arc::new(tokio::sync::Barrier::new(TASKS + 1));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let mut svc = svc.clone();
+                let (start, called) = (start.clone(), called.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    tokio::time::sleep_until(open_until).await;
+                    let response = svc.call(false);
+                    called.wait().await;
+                    response.await.is_ok()
+                })
+            })
+            .collect();
+        called.wait().await;
+        assert_eq!(
+            admitted.load(Ordering::Relaxed),
+            1 + PROBES,
+            "round {round}: the trip call and N probes"
+        );
+        gate.add_permits(TASKS);
+        let mut succeeded = 0;
+        for t in tasks {
+            succeeded += usize::from(t.await.unwrap());
+        }
+        assert_eq!(succeeded, PROBES, "round {round}");
+        use CircuitState::*;
+        assert_eq!(
+            transitions.list(),
+            [(Closed, Open), (Open, HalfOpen), (HalfOpen, Closed)],
+            "round {round}"
+        );
+    }
+}

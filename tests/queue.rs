@@ -888,3 +888,12 @@ async fn a_standing_flood_of_sheddable_traffic_does_not_cut_critical_waits() {
     assert!(shed > 1500, "the flood was shed: {shed}");
     assert_eq!(handle.snapshot().in_flight, 0);
 }
+
+#[cfg(feature = "sim")]
+#[test]
+fn the_priority_header_is_the_one_the_simulator_sends() {
+    assert_eq!(
+        tower_backpressure::queue::PRIORITY_HEADER,
+        tower_backpressure::sim::PRIORITY_HEADER
+    );
+}

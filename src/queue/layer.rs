@@ -154,15 +154,15 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
         self
     }
 
-    /// CoDel's target (default 5 ms): once a level's queueing delay has stayed above half of it for a whole
-    /// interval (a standing queue), its queued requests may wait at most this long.
+    /// CoDel's target (default 5 ms): once a queue has not been empty for a whole interval (a standing queue), its
+    /// queued requests may wait at most this long.
     pub fn codel_target(mut self, target: Duration) -> Self {
         self.settings.target = target;
         self
     }
 
-    /// CoDel's interval (default 100 ms): how long a level's delay must stay above half the target to count as a
-    /// standing queue. Adaptive LIFO uses the same test.
+    /// CoDel's interval (default 100 ms): how long a queue must stay non-empty (90 % of the time) to count as
+    /// standing. Adaptive LIFO uses the same test.
     pub fn codel_interval(mut self, interval: Duration) -> Self {
         self.settings.interval = interval;
         self

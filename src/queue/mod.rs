@@ -9,16 +9,18 @@
 //!
 //! - **Bounded**: at most `max_depth` requests wait; a full queue rejects at once (reason queue-full), and a
 //!   request never waits longer than `max_wait` (queue-timeout).
-//! - **CoDel** (after Facebook's "Fail at Scale" and its implementation in folly; target 5 ms, interval 100 ms):
-//!   a level whose queueing delay stayed above half the target for a whole interval has a *standing* queue, and
-//!   its queued requests may then wait at most the target; otherwise up to `max_wait`. A burst that drains
-//!   within the interval is served in full; a standing queue is cut down to the target instead of growing
-//!   latency for everyone. The test looks at the smallest delay of the interval, not at whether the queue was
-//!   ever empty: a moderately loaded level whose queue is rarely empty but always short is not cut, and a
-//!   standing queue touching empty for an instant is not mistaken for a drained one. Each priority level is
-//!   judged on its own: a standing flood of sheddable requests does not cut the short waits of critical ones.
-//! - **Adaptive LIFO** (on by default): while a level's queue stands, its newest request is served first (the
-//!   oldest ones' clients have probably given up); FIFO otherwise.
+//! - **CoDel** (after Facebook's "Fail at Scale"; target 5 ms, interval 100 ms): a queue that has not been empty
+//!   for a whole interval is *standing*, and its queued requests may then wait at most the target; otherwise up
+//!   to `max_wait`. A burst that drains within the interval is served in full; a standing queue is cut down to
+//!   the target instead of growing latency for everyone. "Not empty" is measured as a share of time (at least
+//!   90 % of the interval), so a standing queue that the cut empties for an instant is not mistaken for a
+//!   drained one.
+//! - **Adaptive LIFO** (on by default): while a queue stands, its newest request is served first (the oldest
+//!   ones' clients have probably given up); FIFO otherwise.
+//! - Both act **per priority level, lowest first**: each level's queue is judged on its own, and a level is cut
+//!   and reordered only while no lower level stands. While a flood of sheddable requests stands in the queue,
+//!   critical requests keep their FIFO order and their full `max_wait`, even when their own queue is rarely
+//!   empty; when everything is critical, CoDel and LIFO act on the critical level.
 //! - **Priorities**: [`Priority`] `critical_plus`, `critical`, `sheddable_plus`, `sheddable` (the SRE book's
 //!   criticality), read by a [`Prioritize`]r: with `.http()`/`.grpc()`, [`HeaderPriority`] reads a [`Priority`]
 //!   request extension, a user extractor, or the `x-priority` header ([`PRIORITY_HEADER`], the one the

@@ -11,7 +11,9 @@ use crate::core::{AnyOk, Classify, ErrorMode, LimitSource, Observer, RejectMode,
 
 /// The queue-depth shedder around a service `S`; built by [`QueueLayer`](super::QueueLayer).
 ///
-/// Clones share one limit and one queue.
+/// Clones share one limit and one queue. `S` must be `Clone`: a queued request carries the service instance that
+/// was polled ready for it until it gets its slot (as tower's `Buffer` does), and a fresh clone serves the next
+/// call.
 pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
     inner: S,
     shared: Arc<Shared<L, O>>,

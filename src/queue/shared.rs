@@ -155,11 +155,11 @@ impl WaitQueue {
         }
     }
 
-    /// Whether CoDel's cut and adaptive LIFO act on `level` now: its queue stands, and no lower level is queued.
-    /// Lower levels are shed first: while sheddable requests wait, critical ones keep their FIFO order and their
-    /// full `max_wait`, even if their own queue is rarely empty.
+    /// Whether CoDel's cut and adaptive LIFO act on `level` now: its queue stands, and no lower level's does.
+    /// Lower levels are shed first: while a flood of sheddable requests stands in the queue (even if the cut
+    /// empties it for a moment), critical ones keep their FIFO order and their full `max_wait`.
     fn managed(&self, level: usize) -> bool {
-        self.standing[level].standing && self.lowest_level().is_none_or(|l| l >= level)
+        self.standing[level].standing && !self.standing[..level].iter().any(|s| s.standing)
     }
 
     fn push(&mut self, level: usize, enqueued: Instant, deadline: Option<Deadline>) -> usize {
@@ -486,7 +486,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         if self.config.codel {
             let target = self.config.target;
             // In a standing queue nobody may wait longer than the target; the oldest sit at the heads.
-            if let Some(level) = q.lowest_level().filter(|&l| q.managed(l)) {
+            if let Some(level) = (0..LEVELS).find(|&l| q.managed(l)) {
                 while let Some(head) = Some(q.lists[level].head).filter(|&h| h != NIL) {
                     if now.saturating_duration_since(q.nodes[head].enqueued) <= target {
                         break;

@@ -168,6 +168,12 @@ pub const STRATEGIES: &[Strategy] = &[
         about: "circuit breaker with its defaults, HTTP mode",
         build: breaker,
     },
+    Strategy {
+        name: "queue",
+        about:
+            "queue shedder (CoDel, adaptive LIFO, priorities), HTTP mode, fixed limit = 2 x workers",
+        build: queue,
+    },
 ];
 
 /// The strategy called `name`.
@@ -221,6 +227,22 @@ fn breaker(backend: SimService, _scenario: &Scenario) -> Stack {
         .build()
         .expect("the breaker's defaults are valid");
     Stack::new(boxed(tower_layer::Layer::layer(&layer, backend)))
+}
+
+fn queue(backend: SimService, scenario: &Scenario) -> Stack {
+    let limit = 2 * scenario.backend.workers;
+    let layer = crate::queue::QueueLayer::builder()
+        .limit(limit)
+        .http()
+        .build()
+        .expect("the queue strategy's configuration is valid");
+    let handle = layer.handle();
+    let service = ServiceBuilder::new().layer(layer).service(backend);
+    Stack::new(boxed(service)).probes(
+        Probes::none()
+            .limit(move || limit)
+            .queue_depth(move || handle.snapshot().depth),
+    )
 }
 
 /// Boxes any HTTP stack over the simulator's request type into a [`SimService`], boxing its response body.
