@@ -15,9 +15,9 @@
 //!
 //! [`encode_grpc_timeout`] picks the finest unit whose value fits in eight digits, and **truncates** to that
 //! unit. A budget passed on to another hop must never grow: rounding up would hand the next hop time the caller
-//! does not have, and over many hops the error would add up on the wrong side. Truncating costs at most one unit
-//! of the chosen (finest fitting) unit, which is always less than a millionth of the value once the value needs a
-//! unit coarser than nanoseconds. Budgets beyond `99999999H` saturate to it (still never larger than the truth).
+//! does not have, and over many hops the error would add up on the wrong side. Truncating costs less than one
+//! unit of the chosen (finest fitting) unit: nothing below 100 ms (sent in nanoseconds), and above that less than
+//! 1/100 000 of the value (a coarser unit is only chosen once the value reaches 100 000 of it). Budgets beyond `99999999H` saturate to it (still never larger than the truth).
 //!
 //! # The millisecond header
 //!

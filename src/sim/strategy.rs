@@ -174,6 +174,11 @@ pub const STRATEGIES: &[Strategy] = &[
             "queue shedder (CoDel, adaptive LIFO, priorities), HTTP mode, fixed limit = 2 x workers",
         build: queue,
     },
+    Strategy {
+        name: "deadline",
+        about: "DeadlineLayer alone (HTTP mode): reads grpc-timeout, refuses expired requests, cancels at expiry",
+        build: deadline,
+    },
 ];
 
 /// The strategy called `name`.
@@ -243,6 +248,14 @@ fn queue(backend: SimService, scenario: &Scenario) -> Stack {
             .limit(move || limit)
             .queue_depth(move || handle.snapshot().depth),
     )
+}
+
+fn deadline(backend: SimService, _scenario: &Scenario) -> Stack {
+    let layer = crate::deadline::DeadlineLayer::builder()
+        .http()
+        .build()
+        .expect("the default deadline configuration is valid");
+    Stack::new(boxed(ServiceBuilder::new().layer(layer).service(backend)))
 }
 
 /// Boxes any HTTP stack over the simulator's request type into a [`SimService`], boxing its response body.
