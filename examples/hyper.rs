@@ -136,6 +136,7 @@ pub(crate) fn client() -> (HttpService, AdaptiveHandle) {
         // The limiter answers rejections with an empty body of the inner type, so that type needs a default.
         .map_response(|response: Response<Incoming>| response.map(BodyExt::boxed_unsync))
         .service(http)
+        // One nameable body type for callers, instead of the layers' nested tracking bodies.
         .map_response(|response| response.map(BodyExt::boxed_unsync))
         .map_err(BoxError::from);
     (BoxCloneService::new(service), handle)
