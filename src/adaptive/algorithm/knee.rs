@@ -35,8 +35,7 @@ enum Phase {
 /// - unsaturated window (in-flight never reached the limit; stricter than app-limited): throughput was demand,
 ///   not capacity, so the limit holds, nothing is learnt and no probe starts;
 /// - a window with a drop caps the limit at `backoff × limit` (default 0.9);
-/// - **probe**: at the second saturated window in a row (one window may be a burst's edge, its throughput
-///   mostly the demand before the burst) and then every `probe_interval` saturated windows (default 12)
+/// - **probe**: at the first saturated window and then every `probe_interval` saturated windows (default 12)
 ///   the limit drops to `ceil(probe_factor × knee)` (default 0.92; at least one below the knee once it is 4 or
 ///   more) until the requests admitted before have drained (1.5 mean latencies), and the next window's
 ///   mean latency — free of queueing if the probe limit is at or below `W` — updates `r0`.
@@ -85,8 +84,8 @@ impl Default for Knee {
             throughput: 0.0,
             base_latency: 0.0,
             probe_limit: 0.0,
-            // Two saturated windows in a row start the first probe: its latency may include a queue.
-            phase: Phase::Normal(12 - FIRST_PROBE_STREAK),
+            // The first saturated window starts a probe: its latency may include a queue.
+            phase: Phase::Normal(12),
             settled: false,
         }
     }
@@ -116,7 +115,7 @@ impl Knee {
     #[must_use]
     pub fn probe_interval(mut self, windows: u64) -> Self {
         self.probe_interval = windows;
-        self.phase = Phase::Normal(windows.saturating_sub(FIRST_PROBE_STREAK));
+        self.phase = Phase::Normal(windows);
         self
     }
 
@@ -230,15 +229,7 @@ impl Knee {
             }
             // Below the limit throughput is demand, not capacity, and latency may or may not include a queue:
             // nothing to learn, and no reason to probe.
-            Phase::Normal(_) if !saturated(w) => {
-                if self.probe_limit == 0.0 {
-                    // The first probe waits for sustained saturation: a burst shorter than a window saturates
-                    // one at most, and the first estimate taken from it (throughput mostly set by the demand
-                    // before the burst) would probe far below the knee and queue the traffic that follows.
-                    self.phase =
-                        Phase::Normal(self.probe_interval.saturating_sub(FIRST_PROBE_STREAK));
-                }
-            }
+            Phase::Normal(_) if !saturated(w) => {}
             Phase::Normal(n) => {
                 if self.base_latency == 0.0 && latency > 0.0 {
                     self.base_latency = latency;
@@ -262,9 +253,6 @@ impl Knee {
         target.max(1.0)
     }
 }
-
-/// Saturated windows in a row that start the first probe.
-const FIRST_PROBE_STREAK: u64 = 2;
 
 /// Whether in-flight reached the enforced limit during the window: only then is throughput capacity.
 fn saturated(w: &Window) -> bool {
@@ -336,22 +324,6 @@ mod tests {
             after.len() >= 2 && after.iter().all(|&l| l >= 8.0),
             "{after:?}"
         );
-    }
-
-    #[test]
-    fn a_burst_saturating_one_window_does_not_start_the_first_probe() {
-        let mut k = Knee::new();
-        // A window that touched the limit at a burst's start (its throughput mostly the demand before the
-        // burst), then a calm one, then another burst: no probe yet.
-        let burst = busy(20.0, 10, 117);
-        let calm = idle(busy(20.0, 10, 80));
-        for w in [burst, calm, burst] {
-            k.update(&w);
-            assert!(matches!(k.phase, Phase::Normal(_)), "{:?}", k.phase);
-        }
-        // A second saturated window in a row does start it.
-        k.update(&burst);
-        assert!(matches!(k.phase, Phase::Draining(_)), "{:?}", k.phase);
     }
 
     #[test]
