@@ -9,7 +9,7 @@ const WARMUP: u32 = 10;
 /// (`long`) that stands for the latency the service is used to:
 ///
 /// ```text
-/// long = EMA(short) over long_window windows (plain mean over the first 10)
+/// long = EMA(short) over long_window windows (plain mean until 10 samples are in)
 /// if long / short > 2:               long = long * 0.95      (recover quickly after a load spike)
 /// if dropped > 0:                    gradient = 0.5, queue = 0   (ours: upstream ignores drops)
 /// else if max_in_flight < limit / 2: unchanged (app-limited)
@@ -22,9 +22,15 @@ const WARMUP: u32 = 10;
 /// (samples upstream, windows here). Netflix's initial limit (20), minimum (20) and maximum (200) belong to the
 /// layer here.
 ///
-/// Known weakness kept on purpose: when every request is equally slow (a hung backend at the client's timeout,
-/// scenario s5a) `long == short`, the gradient is 1 and the limit grows by `smoothing × queue_size` per window
-/// until it reaches its maximum. Drops are the only brake, which is why this implementation reacts to them.
+/// The warm-up of `long` is counted in samples, as upstream counts it (10), not in windows: with the layer's
+/// windows of 20 samples or more it ends with the first window. A plain mean over the first 10 *windows* would
+/// fold whatever queueing the initial limit builds during them into the baseline; with a backend whose every
+/// request is equally slow (a hung backend at the client's timeout, scenario s5a) the limit's own queue then
+/// raises `short` by less than `rtt_tolerance` over that inflated `long`, the gradient stays 1 and the limit keeps
+/// growing by `smoothing × queue_size` per window (Netflix concurrency-limits issue 137). Anchored to the first
+/// window, `long` stays near the latency seen before the limit queued much, and once the limit's own queue makes
+/// `short` exceed `rtt_tolerance × long` the gradient brakes it. Drops remain the other brake, which is why this
+/// implementation reacts to them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gradient2 {
     smoothing: f64,
@@ -83,10 +89,14 @@ impl Gradient2 {
         self
     }
 
-    fn add_long(&mut self, rtt: f64) -> f64 {
+    /// Feeds one window's mean into the long average: while fewer than [`WARMUP`] samples have been seen, a
+    /// sample-weighted plain mean (upstream warms up over its first 10 samples, not 10 windows); then an EMA over
+    /// `long_window` windows.
+    fn add_long(&mut self, rtt: f64, samples: u64) -> f64 {
         if self.seen < WARMUP {
-            self.seen += 1;
-            self.long_rtt += (rtt - self.long_rtt) / f64::from(self.seen);
+            let samples = u32::try_from(samples).unwrap_or(u32::MAX).max(1);
+            self.seen = self.seen.saturating_add(samples);
+            self.long_rtt += (rtt - self.long_rtt) * f64::from(samples) / f64::from(self.seen);
         } else {
             let factor = 2.0 / (f64::from(self.long_window) + 1.0);
             self.long_rtt += (rtt - self.long_rtt) * factor;
@@ -121,7 +131,7 @@ impl Algorithm for Gradient2 {
         let limit = w.limit;
         let short = w.mean_latency.as_secs_f64();
         let (gradient, queue) = if short > 0.0 {
-            let long = self.add_long(short);
+            let long = self.add_long(short, w.samples);
             if long / short > 2.0 {
                 self.long_rtt *= 0.95;
             }
@@ -165,6 +175,15 @@ mod tests {
         }
         // short = 4 x long: gradient floors at 0.5, new = 14, smoothed 20 * 0.8 + 14 * 0.2 = 18.8.
         assert!((g.update(&busy(20.0, 80, 20)) - 18.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn warm_up_ends_after_ten_samples_so_an_early_climb_is_not_the_baseline() {
+        let mut g = Gradient2::new();
+        g.update(&busy(20.0, 20, 20));
+        // long stays near 20 ms (not the 30 ms a plain mean of both windows gives): gradient 1.5 x 20.07 / 40 =
+        // 0.75, so the limit shrinks instead of growing to 20.8.
+        assert!(g.update(&busy(20.0, 40, 20)) < 20.0);
     }
 
     #[test]
