@@ -621,3 +621,41 @@ async fn nested_deadline_scopes_keep_the_earliest() {
     assert!(outer.can_finish(tokio::time::Instant::now(), Duration::from_secs(3)));
     assert!(!outer.can_finish(tokio::time::Instant::now(), Duration::from_secs(4)));
 }
+
+#[tokio::test]
+async fn local_rejections_are_ignored_by_outer_classifiers() {
+    let log = Log::new();
+    let refused: http::Response<Empty<Bytes>> = <HttpMode as RejectMode<_, Infallible>>::reject(
+        &HttpMode,
+        Rejection::new(Reason::Overloaded),
+    )
+    .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let _ = <HttpStatus as Classify<_, Infallible>>::finish(
+        &HttpStatus::new(),
+        Ok(refused),
+        Some(permit(&log)),
+    );
+    let refused: http::Response<Empty<Bytes>> = <GrpcMode as RejectMode<_, Infallible>>::reject(
+        &GrpcMode,
+        Rejection::new(Reason::CircuitOpen),
+    )
+    .unwrap();
+    let _ = <GrpcClassifier as Classify<_, Infallible>>::finish(
+        &GrpcClassifier::new(),
+        Ok(refused),
+        Some(permit(&log)),
+    );
+    // The same statuses from the service itself are overload signals.
+    let mut upstream = http::Response::new(Empty::<Bytes>::new());
+    *upstream.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let _ = <HttpStatus as Classify<_, Infallible>>::finish(
+        &HttpStatus::new(),
+        Ok(upstream),
+        Some(permit(&log)),
+    );
+    assert_eq!(
+        log.outcomes(),
+        [Outcome::Ignored, Outcome::Ignored, Outcome::Dropped]
+    );
+}

@@ -8,7 +8,8 @@ use http_body::Body;
 
 use super::rejection::retry_after_millis;
 use super::{
-    Classify, ClassifyEos, HttpStatus, Outcome, Permit, RejectMode, Rejection, TrackedBody,
+    is_local_rejection, Classify, ClassifyEos, HttpStatus, Outcome, Permit, RejectMode, Rejection,
+    TrackedBody,
 };
 
 /// gRPC status codes, as numbers (`grpc-status` values).
@@ -158,7 +159,9 @@ where
     ) -> Result<Self::Response, E> {
         match result {
             Ok(response) => {
-                let outcome = if response.status() != http::StatusCode::OK {
+                let outcome = if is_local_rejection(&response) {
+                    Some(Outcome::Ignored)
+                } else if response.status() != http::StatusCode::OK {
                     Some(HttpStatus::new().outcome_for(response.status()))
                 } else {
                     self.outcome_for_headers(response.headers())
@@ -195,8 +198,11 @@ impl<B: Default, E> RejectMode<http::Response<B>, E> for GrpcMode {
 }
 
 /// The trailers-only response [`GrpcMode`] answers a rejection with.
+///
+/// Like [`http_rejection`](super::http_rejection), it carries the [`Rejection`] in its extensions.
 pub fn grpc_rejection<B: Default>(rejection: Rejection) -> http::Response<B> {
     let mut response = http::Response::new(B::default());
+    response.extensions_mut().insert(rejection);
     let headers = response.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,

@@ -181,6 +181,14 @@ impl HttpStatus {
     }
 }
 
+/// Whether `response` is a refusal made by one of this process's layers (an inner limiter, queue or breaker)
+/// rather than an answer from the service behind them. Classifiers record such a response as
+/// [`Outcome::Ignored`]: a local layer shedding load says nothing about the health of the dependency, so an outer
+/// circuit breaker must not trip on it and an outer limiter must not learn from it.
+pub fn is_local_rejection<B>(response: &http::Response<B>) -> bool {
+    response.extensions().get::<Rejection>().is_some()
+}
+
 fn default_outcome(code: u16) -> Outcome {
     match code {
         429 | 503 | 504 => Outcome::Dropped,
@@ -210,7 +218,11 @@ where
     ) -> Result<Self::Response, E> {
         match result {
             Ok(response) => {
-                let outcome = self.outcome_for(response.status());
+                let outcome = if is_local_rejection(&response) {
+                    Outcome::Ignored
+                } else {
+                    self.outcome_for(response.status())
+                };
                 Ok(response.map(|body| TrackedBody::new(body, permit, Some(outcome), ())))
             }
             Err(error) => {
@@ -244,8 +256,12 @@ impl<B: Default, E> RejectMode<http::Response<B>, E> for HttpMode {
 }
 
 /// The response [`HttpMode`] answers a rejection with.
+///
+/// The response carries the [`Rejection`] in its extensions, so layers further out recognise a refusal made by
+/// a layer of this process (see [`is_local_rejection`]).
 pub fn http_rejection<B: Default>(rejection: Rejection) -> http::Response<B> {
     let mut response = http::Response::new(B::default());
+    response.extensions_mut().insert(rejection);
     *response.status_mut() = rejection.reason().http_status();
     if let Some(secs) = rejection.retry_after().and_then(retry_after_secs) {
         response

@@ -48,6 +48,8 @@ pub use self::rejection::{
 #[cfg(feature = "grpc")]
 pub use self::grpc::{grpc_rejection, GrpcClassifier, GrpcMode};
 #[cfg(feature = "http")]
-pub use self::http::{http_rejection, ClassifyEos, HttpMode, HttpStatus, TrackedBody};
+pub use self::http::{
+    http_rejection, is_local_rejection, ClassifyEos, HttpMode, HttpStatus, TrackedBody,
+};
 #[cfg(feature = "metrics")]
 pub use self::metrics::MetricsObserver;
