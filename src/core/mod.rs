@@ -24,6 +24,7 @@ mod observer;
 mod outcome;
 mod permit;
 mod rejection;
+pub(crate) mod stripe;
 
 #[cfg(feature = "grpc")]
 pub mod grpc;

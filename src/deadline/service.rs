@@ -17,7 +17,7 @@ use super::future::{PropagateFuture, ResponseFuture};
 use super::layer::{ClientConfig, ServerConfig};
 use super::mode::RejectInvalid;
 use super::shared::Shared;
-use crate::core::{Classify, Deadline, Observer, Permit, RejectMode};
+use crate::core::{Classify, Deadline, Observer, RejectMode};
 
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
 
@@ -168,7 +168,7 @@ where
 
         request.extensions_mut().insert(deadline);
         self.shared.admitted();
-        let permit = Permit::admitted_at(self.shared.clone(), 0, now);
+        let permit = self.shared.permit(now);
         let inner = deadline.scope(self.inner.call(request));
         ResponseFuture::running(
             inner,
@@ -292,7 +292,7 @@ where
         // Layers below (breaker, limiter) may shed a request that cannot finish in time.
         request.extensions_mut().insert(deadline);
         self.shared.admitted();
-        let permit = Permit::admitted_at(self.shared.clone(), 0, now);
+        let permit = self.shared.permit(now);
         let inner = deadline.scope(self.inner.call(request));
         PropagateFuture::running(
             inner,

@@ -1,11 +1,14 @@
 //! State shared by all clones of one deadline layer: configuration, observer and counters.
 
+use std::any::TypeId;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::core::{Event, Observer, Outcome, Reason, Release};
+use tokio::time::Instant;
+
+use crate::core::{Event, Observer, Outcome, Permit, Reason, Release};
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -20,6 +23,9 @@ pub(super) struct Shared<K, O> {
     pub(super) config: K,
     pub(super) observer: O,
     layer: &'static str,
+    /// Whether latencies are worth a clock read when a request finishes: only the observer uses them, and `()`
+    /// ignores them.
+    pub(super) timed: bool,
     counters: Counters,
 }
 
@@ -29,6 +35,7 @@ impl<K, O: Observer> Shared<K, O> {
             config,
             observer,
             layer,
+            timed: TypeId::of::<O>() != TypeId::of::<()>(),
             counters: Counters::default(),
         }
     }
@@ -53,6 +60,17 @@ impl<K, O: Observer> Shared<K, O> {
 
     pub(super) fn invalid(&self) {
         self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<K: Send + Sync + 'static, O: Observer> Shared<K, O> {
+    /// The permit of an admitted request: timed only when the observer will see the latency.
+    pub(super) fn permit(self: &Arc<Self>, now: Instant) -> Permit {
+        if self.timed {
+            Permit::admitted_at(self.clone(), 0, now)
+        } else {
+            Permit::untimed(self.clone(), 0)
+        }
     }
 }
 

@@ -1,0 +1,160 @@
+//! Per-thread stripes for counters that every finishing request adds to.
+//!
+//! A counter shared by all threads makes every request an exclusive-ownership transfer of its cache line
+//! between cores. Counters that are only *summed* now and then (a window's sample count, latency sum, minimum)
+//! need no single home: each thread adds into its own cache-line-sized stripe, and the rare reader sums the
+//! stripes. With one thread (the simulator's current-thread runtime) there is one stripe in use and the sums are
+//! exactly what a single counter would hold.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// How many stripes a striped counter set has. Threads beyond this share stripes (round robin).
+pub(crate) const STRIPES: usize = 8;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+}
+
+/// This thread's stripe index in `0..STRIPES`, fixed for the thread's life.
+#[inline]
+pub(crate) fn index() -> usize {
+    // A thread being torn down (a permit dropped from a TLS destructor) still gets a valid stripe.
+    INDEX.try_with(|i| *i).unwrap_or(0)
+}
+
+/// One thread's share of a window's figures, alone on its cache lines.
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct Stripe {
+    pub(crate) samples: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) latency_sum: AtomicU64,
+    pub(crate) latency_min: AtomicU64,
+}
+
+/// One window's figures, summed over the stripes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) samples: u64,
+    pub(crate) dropped: u64,
+    pub(crate) latency_sum: u64,
+    /// `u64::MAX` when there were no samples.
+    pub(crate) latency_min: u64,
+}
+
+impl Stripe {
+    const fn new() -> Self {
+        Stripe {
+            samples: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            latency_sum: AtomicU64::new(0),
+            latency_min: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+/// A window's sample counters, striped per thread.
+#[derive(Debug)]
+pub(crate) struct Striped {
+    stripes: [Stripe; STRIPES],
+}
+
+impl Default for Striped {
+    fn default() -> Self {
+        Striped {
+            stripes: [const { Stripe::new() }; STRIPES],
+        }
+    }
+}
+
+impl Striped {
+    #[inline]
+    fn mine(&self) -> &Stripe {
+        &self.stripes[index()]
+    }
+
+    /// Adds a latency sample (a success or a failure).
+    #[inline]
+    pub(crate) fn sample(&self, latency: u64) {
+        let s = self.mine();
+        s.latency_sum.fetch_add(latency, Ordering::Relaxed);
+        if latency < s.latency_min.load(Ordering::Relaxed) {
+            s.latency_min.fetch_min(latency, Ordering::Relaxed);
+        }
+        s.samples.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds a dropped request (an overload signal without a useful latency).
+    #[inline]
+    pub(crate) fn dropped(&self) {
+        self.mine().dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Samples plus drops recorded since the last [`Striped::take`], without resetting.
+    pub(crate) fn count(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.samples.load(Ordering::Relaxed) + s.dropped.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Sums and resets every stripe.
+    pub(crate) fn take(&self) -> Totals {
+        let mut totals = Totals {
+            samples: 0,
+            dropped: 0,
+            latency_sum: 0,
+            latency_min: u64::MAX,
+        };
+        for s in &self.stripes {
+            totals.samples += s.samples.swap(0, Ordering::Relaxed);
+            totals.dropped += s.dropped.swap(0, Ordering::Relaxed);
+            totals.latency_sum = totals
+                .latency_sum
+                .saturating_add(s.latency_sum.swap(0, Ordering::Relaxed));
+            totals.latency_min = totals
+                .latency_min
+                .min(s.latency_min.swap(u64::MAX, Ordering::Relaxed));
+        }
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_across_threads_and_resets() {
+        let striped = std::sync::Arc::new(Striped::default());
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let striped = striped.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000u64 {
+                        striped.sample(10 + t + i % 3);
+                        if i % 10 == 0 {
+                            striped.dropped();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(striped.count(), 4 * 1000 + 4 * 100);
+        let totals = striped.take();
+        assert_eq!(totals.samples, 4000);
+        assert_eq!(totals.dropped, 400);
+        let expected_sum: u64 = (0..4u64)
+            .map(|t| (0..1000u64).map(|i| 10 + t + i % 3).sum::<u64>())
+            .sum();
+        assert_eq!(totals.latency_sum, expected_sum);
+        assert_eq!(totals.latency_min, 10);
+        assert_eq!(striped.count(), 0);
+        assert_eq!(striped.take().latency_min, u64::MAX);
+    }
+}
