@@ -9,9 +9,10 @@
 //! - Client, around a tonic `Channel`: `PropagateDeadline` (sends what is left of the caller's `Deadline` as
 //!   `grpc-timeout`) → `CircuitBreaker` → `AdaptiveConcurrency`.
 //!
-//! A tonic `Channel` enforces the `grpc-timeout` it sends on its own and answers CANCELLED when that fires, which is
-//! usually just before the server's DEADLINE_EXCEEDED could arrive; the server side answers DEADLINE_EXCEEDED to
-//! any caller that does not race it (see `tests/tonic_example.rs`).
+//! A tonic `Channel` enforces the `grpc-timeout` it sends on its own and fails the call when that runs out, usually
+//! just before the server's DEADLINE_EXCEEDED could arrive; tonic would report that as CANCELLED, and
+//! `PropagateDeadline` answers it as DEADLINE_EXCEEDED instead. The server side answers DEADLINE_EXCEEDED to any
+//! caller (see `tests/tonic_example.rs`).
 //!
 //! The service is written by hand, so nothing but cargo is needed (no protoc): one unary method,
 //! `/demo.Work/Do`, whose request and response messages are UTF-8 strings. The handler waits for one of a fixed

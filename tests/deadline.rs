@@ -504,6 +504,50 @@ async fn propagation_enforces_the_deadline_locally() {
     assert_eq!(layer.handle().snapshot().dropped, 1);
 }
 
+/// An inner service that fails `after` the call with a transport error, as a channel enforcing the timeout it
+/// was sent does.
+fn failing_after(
+    after: Duration,
+) -> impl Service<Request<String>, Response = Response<String>, Error = BoxError> + Clone {
+    service_fn(move |_req: Request<String>| async move {
+        tokio::time::sleep(after).await;
+        Err::<Response<String>, BoxError>("transport gave up".into())
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_once_the_sent_budget_is_spent_is_deadline_exceeded() {
+    // 3 s left, a 100 ms margin: the next hop is told 2.9 s, and the transport gives up at 2.9 s.
+    let layer = PropagateDeadlineLayer::builder()
+        .margin(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let error = Deadline::after(Duration::from_secs(3))
+        .scope(
+            layer
+                .layer(failing_after(Duration::from_millis(2_900)))
+                .oneshot(request(&[])),
+        )
+        .await
+        .unwrap_err();
+    assert!(error.is::<DeadlineExceeded>(), "{error}");
+    let s = layer.handle().snapshot();
+    assert_eq!((s.in_flight, s.dropped), (0, 1));
+
+    // An error while budget is left is the transport's own, passed on as it is and not an overload signal.
+    let error = Deadline::after(Duration::from_secs(3))
+        .scope(
+            layer
+                .layer(failing_after(Duration::from_millis(2_000)))
+                .oneshot(request(&[])),
+        )
+        .await
+        .unwrap_err();
+    assert!(!error.is::<DeadlineExceeded>(), "{error}");
+    assert_eq!(error.to_string(), "transport gave up");
+    assert_eq!(layer.handle().snapshot().dropped, 1);
+}
+
 #[cfg(feature = "grpc")]
 #[tokio::test(start_paused = true)]
 async fn grpc_propagation_with_nothing_left_answers_deadline_exceeded_without_calling() {

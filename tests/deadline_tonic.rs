@@ -128,27 +128,39 @@ impl Service<http::Request<tonic::body::Body>> for Hop {
     }
 }
 
-/// A client call through `PropagateDeadlineLayer` over a tonic channel.
-async fn call(addr: SocketAddr, request: Request<String>) -> Result<String, Status> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+async fn connect(addr: SocketAddr) -> Result<Channel, Status> {
+    Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+        .map_err(|e| Status::unavailable(e.to_string()))
+}
+
+async fn unary<S>(service: S, request: Request<String>) -> Result<String, Status>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <S::ResponseBody as http_body::Body>::Error: Into<tower_backpressure::core::BoxError> + Send,
+{
+    let mut client = tonic::client::Grpc::new(service);
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::unavailable(e.into().to_string()))?;
+    let response = client
+        .unary(request, PathAndQuery::from_static(PATH), StringCodec)
+        .await?;
+    Ok(response.into_inner())
+}
+
+/// A client call through `PropagateDeadlineLayer` over a tonic channel.
+async fn call(addr: SocketAddr, request: Request<String>) -> Result<String, Status> {
     let propagate = PropagateDeadlineLayer::builder()
         .margin(MARGIN)
         .no_timeout_header()
         .build()
         .unwrap();
-    let mut client = tonic::client::Grpc::new(propagate.layer(channel));
-    client
-        .ready()
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let response = client
-        .unary(request, PathAndQuery::from_static(PATH), StringCodec)
-        .await?;
-    Ok(response.into_inner())
+    unary(propagate.layer(connect(addr).await?), request).await
 }
 
 async fn start_hop(
@@ -219,8 +231,8 @@ async fn tonic_expiry_is_deadline_exceeded_not_cancelled() {
 
     let log = Log::default();
     let c = start_hop("C", Duration::ZERO, None, log.clone(), None).await;
-    // B allows itself 5 s and spends 60: its deadline layer answers at 5 s. (The caller sends no grpc-timeout:
-    // tonic's channel would enforce it on its own and answer CANCELLED, which is what this crate avoids.)
+    // B allows itself 5 s and spends 60: its deadline layer answers at 5 s. (The caller sends no grpc-timeout, so
+    // that B's server layer is what answers; the channel's own expiry is the last test of this file.)
     let b = start_hop(
         "B",
         Duration::from_secs(60),
@@ -234,6 +246,38 @@ async fn tonic_expiry_is_deadline_exceeded_not_cancelled() {
     let status = call(b, request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert_eq!(log.lock().unwrap().len(), 1, "C is never called");
+
+    drop(hold);
+    inhibitor.await.unwrap().unwrap_err();
+}
+
+/// A tonic `Channel` enforces the `grpc-timeout` it sends and, when that runs out, fails the call itself, which
+/// tonic reports as CANCELLED. The propagating layer (in gRPC mode) answers that expiry as DEADLINE_EXCEEDED.
+#[tokio::test]
+async fn channel_expiry_reaches_the_caller_as_deadline_exceeded() {
+    tokio::time::pause();
+    let (hold, held) = std::sync::mpsc::channel::<Infallible>();
+    let inhibitor = tokio::task::spawn_blocking(move || held.recv());
+
+    let log = Log::default();
+    // B spends 60 s of the 5 s it is given.
+    let b = start_hop("B", Duration::from_secs(60), None, log.clone(), None).await;
+    let propagate = PropagateDeadlineLayer::builder()
+        .margin(MARGIN)
+        .no_timeout_header()
+        .grpc()
+        .build()
+        .unwrap();
+    let handle = propagate.handle();
+    let channel = connect(b).await.unwrap();
+    let status = Deadline::after(Duration::from_secs(5))
+        .scope(unary(propagate.layer(channel), Request::new(String::new())))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(log.lock().unwrap().len(), 1, "B was called");
+    let snapshot = handle.snapshot();
+    assert_eq!((snapshot.in_flight, snapshot.dropped), (0, 1));
 
     drop(hold);
     inhibitor.await.unwrap().unwrap_err();

@@ -4,7 +4,9 @@
 //! sockets are waited on): there the server's `DeadlineLayer` and tonic's own `grpc-timeout` timer share one
 //! instant, so which one answers is decided by tonic polling its inner service first, not by a race. Its client
 //! is `tonic::client::Grpc` over a plain HTTP/2 connection, because a tonic `Channel` enforces the `grpc-timeout`
-//! it sends on its own and would answer CANCELLED before the server's reply could arrive.
+//! it sends on its own and fails the call before the server's reply could arrive: this test is about the server.
+//! (The client side of that, `PropagateDeadline` answering the channel's expiry as DEADLINE_EXCEEDED, is
+//! `channel_expiry_reaches_the_caller_as_deadline_exceeded` in `tests/deadline_tonic.rs`.)
 #![cfg(feature = "tonic")]
 
 #[allow(dead_code)]

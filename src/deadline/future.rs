@@ -7,7 +7,7 @@ use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::codec::InvalidTimeout;
 use super::mode::RejectInvalid;
@@ -158,10 +158,18 @@ where
         );
     }
     ready!(sleep.poll(cx));
+    Poll::Ready(expired(permit, mode))
+}
+
+/// The answer when the deadline has passed: the permit records an overload signal.
+fn expired<Res, E, M: RejectMode<Res, E>>(
+    permit: &mut Option<Permit>,
+    mode: &M,
+) -> Result<Res, M::Error> {
     if let Some(permit) = permit.take() {
         permit.complete(Outcome::Dropped);
     }
-    Poll::Ready(mode.reject(Rejection::new(Reason::DeadlineExceeded)))
+    mode.reject(Rejection::new(Reason::DeadlineExceeded))
 }
 
 impl<F, C, M> fmt::Debug for ResponseFuture<F, C, M> {
@@ -204,6 +212,8 @@ pin_project! {
             sleep: Sleep,
             permit: Option<Permit>,
             classify: C,
+            // When the budget written into the request runs out: the deadline minus the margin.
+            sent: Instant,
         },
         Rejected,
         Done,
@@ -224,6 +234,7 @@ impl<F, C, M> PropagateFuture<F, C, M> {
         permit: Permit,
         classify: C,
         mode: M,
+        sent: Instant,
     ) -> Self {
         PropagateFuture {
             state: PropagateState::Running {
@@ -231,6 +242,7 @@ impl<F, C, M> PropagateFuture<F, C, M> {
                 sleep,
                 permit: Some(permit),
                 classify,
+                sent,
             },
             mode,
         }
@@ -262,11 +274,24 @@ where
                     .map_err(|e| this.mode.inner_error(e))
             }
             PropagateStateProj::Running {
-                inner,
+                mut inner,
                 sleep,
                 permit,
                 classify,
-            } => ready!(race(inner, sleep, permit, classify, this.mode, cx)),
+                sent,
+            } => match inner.as_mut().poll(cx) {
+                // A transport that enforces the timeout it was sent (a tonic `Channel` does) fails the call
+                // with its own error, which callers then see as CANCELLED or UNKNOWN. An error once the sent
+                // budget is spent is that expiry: answer deadline-exceeded, as the local timer would have.
+                Poll::Ready(Err(_)) if Instant::now() >= *sent => expired(permit, this.mode),
+                Poll::Ready(result) => classify
+                    .finish(result, permit.take())
+                    .map_err(|e| this.mode.inner_error(e)),
+                Poll::Pending => {
+                    ready!(sleep.poll(cx));
+                    expired(permit, this.mode)
+                }
+            },
             PropagateStateProj::Rejected => {
                 this.mode.reject(Rejection::new(Reason::DeadlineExceeded))
             }

@@ -40,9 +40,11 @@
 //!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set), and enforces the
 //!   deadline locally. If nothing is left, the call fails at once with deadline-exceeded and nothing is sent.
 //!   The deadline is read in `call`: under [`Deadline::scope`], make the call inside the scoped future
-//!   (`oneshot`, or `call` in an `async` block), not before it. Over a tonic `Channel`, note that the channel
-//!   enforces the `grpc-timeout` it is given on its own and answers CANCELLED when it fires (at the deadline minus
-//!   the margin); the next hop's DEADLINE_EXCEEDED usually arrives first only if the margin covers the round trip.
+//!   (`oneshot`, or `call` in an `async` block), not before it. A transport that enforces the timeout it sends
+//!   on its own (a tonic `Channel` fails the call when the `grpc-timeout` runs out, which tonic reports as
+//!   CANCELLED) is answered for: an error from the inner service once the sent budget is spent becomes
+//!   deadline-exceeded (with [`GrpcMode`](crate::core::GrpcMode), DEADLINE_EXCEEDED) and outcome `Dropped`. A
+//!   response that arrives, even late, is passed on as it is.
 //!
 //! | refusal | [`ErrorMode`](crate::core::ErrorMode) | [`HttpMode`](crate::core::HttpMode) | `GrpcMode` |
 //! |---|---|---|---|

@@ -300,6 +300,7 @@ where
             permit,
             self.classify.clone(),
             self.mode.clone(),
+            now + budget,
         )
     }
 }
