@@ -20,8 +20,10 @@ enum Phase {
 /// `throughput × unloaded latency`:
 ///
 /// ```text
-/// x     = average throughput of windows that were not app-limited (completions per second; weight
-///         `smoothing`, default 0.25)
+/// x     = throughput of windows that were not app-limited: average completions over average window
+///         duration (weight `smoothing`, default 0.25). Not an average of per-window rates: a window starts
+///         and ends at a completion, so its own rate overestimates by about one completion in twenty, and
+///         past the knee that bias alone is enough to cancel the probe's contraction (below)
 /// r0    = latency of probe windows: averaged in (weight 2 × smoothing, default 0.5; at most +25 % per
 ///         probe, so that an imperfectly drained probe cannot start a runaway), or taken as is when it
 ///         fell about as much as the limit did before the first probe that did not (the first estimate may
@@ -65,6 +67,10 @@ pub struct Knee {
     smoothing: f64,
     backoff: f64,
     throughput: f64,
+    /// Averages of the completions and of the duration of the windows behind `throughput`, which is their
+    /// ratio: an average of per-window rates would overestimate (a window ends at a completion).
+    completions: f64,
+    span: f64,
     base_latency: f64,
     probe_limit: f64,
     phase: Phase,
@@ -82,6 +88,8 @@ impl Default for Knee {
             smoothing: 0.25,
             backoff: 0.9,
             throughput: 0.0,
+            completions: 0.0,
+            span: 0.0,
             base_latency: 0.0,
             probe_limit: 0.0,
             // The first saturated window starts a probe: its latency may include a queue.
@@ -234,9 +242,12 @@ impl Knee {
                 if self.base_latency == 0.0 && latency > 0.0 {
                     self.base_latency = latency;
                 }
-                let throughput = w.throughput();
-                if throughput > 0.0 {
-                    self.throughput = Self::average(self.throughput, throughput, self.smoothing);
+                let completions = (w.samples + w.dropped) as f64;
+                let span = w.duration.as_secs_f64();
+                if completions > 0.0 && span > 0.0 {
+                    self.completions = Self::average(self.completions, completions, self.smoothing);
+                    self.span = Self::average(self.span, span, self.smoothing);
+                    self.throughput = self.completions / self.span;
                 }
                 if n + 1 >= self.probe_interval {
                     return self.start_probe(latency).min(limit);
