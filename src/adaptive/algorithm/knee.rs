@@ -20,8 +20,10 @@ enum Phase {
 /// `throughput × unloaded latency`:
 ///
 /// ```text
-/// x     = average throughput of windows that were not app-limited (completions per second; weight
-///         `smoothing`, default 0.25)
+/// x     = throughput of windows that were not app-limited: average completions over average window
+///         duration (weight `smoothing`, default 0.25). Not an average of per-window rates: a window starts
+///         and ends at a completion, so its own rate overestimates by about one completion in twenty, and
+///         past the knee that bias alone is enough to cancel the probe's contraction (below)
 /// r0    = latency of probe windows: averaged in (weight 2 × smoothing, default 0.5; at most +25 % per
 ///         probe, so that an imperfectly drained probe cannot start a runaway), or taken as is when it
 ///         fell about as much as the limit did before the first probe that did not (the first estimate may
@@ -35,6 +37,12 @@ enum Phase {
 /// - unsaturated window (in-flight never reached the limit; stricter than app-limited): throughput was demand,
 ///   not capacity, so the limit holds, nothing is learnt and no probe starts;
 /// - a window with a drop caps the limit at `backoff × limit` (default 0.9);
+/// - **first probe**: until a probe has measured anything, a window that reached the limit only for a moment
+///   (the head of a burst: by Little's law, `samples × mean latency / duration`, it was on average below
+///   three quarters of the limit) neither teaches nor probes. Its throughput is the demand before the burst,
+///   not capacity, and a probe sized on it would drop the limit below the knee just as the burst needs
+///   draining; a queue in front would then stand and shed it. Requests as long as a quarter of the window
+///   or more make that estimate unreliable, and such a window counts as saturated throughout;
 /// - **probe**: at the first saturated window and then every `probe_interval` saturated windows (default 12)
 ///   the limit drops to `ceil(probe_factor × knee)` (default 0.92; at least one below the knee once it is 4 or
 ///   more) until the requests admitted before have drained (1.5 mean latencies), and the next window's
@@ -65,6 +73,10 @@ pub struct Knee {
     smoothing: f64,
     backoff: f64,
     throughput: f64,
+    /// Averages of the completions and of the duration of the windows behind `throughput`, which is their
+    /// ratio: an average of per-window rates would overestimate (a window ends at a completion).
+    completions: f64,
+    span: f64,
     base_latency: f64,
     probe_limit: f64,
     phase: Phase,
@@ -82,6 +94,8 @@ impl Default for Knee {
             smoothing: 0.25,
             backoff: 0.9,
             throughput: 0.0,
+            completions: 0.0,
+            span: 0.0,
             base_latency: 0.0,
             probe_limit: 0.0,
             // The first saturated window starts a probe: its latency may include a queue.
@@ -230,13 +244,20 @@ impl Knee {
             // Below the limit throughput is demand, not capacity, and latency may or may not include a queue:
             // nothing to learn, and no reason to probe.
             Phase::Normal(_) if !saturated(w) => {}
+            // Nothing learnt yet: a window that reached the limit for a moment only (the head of a burst) has the
+            // throughput of the demand before it, not capacity, and a first probe sized on it would drop the
+            // limit far below the knee just as the burst needs draining. Wait for a window saturated throughout.
+            Phase::Normal(_) if self.base_latency == 0.0 && !saturated_throughout(w) => {}
             Phase::Normal(n) => {
                 if self.base_latency == 0.0 && latency > 0.0 {
                     self.base_latency = latency;
                 }
-                let throughput = w.throughput();
-                if throughput > 0.0 {
-                    self.throughput = Self::average(self.throughput, throughput, self.smoothing);
+                let completions = (w.samples + w.dropped) as f64;
+                let span = w.duration.as_secs_f64();
+                if completions > 0.0 && span > 0.0 {
+                    self.completions = Self::average(self.completions, completions, self.smoothing);
+                    self.span = Self::average(self.span, span, self.smoothing);
+                    self.throughput = self.completions / self.span;
                 }
                 if n + 1 >= self.probe_interval {
                     return self.start_probe(latency).min(limit);
@@ -257,6 +278,16 @@ impl Knee {
 /// Whether in-flight reached the enforced limit during the window: only then is throughput capacity.
 fn saturated(w: &Window) -> bool {
     w.max_in_flight as f64 >= w.limit.floor()
+}
+
+/// Whether the window was saturated throughout, not only for a moment: by Little's law the requests that finished
+/// in it were in flight, on average, at three quarters of the limit or more. Little's law over one window only
+/// holds for requests much shorter than the window; with longer ones the window counts as saturated throughout.
+fn saturated_throughout(w: &Window) -> bool {
+    let secs = w.duration.as_secs_f64();
+    let latency = w.mean_latency.as_secs_f64();
+    let occupancy = w.samples as f64 * latency / secs.max(f64::MIN_POSITIVE);
+    saturated(w) && (4.0 * latency > secs || occupancy >= 0.75 * w.limit.floor())
 }
 
 #[cfg(test)]
@@ -349,6 +380,27 @@ mod tests {
         let mut k = Knee::new();
         let limits = saturated(&mut k, 8.0, 2000.0, 20.0, 200);
         assert!(limits.iter().all(|&l| l <= 32.0), "{limits:?}");
+    }
+
+    #[test]
+    fn a_burst_touching_the_limit_does_not_start_the_first_probe() {
+        let mut k = Knee::new();
+        // 16 workers, 10 ms: half-loaded for 100 ms, then a burst brings in-flight to the limit for an instant.
+        let burst = Window {
+            limit: 20.0,
+            samples: 80,
+            dropped: 0,
+            mean_latency: Duration::from_millis(10),
+            min_latency: Duration::from_millis(1),
+            max_in_flight: 20,
+            duration: Duration::from_millis(100),
+        };
+        assert_eq!(k.update(&burst), 20.0);
+        assert_eq!(k.phase, Phase::Normal(12));
+        // A window saturated throughout (in flight at the limit, 16 served at once) does start it.
+        let next = k.update(&model(16.0, 10.0, 20.0, None));
+        assert!(matches!(k.phase, Phase::Draining(_)), "{:?}", k.phase);
+        assert!((16.0..20.0).contains(&next), "{next}");
     }
 
     #[test]
