@@ -2,12 +2,14 @@
 //! window, the half-open probe word, and the open-period backoff.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::window::{Counts, Window, WindowKind};
+use crate::core::observer;
+use crate::core::stripe::Counter;
 use crate::core::{CircuitState, Event, Observer, Outcome, Reason, Rejection, Release};
 
 pub(crate) const LAYER: &str = "breaker";
@@ -157,7 +159,8 @@ pub(crate) struct Shared<O> {
     consecutive_trips: AtomicU32,
     window: Window,
     // Written on every call.
-    in_flight: Padded<AtomicUsize>,
+    /// Figures only (no decision reads it): striped per thread.
+    in_flight: Counter,
     consecutive_failures: Padded<AtomicU32>,
     rng: AtomicU64,
     base: Instant,
@@ -211,7 +214,7 @@ impl<O: Observer> Shared<O> {
             probes: AtomicU64::new(0),
             consecutive_failures: Padded(AtomicU32::new(0)),
             consecutive_trips: AtomicU32::new(0),
-            in_flight: Padded(AtomicUsize::new(0)),
+            in_flight: Counter::default(),
             rng: AtomicU64::new(seed),
             base,
             observer,
@@ -274,11 +277,8 @@ impl<O: Observer> Shared<O> {
     }
 
     fn admitted(&self, tag: u64) -> Admit {
-        let in_flight = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        self.observer.on_event(&Event::Admitted {
-            layer: LAYER,
-            in_flight,
-        });
+        self.in_flight.add(1);
+        observer::admitted(&self.observer, LAYER, &self.in_flight);
         Admit::Tag(tag)
     }
 
@@ -510,7 +510,7 @@ impl<O: Observer> Shared<O> {
             slow_call_rate: percent(slow, calls),
             consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
             consecutive_trips: self.consecutive_trips.load(Ordering::Relaxed),
-            in_flight: self.in_flight.load(Ordering::Relaxed),
+            in_flight: self.in_flight.sum() as usize,
             probes_admitted: if state == CircuitState::HalfOpen {
                 p.admitted
             } else {
@@ -523,13 +523,8 @@ impl<O: Observer> Shared<O> {
 
 impl<O: Observer> Release for Shared<O> {
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
-        let in_flight = self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.observer.on_event(&Event::Completed {
-            layer: LAYER,
-            outcome,
-            latency,
-            in_flight,
-        });
+        self.in_flight.sub(1);
+        observer::completed(&self.observer, LAYER, outcome, latency, &self.in_flight);
         let slow = latency >= self.config.slow_call;
         let gen = tag & GEN_MASK;
         if tag & PROBE_TAG != 0 {

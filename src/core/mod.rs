@@ -20,7 +20,7 @@ pub mod error;
 mod future;
 mod hint;
 mod limit;
-mod observer;
+pub(crate) mod observer;
 mod outcome;
 mod permit;
 mod rejection;

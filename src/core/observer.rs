@@ -249,3 +249,41 @@ impl Observer for TracingObserver {
         }
     }
 }
+
+/// Whether `O` is the no-op observer `()`: figures only an observer would see need not be computed for it (the
+/// comparison of two constants, folded away at compile time).
+pub(crate) fn is_noop<O: Observer>() -> bool {
+    std::any::TypeId::of::<O>() == std::any::TypeId::of::<()>()
+}
+
+/// Tells `observer` that a request was admitted, with the striped in-flight count; nothing at all for `()`.
+pub(crate) fn admitted<O: Observer>(
+    observer: &O,
+    layer: &'static str,
+    in_flight: &crate::core::stripe::Counter,
+) {
+    if !is_noop::<O>() {
+        observer.on_event(&Event::Admitted {
+            layer,
+            in_flight: in_flight.sum() as usize,
+        });
+    }
+}
+
+/// Tells `observer` that a request finished, with the striped in-flight count; nothing at all for `()`.
+pub(crate) fn completed<O: Observer>(
+    observer: &O,
+    layer: &'static str,
+    outcome: Outcome,
+    latency: Duration,
+    in_flight: &crate::core::stripe::Counter,
+) {
+    if !is_noop::<O>() {
+        observer.on_event(&Event::Completed {
+            layer,
+            outcome,
+            latency,
+            in_flight: in_flight.sum() as usize,
+        });
+    }
+}

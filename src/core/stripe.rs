@@ -122,6 +122,51 @@ impl Striped {
     }
 }
 
+/// One stripe of a [`Counter`], alone on its cache lines.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Cell(AtomicU64);
+
+/// A counter that threads add to and subtract from without sharing a cache line; reading it sums the stripes.
+///
+/// For statistics (in flight, admitted) that no admission decision depends on. Each stripe wraps on its own (a
+/// request may be added on one thread and subtracted on another), and the wrapping sum is exact: it is the
+/// true count whenever that count fits in a `u64`. A sum taken while other threads update may mix instants.
+#[derive(Debug)]
+pub(crate) struct Counter {
+    cells: [Cell; STRIPES],
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter {
+            cells: [const { Cell(AtomicU64::new(0)) }; STRIPES],
+        }
+    }
+}
+
+impl Counter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.cells[index()].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn sub(&self, n: u64) {
+        self.cells[index()].0.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// The count: the wrapping sum of the stripes. Read while a request's subtraction is visible but not yet its
+    /// addition on another stripe (possible on weakly ordered CPUs), the sum would dip below zero: it reads 0.
+    pub(crate) fn sum(&self) -> u64 {
+        let sum = self
+            .cells
+            .iter()
+            .fold(0u64, |sum, c| sum.wrapping_add(c.0.load(Ordering::Relaxed)));
+        u64::try_from(sum as i64).unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +201,27 @@ mod tests {
         assert_eq!(totals.latency_min, 10);
         assert_eq!(striped.count(), 0);
         assert_eq!(striped.take().latency_min, u64::MAX);
+    }
+
+    #[test]
+    fn a_counter_added_on_one_thread_and_subtracted_on_another_sums_exactly() {
+        let counter = std::sync::Arc::new(Counter::default());
+        let adds: Vec<_> = (0..3)
+            .map(|_| {
+                let counter = counter.clone();
+                std::thread::spawn(move || (0..1000).for_each(|_| counter.add(1)))
+            })
+            .collect();
+        adds.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(counter.sum(), 3000);
+        // Subtracted elsewhere: a stripe goes below zero (wraps), the sum stays right.
+        let subs: Vec<_> = (0..2)
+            .map(|_| {
+                let counter = counter.clone();
+                std::thread::spawn(move || (0..1200).for_each(|_| counter.sub(1)))
+            })
+            .collect();
+        subs.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(counter.sum(), 600);
     }
 }

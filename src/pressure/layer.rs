@@ -1,10 +1,11 @@
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
 
+use crate::core::stripe::Counter;
 use crate::core::{AnyOk, ConfigError, ErrorMode, Observer};
 
 use super::service::{State, LAYER};
@@ -62,8 +63,8 @@ impl<O: Send + Sync + 'static> Figures for State<O> {
     fn snapshot(&self) -> PressureSnapshot {
         PressureSnapshot {
             under_pressure: self.monitor.is_under_pressure(),
-            in_flight: self.in_flight.load(Relaxed),
-            admitted: self.admitted.load(Relaxed),
+            in_flight: self.in_flight.sum() as usize,
+            admitted: self.admitted.sum(),
             rejected: self.rejected.load(Relaxed),
             bypassed: self.bypassed.load(Relaxed),
         }
@@ -283,8 +284,8 @@ impl<C, M, O, B> PressureLayerBuilder<C, M, O, B> {
                 monitor: self.monitor,
                 retry_after: (!self.retry_after.is_zero()).then_some(self.retry_after),
                 observer: self.observer,
-                in_flight: AtomicUsize::new(0),
-                admitted: AtomicU64::new(0),
+                in_flight: Counter::default(),
+                admitted: Counter::default(),
                 rejected: AtomicU64::new(0),
                 bypassed: AtomicU64::new(0),
             }),

@@ -1,6 +1,5 @@
 //! The state one queue layer shares across its services: the in-flight count, the wait queue and the counters.
 
-use std::any::TypeId;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -10,6 +9,8 @@ use tokio::time::Instant;
 
 use super::priority::Priority;
 use super::QueueSnapshot;
+use crate::core::observer::is_noop;
+use crate::core::stripe::Counter;
 use crate::core::{Deadline, Event, LimitSource, Observer, Outcome, Permit, Reason, Release};
 
 const LAYER: &str = "queue";
@@ -254,7 +255,8 @@ pub(crate) struct Shared<L, O> {
     /// Queued requests: the fast path reads it to know it may skip the lock.
     waiting: AtomicUsize,
     queue: Mutex<WaitQueue>,
-    admitted: AtomicU64,
+    /// Striped: every admission adds to it, only snapshots read it.
+    admitted: Counter,
     queued: AtomicU64,
     cancelled: AtomicU64,
     rejected: [AtomicU64; 3],
@@ -277,12 +279,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             observer,
             reserving: config.critical_reserve > 0.0,
             config,
-            timed: TypeId::of::<O>() != TypeId::of::<()>(),
+            timed: !is_noop::<O>(),
             in_flight: AtomicUsize::new(0),
             critical_in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             queue: Mutex::new(WaitQueue::new()),
-            admitted: AtomicU64::new(0),
+            admitted: Counter::default(),
             queued: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             rejected: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
@@ -343,12 +345,13 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
 
     /// Counts and reports an admission; returns the permit's tag.
     fn note_admitted(&self, level: usize) -> u64 {
-        let in_flight = self.in_flight.load(Ordering::Relaxed);
-        self.admitted.fetch_add(1, Ordering::SeqCst);
-        self.observer.on_event(&Event::Admitted {
-            layer: LAYER,
-            in_flight,
-        });
+        self.admitted.add(1);
+        if !is_noop::<O>() {
+            self.observer.on_event(&Event::Admitted {
+                layer: LAYER,
+                in_flight: self.in_flight.load(Ordering::Relaxed),
+            });
+        }
         self.tag(level)
     }
 
@@ -604,7 +607,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         let r = |i: usize| self.rejected[i].load(Ordering::Relaxed);
         // One counter fewer on the fast path: finished = admitted - in flight (read in this order, so a request
         // admitted in between is not counted as finished).
-        let admitted = self.admitted.load(Ordering::SeqCst);
+        let admitted = self.admitted.sum();
         let in_flight = self.in_flight.load(Ordering::SeqCst);
         QueueSnapshot {
             in_flight,
