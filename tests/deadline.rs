@@ -546,6 +546,19 @@ async fn an_error_once_the_sent_budget_is_spent_is_deadline_exceeded() {
     assert!(!error.is::<DeadlineExceeded>(), "{error}");
     assert_eq!(error.to_string(), "transport gave up");
     assert_eq!(layer.handle().snapshot().dropped, 1);
+
+    // The caller already set a smaller grpc-timeout (1 s), which the layer keeps: the transport enforces that one,
+    // so its error at 1 s is the expiry too.
+    let error = Deadline::after(Duration::from_secs(3))
+        .scope(
+            layer
+                .layer(failing_after(Duration::from_secs(1)))
+                .oneshot(request(&[("grpc-timeout", "1S")])),
+        )
+        .await
+        .unwrap_err();
+    assert!(error.is::<DeadlineExceeded>(), "{error}");
+    assert_eq!(layer.handle().snapshot().dropped, 2);
 }
 
 #[cfg(feature = "grpc")]

@@ -230,29 +230,43 @@ impl<S: fmt::Debug, C, M, O> fmt::Debug for PropagateDeadline<S, C, M, O> {
 }
 
 /// Writes `budget` into the outgoing headers, keeping a valid value the caller set that is already smaller.
-fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duration) {
+///
+/// Returns the smallest timeout the written headers now carry, which is what a transport enforcing them (a tonic
+/// `Channel`) will time out after: the encoding may round the budget down, and a caller's value may be smaller.
+fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duration) -> Duration {
+    let mut sent = budget;
     if config.write_grpc_timeout {
         let smaller_set = headers
             .get(&GRPC_TIMEOUT)
             .and_then(|v| decode_grpc_timeout(v.as_bytes()).ok())
-            .is_some_and(|t| t <= budget);
-        // Digits and a unit letter always make a valid header value.
-        if let (false, Ok(value)) = (
-            smaller_set,
-            HeaderValue::from_bytes(encode_grpc_timeout(budget).as_bytes()),
-        ) {
-            headers.insert(GRPC_TIMEOUT.clone(), value);
+            .filter(|&t| t <= budget);
+        match smaller_set {
+            Some(t) => sent = sent.min(t),
+            None => {
+                let encoded = encode_grpc_timeout(budget);
+                // Digits and a unit letter always make a valid header value.
+                if let Ok(value) = HeaderValue::from_bytes(encoded.as_bytes()) {
+                    headers.insert(GRPC_TIMEOUT.clone(), value);
+                    sent = sent.min(encoded.duration());
+                }
+            }
         }
     }
     if let Some(name) = &config.timeout_header {
         let smaller_set = headers
             .get(name)
             .and_then(|v| decode_timeout_ms(v.as_bytes()).ok())
-            .is_some_and(|t| t <= budget);
-        if !smaller_set {
-            headers.insert(name.clone(), HeaderValue::from(encode_timeout_ms(budget)));
+            .filter(|&t| t <= budget);
+        match smaller_set {
+            Some(t) => sent = sent.min(t),
+            None => {
+                let millis = encode_timeout_ms(budget);
+                headers.insert(name.clone(), HeaderValue::from(millis));
+                sent = sent.min(Duration::from_millis(millis));
+            }
         }
     }
+    sent
 }
 
 impl<S, B, C, M, O> Service<Request<B>> for PropagateDeadline<S, C, M, O>
@@ -288,7 +302,7 @@ where
             self.shared.rejected();
             return PropagateFuture::rejected(self.mode.clone());
         }
-        write_timeout(request.headers_mut(), &self.shared.config, budget);
+        let sent = write_timeout(request.headers_mut(), &self.shared.config, budget);
         // Layers below (breaker, limiter) may shed a request that cannot finish in time.
         request.extensions_mut().insert(deadline);
         self.shared.admitted();
@@ -300,7 +314,7 @@ where
             permit,
             self.classify.clone(),
             self.mode.clone(),
-            now + budget,
+            now + sent,
         )
     }
 }
