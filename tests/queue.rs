@@ -123,12 +123,21 @@ async fn codel_serves_a_short_burst_in_full() {
 /// Offers 5x capacity for 2 s and returns the longest wait of a request served after the first 300 ms, and the
 /// number of queue timeouts.
 async fn standing_queue(codel: bool) -> (Duration, u64) {
+    standing(codel, codel, 0).await
+}
+
+/// [`standing_queue`] with LIFO set apart, and a limit of 1 from a source expecting `expected_ms` (0: none).
+async fn standing(codel: bool, lifo: bool, expected_ms: usize) -> (Duration, u64) {
+    let limit = Live {
+        limit: Arc::new(AtomicUsize::new(1)),
+        expected_ms: Arc::new(AtomicUsize::new(expected_ms)),
+    };
     let layer = QueueLayer::builder()
-        .limit(1)
+        .limit(limit)
         .max_depth(1000)
         .max_wait(Duration::from_secs(10))
         .codel(codel)
-        .adaptive_lifo(codel)
+        .adaptive_lifo(lifo)
         .build()
         .unwrap();
     let handle = layer.handle();
@@ -169,6 +178,22 @@ async fn codel_caps_waits_in_a_standing_queue() {
     // Without CoDel the same load builds a queue whose wait keeps growing.
     let (max_wait, _) = standing_queue(false).await;
     assert!(max_wait > Duration::from_millis(500), "{max_wait:?}");
+}
+
+/// CoDel's target is at least half the expected latency when the limit source knows it: with 40 ms expected, a
+/// standing queue (FIFO here, so that the oldest are the ones served) lets requests wait up to 20 ms, not 5.
+#[tokio::test(start_paused = true)]
+async fn codel_target_follows_the_expected_latency() {
+    let (max_wait, timeouts) = standing(true, false, 0).await;
+    assert!(max_wait <= MS * 5, "fixed target: waited {max_wait:?}");
+    assert!(timeouts > 1000, "only {timeouts} shed");
+
+    let (max_wait, timeouts) = standing(true, false, 40).await;
+    assert!(
+        max_wait > MS * 10 && max_wait <= MS * 20,
+        "target 20 ms: waited {max_wait:?}"
+    );
+    assert!(timeouts > 1000, "only {timeouts} shed");
 }
 
 async fn service_order(lifo: bool) -> Vec<u64> {

@@ -155,7 +155,8 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
     }
 
     /// CoDel's target (default 5 ms): once a queue has not been empty for a whole interval (a standing queue), its
-    /// queued requests may wait at most this long.
+    /// queued requests may wait at most this long. With a limit source that knows the expected latency (an
+    /// adaptive limiter's handle), the target in force is at least half that latency, and never above `max_wait`.
     pub fn codel_target(mut self, target: Duration) -> Self {
         self.settings.target = target;
         self

@@ -378,6 +378,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         });
     }
 
+    /// CoDel's target: the configured one, raised to half the expected latency when the limit source knows it.
+    /// A queue that drains within half a service time is no standing queue worth cutting: with 40 ms services a
+    /// fixed 5 ms target would shed Poisson bursts that a busy but healthy service absorbs. Never above
+    /// `max_wait`, which bounds every wait anyway.
+    fn target(&self) -> Duration {
+        self.config
+            .target
+            .max(self.expected() / 2)
+            .min(self.config.max_wait)
+    }
+
     fn expected(&self) -> Duration {
         self.limit.expected_latency().unwrap_or(Duration::ZERO)
     }
@@ -446,7 +457,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         // The slot a release freed between our fast-path check and the push above is picked up here.
         self.drain(&mut q, now);
         let wait = if self.config.codel && standing {
-            self.config.target.min(self.config.max_wait)
+            self.target().min(self.config.max_wait)
         } else {
             self.config.max_wait
         };
@@ -487,7 +498,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         }
         q.observe(now, &self.config);
         if self.config.codel {
-            let target = self.config.target;
+            let target = self.target();
             // In a standing queue nobody may wait longer than the target; the oldest sit at the heads.
             if let Some(level) = (0..LEVELS).find(|&l| q.managed(l)) {
                 while let Some(head) = Some(q.lists[level].head).filter(|&h| h != NIL) {
