@@ -1,4 +1,4 @@
-//! Response futures of the deadline layers.
+//! Response futures of the deadline layers: one state machine, shared by the server and the client future.
 
 use std::fmt;
 use std::future::Future;
@@ -22,6 +22,19 @@ pin_project! {
     pub struct ResponseFuture<F, C, M> {
         #[pin]
         state: State<F, C>,
+        // A malformed timeout header refused in strict mode; the state is then `Done`.
+        invalid: Option<InvalidTimeout>,
+        mode: M,
+    }
+}
+
+pin_project! {
+    /// Response future of [`PropagateDeadline`](super::PropagateDeadline): like [`ResponseFuture`], without the
+    /// malformed-header answer (the client writes headers, it does not read them), and answering for a transport
+    /// that enforces the timeout it was sent: an error once that budget is spent is deadline-exceeded.
+    pub struct PropagateFuture<F, C, M> {
+        #[pin]
+        state: State<F, C>,
         mode: M,
     }
 }
@@ -41,23 +54,112 @@ pin_project! {
             sleep: Sleep,
             permit: Option<Permit>,
             classify: C,
+            // Client side: when the budget written into the request runs out (the smallest timeout the outgoing
+            // headers carry). `None` on the server.
+            sent: Option<Instant>,
         },
-        Rejected {
-            rejection: Option<Rejection>,
-        },
-        Invalid {
-            error: Option<InvalidTimeout>,
-        },
+        Rejected,
         Done,
     }
 }
 
+impl<F, C> State<F, C> {
+    fn running(
+        inner: TaskLocalFuture<Deadline, F>,
+        sleep: Sleep,
+        permit: Permit,
+        classify: C,
+        sent: Option<Instant>,
+    ) -> Self {
+        State::Running {
+            inner,
+            sleep,
+            permit: Some(permit),
+            classify,
+            sent,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            State::Passthrough { .. } => "passthrough",
+            State::Running { .. } => "running",
+            State::Rejected => "rejected",
+            State::Done => "done",
+        }
+    }
+}
+
+/// Polls the state to its answer, then leaves it `Done` (dropping the inner future and the timer at once rather
+/// than whenever the caller drops the future).
+fn poll_state<F, Res, E, C, M>(
+    mut state: Pin<&mut State<F, C>>,
+    mode: &M,
+    cx: &mut Context<'_>,
+) -> Poll<Result<C::Response, M::Error>>
+where
+    F: Future<Output = Result<Res, E>>,
+    C: Classify<Res, E>,
+    M: RejectMode<C::Response, E>,
+{
+    let output = match state.as_mut().project() {
+        StateProj::Passthrough { inner, classify } => {
+            let result = ready!(inner.poll(cx));
+            classify
+                .finish(result, None)
+                .map_err(|e| mode.inner_error(e))
+        }
+        // The inner future is polled first, so work that finishes at the deadline instant is still delivered.
+        StateProj::Running {
+            inner,
+            sleep,
+            permit,
+            classify,
+            sent,
+        } => match inner.poll(cx) {
+            // A transport that enforces the timeout it was sent (a tonic `Channel` does) fails the call with its
+            // own error, which callers would see as CANCELLED or UNKNOWN. An error once the sent budget is spent
+            // is that expiry: answer deadline-exceeded, as the local timer would have.
+            Poll::Ready(Err(_)) if sent.is_some_and(|at| Instant::now() >= at) => {
+                expired(permit, mode)
+            }
+            Poll::Ready(result) => classify
+                .finish(result, permit.take())
+                .map_err(|e| mode.inner_error(e)),
+            Poll::Pending => {
+                ready!(sleep.poll(cx));
+                expired(permit, mode)
+            }
+        },
+        StateProj::Rejected => mode.reject(Rejection::new(Reason::DeadlineExceeded)),
+        StateProj::Done => panic!("deadline response future polled after completion"),
+    };
+    state.set(State::Done);
+    Poll::Ready(output)
+}
+
+/// The answer when the deadline has passed: the permit records an overload signal.
+fn expired<Res, E, M: RejectMode<Res, E>>(
+    permit: &mut Option<Permit>,
+    mode: &M,
+) -> Result<Res, M::Error> {
+    if let Some(permit) = permit.take() {
+        permit.complete(Outcome::Dropped);
+    }
+    mode.reject(Rejection::new(Reason::DeadlineExceeded))
+}
+
 impl<F, C, M> ResponseFuture<F, C, M> {
-    pub(super) fn passthrough(inner: F, classify: C, mode: M) -> Self {
+    fn new(state: State<F, C>, mode: M) -> Self {
         ResponseFuture {
-            state: State::Passthrough { inner, classify },
+            state,
+            invalid: None,
             mode,
         }
+    }
+
+    pub(super) fn passthrough(inner: F, classify: C, mode: M) -> Self {
+        Self::new(State::Passthrough { inner, classify }, mode)
     }
 
     pub(super) fn running(
@@ -67,29 +169,17 @@ impl<F, C, M> ResponseFuture<F, C, M> {
         classify: C,
         mode: M,
     ) -> Self {
-        ResponseFuture {
-            state: State::Running {
-                inner,
-                sleep,
-                permit: Some(permit),
-                classify,
-            },
-            mode,
-        }
+        Self::new(State::running(inner, sleep, permit, classify, None), mode)
     }
 
     pub(super) fn rejected(mode: M) -> Self {
-        ResponseFuture {
-            state: State::Rejected {
-                rejection: Some(Rejection::new(Reason::DeadlineExceeded)),
-            },
-            mode,
-        }
+        Self::new(State::Rejected, mode)
     }
 
     pub(super) fn invalid(error: InvalidTimeout, mode: M) -> Self {
         ResponseFuture {
-            state: State::Invalid { error: Some(error) },
+            state: State::Done,
+            invalid: Some(error),
             mode,
         }
     }
@@ -104,82 +194,20 @@ where
     type Output = Result<C::Response, M::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let output = match this.state.as_mut().project() {
-            StateProj::Passthrough { inner, classify } => {
-                let result = ready!(inner.poll(cx));
-                classify
-                    .finish(result, None)
-                    .map_err(|e| this.mode.inner_error(e))
-            }
-            StateProj::Running {
-                inner,
-                sleep,
-                permit,
-                classify,
-            } => ready!(race(inner, sleep, permit, classify, this.mode, cx)),
-            StateProj::Rejected { rejection } => this.mode.reject(
-                rejection
-                    .take()
-                    .expect("ResponseFuture polled after completion"),
-            ),
-            StateProj::Invalid { error } => this.mode.reject_invalid(
-                error
-                    .take()
-                    .expect("ResponseFuture polled after completion"),
-            ),
-            StateProj::Done => panic!("ResponseFuture polled after completion"),
-        };
-        // Drop the inner future and the timer now rather than whenever the caller drops us.
-        this.state.set(State::Done);
-        Poll::Ready(output)
+        let this = self.project();
+        if let Some(error) = this.invalid.take() {
+            return Poll::Ready(this.mode.reject_invalid(error));
+        }
+        poll_state(this.state, this.mode, cx)
     }
-}
-
-/// Polls the inner future first, so work that finishes at the deadline instant is still delivered.
-fn race<F, Res, E, C, M>(
-    inner: Pin<&mut F>,
-    sleep: Pin<&mut Sleep>,
-    permit: &mut Option<Permit>,
-    classify: &C,
-    mode: &M,
-    cx: &mut Context<'_>,
-) -> Poll<Result<C::Response, M::Error>>
-where
-    F: Future<Output = Result<Res, E>>,
-    C: Classify<Res, E>,
-    M: RejectMode<C::Response, E>,
-{
-    if let Poll::Ready(result) = inner.poll(cx) {
-        return Poll::Ready(
-            classify
-                .finish(result, permit.take())
-                .map_err(|e| mode.inner_error(e)),
-        );
-    }
-    ready!(sleep.poll(cx));
-    Poll::Ready(expired(permit, mode))
-}
-
-/// The answer when the deadline has passed: the permit records an overload signal.
-fn expired<Res, E, M: RejectMode<Res, E>>(
-    permit: &mut Option<Permit>,
-    mode: &M,
-) -> Result<Res, M::Error> {
-    if let Some(permit) = permit.take() {
-        permit.complete(Outcome::Dropped);
-    }
-    mode.reject(Rejection::new(Reason::DeadlineExceeded))
 }
 
 impl<F, C, M> fmt::Debug for ResponseFuture<F, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            State::Passthrough { .. } => "passthrough",
-            State::Running { .. } => "running",
-            State::Rejected { .. } => "rejected",
-            State::Invalid { .. } => "invalid",
-            State::Done => "done",
+        let state = if self.invalid.is_some() {
+            "invalid"
+        } else {
+            self.state.name()
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -187,43 +215,10 @@ impl<F, C, M> fmt::Debug for ResponseFuture<F, C, M> {
     }
 }
 
-pin_project! {
-    /// Response future of [`PropagateDeadline`](super::PropagateDeadline): like [`ResponseFuture`], without the
-    /// malformed-header state (the client writes headers, it does not read them).
-    pub struct PropagateFuture<F, C, M> {
-        #[pin]
-        state: PropagateState<F, C>,
-        mode: M,
-    }
-}
-
-pin_project! {
-    #[project = PropagateStateProj]
-    enum PropagateState<F, C> {
-        Passthrough {
-            #[pin]
-            inner: F,
-            classify: C,
-        },
-        Running {
-            #[pin]
-            inner: TaskLocalFuture<Deadline, F>,
-            #[pin]
-            sleep: Sleep,
-            permit: Option<Permit>,
-            classify: C,
-            // When the budget written into the request runs out: the deadline minus the margin.
-            sent: Instant,
-        },
-        Rejected,
-        Done,
-    }
-}
-
 impl<F, C, M> PropagateFuture<F, C, M> {
     pub(super) fn passthrough(inner: F, classify: C, mode: M) -> Self {
         PropagateFuture {
-            state: PropagateState::Passthrough { inner, classify },
+            state: State::Passthrough { inner, classify },
             mode,
         }
     }
@@ -237,20 +232,14 @@ impl<F, C, M> PropagateFuture<F, C, M> {
         sent: Instant,
     ) -> Self {
         PropagateFuture {
-            state: PropagateState::Running {
-                inner,
-                sleep,
-                permit: Some(permit),
-                classify,
-                sent,
-            },
+            state: State::running(inner, sleep, permit, classify, Some(sent)),
             mode,
         }
     }
 
     pub(super) fn rejected(mode: M) -> Self {
         PropagateFuture {
-            state: PropagateState::Rejected,
+            state: State::Rejected,
             mode,
         }
     }
@@ -265,53 +254,15 @@ where
     type Output = Result<C::Response, M::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let output = match this.state.as_mut().project() {
-            PropagateStateProj::Passthrough { inner, classify } => {
-                let result = ready!(inner.poll(cx));
-                classify
-                    .finish(result, None)
-                    .map_err(|e| this.mode.inner_error(e))
-            }
-            PropagateStateProj::Running {
-                mut inner,
-                sleep,
-                permit,
-                classify,
-                sent,
-            } => match inner.as_mut().poll(cx) {
-                // A transport that enforces the timeout it was sent (a tonic `Channel` does) fails the call
-                // with its own error, which callers then see as CANCELLED or UNKNOWN. An error once the sent
-                // budget is spent is that expiry: answer deadline-exceeded, as the local timer would have.
-                Poll::Ready(Err(_)) if Instant::now() >= *sent => expired(permit, this.mode),
-                Poll::Ready(result) => classify
-                    .finish(result, permit.take())
-                    .map_err(|e| this.mode.inner_error(e)),
-                Poll::Pending => {
-                    ready!(sleep.poll(cx));
-                    expired(permit, this.mode)
-                }
-            },
-            PropagateStateProj::Rejected => {
-                this.mode.reject(Rejection::new(Reason::DeadlineExceeded))
-            }
-            PropagateStateProj::Done => panic!("PropagateFuture polled after completion"),
-        };
-        this.state.set(PropagateState::Done);
-        Poll::Ready(output)
+        let this = self.project();
+        poll_state(this.state, this.mode, cx)
     }
 }
 
 impl<F, C, M> fmt::Debug for PropagateFuture<F, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            PropagateState::Passthrough { .. } => "passthrough",
-            PropagateState::Running { .. } => "running",
-            PropagateState::Rejected => "rejected",
-            PropagateState::Done => "done",
-        };
         f.debug_struct("PropagateFuture")
-            .field("state", &state)
+            .field("state", &self.state.name())
             .finish()
     }
 }
