@@ -47,12 +47,14 @@ impl AdaptiveConcurrencyLayer {
     /// ```
     pub fn builder() -> AdaptiveConcurrencyBuilder {
         AdaptiveConcurrencyBuilder {
-            initial: 20,
-            min: 1,
-            max: 1000,
-            min_samples: 20,
-            window: Duration::from_millis(100),
-            algorithm: Box::new(Knee::new()),
+            config: Config {
+                initial: 20,
+                min: 1,
+                max: 1000,
+                min_samples: 20,
+                window: Duration::from_millis(100),
+                algorithm: Box::new(Knee::new()),
+            },
             classify: AnyOk,
             mode: ErrorMode,
             observer: (),
@@ -106,12 +108,8 @@ impl<C, M, O, B> fmt::Debug for AdaptiveConcurrencyLayer<C, M, O, B> {
 
 /// Builder for [`AdaptiveConcurrencyLayer`]; [`build`](Self::build) checks the configuration.
 pub struct AdaptiveConcurrencyBuilder<C = AnyOk, M = ErrorMode, O = (), B = NoBypass> {
-    initial: usize,
-    min: usize,
-    max: usize,
-    min_samples: u64,
-    window: Duration,
-    algorithm: Box<dyn Algorithm>,
+    /// The limiter's own settings, checked by `Core::new`.
+    config: Config,
     classify: C,
     mode: M,
     observer: O,
@@ -122,42 +120,42 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     /// The limit before the first window closes (default 20).
     #[must_use]
     pub fn initial_limit(mut self, limit: usize) -> Self {
-        self.initial = limit;
+        self.config.initial = limit;
         self
     }
 
     /// The lowest the limit may go, at least 1 (default 1).
     #[must_use]
     pub fn min_limit(mut self, limit: usize) -> Self {
-        self.min = limit;
+        self.config.min = limit;
         self
     }
 
     /// The highest the limit may go (default 1000).
     #[must_use]
     pub fn max_limit(mut self, limit: usize) -> Self {
-        self.max = limit;
+        self.config.max = limit;
         self
     }
 
     /// The algorithm that moves the limit (default [`Knee`]).
     #[must_use]
     pub fn algorithm(mut self, algorithm: impl Algorithm) -> Self {
-        self.algorithm = Box::new(algorithm);
+        self.config.algorithm = Box::new(algorithm);
         self
     }
 
     /// A window closes once it holds at least this many finished requests (default 20)...
     #[must_use]
     pub fn min_samples(mut self, samples: u64) -> Self {
-        self.min_samples = samples;
+        self.config.min_samples = samples;
         self
     }
 
     /// ...and has lasted at least this long (default 100 ms).
     #[must_use]
     pub fn window(mut self, window: Duration) -> Self {
-        self.window = window;
+        self.config.window = window;
         self
     }
 
@@ -165,12 +163,7 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     #[must_use]
     pub fn classifier<C2>(self, classify: C2) -> AdaptiveConcurrencyBuilder<C2, M, O, B> {
         AdaptiveConcurrencyBuilder {
-            initial: self.initial,
-            min: self.min,
-            max: self.max,
-            min_samples: self.min_samples,
-            window: self.window,
-            algorithm: self.algorithm,
+            config: self.config,
             classify,
             mode: self.mode,
             observer: self.observer,
@@ -182,12 +175,7 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     #[must_use]
     pub fn reject_mode<M2>(self, mode: M2) -> AdaptiveConcurrencyBuilder<C, M2, O, B> {
         AdaptiveConcurrencyBuilder {
-            initial: self.initial,
-            min: self.min,
-            max: self.max,
-            min_samples: self.min_samples,
-            window: self.window,
-            algorithm: self.algorithm,
+            config: self.config,
             classify: self.classify,
             mode,
             observer: self.observer,
@@ -199,12 +187,7 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     #[must_use]
     pub fn observer<O2: Observer>(self, observer: O2) -> AdaptiveConcurrencyBuilder<C, M, O2, B> {
         AdaptiveConcurrencyBuilder {
-            initial: self.initial,
-            min: self.min,
-            max: self.max,
-            min_samples: self.min_samples,
-            window: self.window,
-            algorithm: self.algorithm,
+            config: self.config,
             classify: self.classify,
             mode: self.mode,
             observer,
@@ -227,12 +210,7 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     #[must_use]
     pub fn bypass<B2>(self, bypass: B2) -> AdaptiveConcurrencyBuilder<C, M, O, B2> {
         AdaptiveConcurrencyBuilder {
-            initial: self.initial,
-            min: self.min,
-            max: self.max,
-            min_samples: self.min_samples,
-            window: self.window,
-            algorithm: self.algorithm,
+            config: self.config,
             classify: self.classify,
             mode: self.mode,
             observer: self.observer,
@@ -266,14 +244,7 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     /// Errors: a zero initial or minimum limit, `min_limit > max_limit`, an initial limit outside the bounds, zero
     /// `min_samples` or `window`, or algorithm parameters out of range.
     pub fn build(self) -> Result<AdaptiveConcurrencyLayer<C, M, O, B>, ConfigError> {
-        let core = Core::new(Config {
-            initial: self.initial,
-            min: self.min,
-            max: self.max,
-            min_samples: self.min_samples,
-            window: self.window,
-            algorithm: self.algorithm,
-        })?;
+        let core = Core::new(self.config)?;
         Ok(AdaptiveConcurrencyLayer {
             shared: Arc::new(Shared {
                 core,
@@ -289,12 +260,12 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
 impl<C, M, O, B> fmt::Debug for AdaptiveConcurrencyBuilder<C, M, O, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdaptiveConcurrencyBuilder")
-            .field("initial_limit", &self.initial)
-            .field("min_limit", &self.min)
-            .field("max_limit", &self.max)
-            .field("min_samples", &self.min_samples)
-            .field("window", &self.window)
-            .field("algorithm", &self.algorithm)
+            .field("initial_limit", &self.config.initial)
+            .field("min_limit", &self.config.min)
+            .field("max_limit", &self.config.max)
+            .field("min_samples", &self.config.min_samples)
+            .field("window", &self.config.window)
+            .field("algorithm", &self.config.algorithm)
             .finish()
     }
 }

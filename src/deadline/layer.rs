@@ -16,21 +16,25 @@ use crate::core::{AnyOk, ConfigError, ErrorMode, Observer};
 /// The default safety margin [`PropagateDeadlineLayer`] takes off a budget before passing it on.
 pub const DEFAULT_MARGIN: Duration = Duration::from_millis(5);
 
-#[derive(Debug)]
-pub(super) struct ServerConfig {
+/// The server layer's settings; in the builder the header name is not checked yet (`H` = the name as given).
+#[derive(Debug, Clone)]
+pub(super) struct ServerConfig<H = HeaderName> {
     pub(super) max_timeout: Option<Duration>,
     pub(super) min_budget: Duration,
     pub(super) read_grpc_timeout: bool,
-    pub(super) timeout_header: Option<HeaderName>,
+    pub(super) timeout_header: Option<H>,
     pub(super) strict: bool,
 }
 
-#[derive(Debug)]
-pub(super) struct ClientConfig {
+/// The client layer's settings, likewise.
+#[derive(Debug, Clone)]
+pub(super) struct ClientConfig<H = HeaderName> {
     pub(super) margin: Duration,
     pub(super) write_grpc_timeout: bool,
-    pub(super) timeout_header: Option<HeaderName>,
+    pub(super) timeout_header: Option<H>,
 }
+
+type Unchecked = Cow<'static, str>;
 
 fn header_name(
     layer: &'static str,
@@ -72,11 +76,13 @@ impl DeadlineLayer {
             classify: AnyOk,
             mode: ErrorMode,
             observer: (),
-            max_timeout: None,
-            min_budget: Duration::ZERO,
-            read_grpc_timeout: true,
-            timeout_header: Some(Cow::Borrowed(TIMEOUT_MS_HEADER)),
-            strict: false,
+            config: ServerConfig {
+                max_timeout: None,
+                min_budget: Duration::ZERO,
+                read_grpc_timeout: true,
+                timeout_header: Some(Cow::Borrowed(TIMEOUT_MS_HEADER)),
+                strict: false,
+            },
         }
     }
 }
@@ -122,14 +128,10 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for DeadlineLayer<C, M, O> {
 /// Builder of [`DeadlineLayer`].
 #[derive(Debug, Clone)]
 pub struct DeadlineLayerBuilder<C = AnyOk, M = ErrorMode, O = ()> {
+    config: ServerConfig<Unchecked>,
     classify: C,
     mode: M,
     observer: O,
-    max_timeout: Option<Duration>,
-    min_budget: Duration,
-    read_grpc_timeout: bool,
-    timeout_header: Option<Cow<'static, str>>,
-    strict: bool,
 }
 
 impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
@@ -144,7 +146,7 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
     /// ```
     #[must_use]
     pub fn max_timeout(mut self, max: Duration) -> Self {
-        self.max_timeout = Some(max);
+        self.config.max_timeout = Some(max);
         self
     }
 
@@ -152,28 +154,28 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
     /// that cannot finish in time is better not started.
     #[must_use]
     pub fn min_budget(mut self, min: Duration) -> Self {
-        self.min_budget = min;
+        self.config.min_budget = min;
         self
     }
 
     /// Whether to read `grpc-timeout` (default `true`).
     #[must_use]
     pub fn grpc_timeout(mut self, read: bool) -> Self {
-        self.read_grpc_timeout = read;
+        self.config.read_grpc_timeout = read;
         self
     }
 
     /// The name of the millisecond timeout header to read (default `x-request-timeout-ms`); checked by `build`.
     #[must_use]
     pub fn timeout_header(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.timeout_header = Some(name.into());
+        self.config.timeout_header = Some(name.into());
         self
     }
 
     /// Read no millisecond timeout header.
     #[must_use]
     pub fn no_timeout_header(mut self) -> Self {
-        self.timeout_header = None;
+        self.config.timeout_header = None;
         self
     }
 
@@ -182,7 +184,7 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
     /// `tracing` event at DEBUG).
     #[must_use]
     pub fn strict(mut self, strict: bool) -> Self {
-        self.strict = strict;
+        self.config.strict = strict;
         self
     }
 
@@ -193,11 +195,7 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
             classify,
             mode: self.mode,
             observer: self.observer,
-            max_timeout: self.max_timeout,
-            min_budget: self.min_budget,
-            read_grpc_timeout: self.read_grpc_timeout,
-            timeout_header: self.timeout_header,
-            strict: self.strict,
+            config: self.config,
         }
     }
 
@@ -208,11 +206,7 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
             classify: self.classify,
             mode,
             observer: self.observer,
-            max_timeout: self.max_timeout,
-            min_budget: self.min_budget,
-            read_grpc_timeout: self.read_grpc_timeout,
-            timeout_header: self.timeout_header,
-            strict: self.strict,
+            config: self.config,
         }
     }
 
@@ -223,11 +217,7 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
             classify: self.classify,
             mode: self.mode,
             observer,
-            max_timeout: self.max_timeout,
-            min_budget: self.min_budget,
-            read_grpc_timeout: self.read_grpc_timeout,
-            timeout_header: self.timeout_header,
-            strict: self.strict,
+            config: self.config,
         }
     }
 
@@ -255,7 +245,8 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
         O: Observer,
     {
         const LAYER: &str = "deadline";
-        if let Some(max) = self.max_timeout {
+        let c = self.config;
+        if let Some(max) = c.max_timeout {
             if max.is_zero() {
                 return Err(ConfigError::new(
                     LAYER,
@@ -263,23 +254,23 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
                     "must be greater than zero",
                 ));
             }
-            if self.min_budget >= max {
+            if c.min_budget >= max {
                 return Err(ConfigError::new(
                     LAYER,
                     "min_budget",
                     format!(
                         "must be less than max_timeout ({:?} >= {:?})",
-                        self.min_budget, max
+                        c.min_budget, max
                     ),
                 ));
             }
         }
         let config = ServerConfig {
-            max_timeout: self.max_timeout,
-            min_budget: self.min_budget,
-            read_grpc_timeout: self.read_grpc_timeout,
-            timeout_header: header_name(LAYER, self.timeout_header)?,
-            strict: self.strict,
+            max_timeout: c.max_timeout,
+            min_budget: c.min_budget,
+            read_grpc_timeout: c.read_grpc_timeout,
+            timeout_header: header_name(LAYER, c.timeout_header)?,
+            strict: c.strict,
         };
         Ok(DeadlineLayer {
             shared: Arc::new(Shared::new(LAYER, config, self.observer)),
@@ -307,9 +298,11 @@ impl PropagateDeadlineLayer {
             classify: AnyOk,
             mode: ErrorMode,
             observer: (),
-            margin: DEFAULT_MARGIN,
-            write_grpc_timeout: true,
-            timeout_header: Some(Cow::Borrowed(TIMEOUT_MS_HEADER)),
+            config: ClientConfig {
+                margin: DEFAULT_MARGIN,
+                write_grpc_timeout: true,
+                timeout_header: Some(Cow::Borrowed(TIMEOUT_MS_HEADER)),
+            },
         }
     }
 }
@@ -355,12 +348,10 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for PropagateDeadlineLayer<C, M, O> {
 /// Builder of [`PropagateDeadlineLayer`].
 #[derive(Debug, Clone)]
 pub struct PropagateDeadlineLayerBuilder<C = AnyOk, M = ErrorMode, O = ()> {
+    config: ClientConfig<Unchecked>,
     classify: C,
     mode: M,
     observer: O,
-    margin: Duration,
-    write_grpc_timeout: bool,
-    timeout_header: Option<Cow<'static, str>>,
 }
 
 impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
@@ -377,28 +368,28 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
     /// ```
     #[must_use]
     pub fn margin(mut self, margin: Duration) -> Self {
-        self.margin = margin;
+        self.config.margin = margin;
         self
     }
 
     /// Whether to write `grpc-timeout` (default `true`).
     #[must_use]
     pub fn grpc_timeout(mut self, write: bool) -> Self {
-        self.write_grpc_timeout = write;
+        self.config.write_grpc_timeout = write;
         self
     }
 
     /// The name of the millisecond timeout header to write (default `x-request-timeout-ms`); checked by `build`.
     #[must_use]
     pub fn timeout_header(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.timeout_header = Some(name.into());
+        self.config.timeout_header = Some(name.into());
         self
     }
 
     /// Write no millisecond timeout header.
     #[must_use]
     pub fn no_timeout_header(mut self) -> Self {
-        self.timeout_header = None;
+        self.config.timeout_header = None;
         self
     }
 
@@ -409,9 +400,7 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
             classify,
             mode: self.mode,
             observer: self.observer,
-            margin: self.margin,
-            write_grpc_timeout: self.write_grpc_timeout,
-            timeout_header: self.timeout_header,
+            config: self.config,
         }
     }
 
@@ -422,9 +411,7 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
             classify: self.classify,
             mode,
             observer: self.observer,
-            margin: self.margin,
-            write_grpc_timeout: self.write_grpc_timeout,
-            timeout_header: self.timeout_header,
+            config: self.config,
         }
     }
 
@@ -435,9 +422,7 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
             classify: self.classify,
             mode: self.mode,
             observer,
-            margin: self.margin,
-            write_grpc_timeout: self.write_grpc_timeout,
-            timeout_header: self.timeout_header,
+            config: self.config,
         }
     }
 
@@ -466,10 +451,11 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
         O: Observer,
     {
         const LAYER: &str = "propagate_deadline";
+        let c = self.config;
         let config = ClientConfig {
-            margin: self.margin,
-            write_grpc_timeout: self.write_grpc_timeout,
-            timeout_header: header_name(LAYER, self.timeout_header)?,
+            margin: c.margin,
+            write_grpc_timeout: c.write_grpc_timeout,
+            timeout_header: header_name(LAYER, c.timeout_header)?,
         };
         Ok(PropagateDeadlineLayer {
             shared: Arc::new(Shared::new(LAYER, config, self.observer)),
