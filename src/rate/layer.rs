@@ -27,6 +27,12 @@ pub struct RateLimitLayerBuilder<K = Global, C = AnyOk, M = ErrorMode, O = ()> {
     classify: C,
     mode: M,
     observer: O,
+    settings: Settings,
+}
+
+/// The builder's settings that no type parameter depends on, moved whole by the type-changing setters.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     rate: Option<(u32, Duration)>,
     burst: Option<u32>,
     max_keys: usize,
@@ -41,10 +47,12 @@ impl RateLimitLayerBuilder {
             classify: AnyOk,
             mode: ErrorMode,
             observer: (),
-            rate: None,
-            burst: None,
-            max_keys: DEFAULT_MAX_KEYS,
-            policy_name: "default",
+            settings: Settings {
+                rate: None,
+                burst: None,
+                max_keys: DEFAULT_MAX_KEYS,
+                policy_name: "default",
+            },
         }
     }
 }
@@ -61,7 +69,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
     /// ```
     #[must_use]
     pub fn rate(mut self, requests: u32, per: Duration) -> Self {
-        self.rate = Some((requests, per));
+        self.settings.rate = Some((requests, per));
         self
     }
 
@@ -81,7 +89,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
     /// ```
     #[must_use]
     pub fn burst(mut self, burst: u32) -> Self {
-        self.burst = Some(burst);
+        self.settings.burst = Some(burst);
         self
     }
 
@@ -111,10 +119,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
             classify: self.classify,
             mode: self.mode,
             observer: self.observer,
-            rate: self.rate,
-            burst: self.burst,
-            max_keys: self.max_keys,
-            policy_name: self.policy_name,
+            settings: self.settings,
         }
     }
 
@@ -136,7 +141,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
     /// ```
     #[must_use]
     pub fn max_keys(mut self, max_keys: usize) -> Self {
-        self.max_keys = max_keys;
+        self.settings.max_keys = max_keys;
         self
     }
 
@@ -156,7 +161,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
     /// ```
     #[must_use]
     pub fn policy_name(mut self, name: &'static str) -> Self {
-        self.policy_name = name;
+        self.settings.policy_name = name;
         self
     }
 
@@ -170,10 +175,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
             classify,
             mode: self.mode,
             observer: self.observer,
-            rate: self.rate,
-            burst: self.burst,
-            max_keys: self.max_keys,
-            policy_name: self.policy_name,
+            settings: self.settings,
         }
     }
 
@@ -187,10 +189,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
             classify: self.classify,
             mode,
             observer: self.observer,
-            rate: self.rate,
-            burst: self.burst,
-            max_keys: self.max_keys,
-            policy_name: self.policy_name,
+            settings: self.settings,
         }
     }
 
@@ -203,10 +202,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
             classify: self.classify,
             mode: self.mode,
             observer,
-            rate: self.rate,
-            burst: self.burst,
-            max_keys: self.max_keys,
-            policy_name: self.policy_name,
+            settings: self.settings,
         }
     }
 
@@ -232,7 +228,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
     where
         O: Observer,
     {
-        let (requests, per) = self.rate.ok_or_else(|| {
+        let (requests, per) = self.settings.rate.ok_or_else(|| {
             ConfigError::new(
                 LAYER,
                 "rate",
@@ -261,7 +257,7 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
                 "more than one request per nanosecond",
             ));
         }
-        let burst = self.burst.unwrap_or(requests);
+        let burst = self.settings.burst.unwrap_or(requests);
         let burst = NonZeroU32::new(burst)
             .ok_or_else(|| ConfigError::new(LAYER, "burst", "must be at least 1"))?;
         const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -275,14 +271,20 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
                 "burst times interval must stay below a century",
             ));
         }
-        if self.keyed && (self.max_keys == 0 || u32::try_from(self.max_keys).is_err()) {
+        if self.keyed
+            && (self.settings.max_keys == 0 || u32::try_from(self.settings.max_keys).is_err())
+        {
             return Err(ConfigError::new(
                 LAYER,
                 "max_keys",
-                format!("must be between 1 and {} (got {})", u32::MAX, self.max_keys),
+                format!(
+                    "must be between 1 and {} (got {})",
+                    u32::MAX,
+                    self.settings.max_keys
+                ),
             ));
         }
-        if !valid_policy_name(self.policy_name) {
+        if !valid_policy_name(self.settings.policy_name) {
             return Err(ConfigError::new(
                 LAYER,
                 "policy_name",
@@ -292,8 +294,8 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
         let quota = Quota::with_period(interval)
             .ok_or_else(|| ConfigError::new(LAYER, "rate", "interval must be longer than zero"))?
             .allow_burst(burst);
-        let policy = Policy::new(self.policy_name, burst.get(), interval);
-        let max_keys = self.keyed.then_some(self.max_keys);
+        let policy = Policy::new(self.settings.policy_name, burst.get(), interval);
+        let max_keys = self.keyed.then_some(self.settings.max_keys);
         Ok(RateLimitLayer {
             key: self.key,
             classify: self.classify,
@@ -306,11 +308,11 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
 impl<K, C, M, O> fmt::Debug for RateLimitLayerBuilder<K, C, M, O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayerBuilder")
-            .field("rate", &self.rate)
-            .field("burst", &self.burst)
+            .field("rate", &self.settings.rate)
+            .field("burst", &self.settings.burst)
             .field("keyed", &self.keyed)
-            .field("max_keys", &self.max_keys)
-            .field("policy_name", &self.policy_name)
+            .field("max_keys", &self.settings.max_keys)
+            .field("policy_name", &self.settings.policy_name)
             .finish_non_exhaustive()
     }
 }
