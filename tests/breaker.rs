@@ -277,6 +277,44 @@ async fn time_window_trips_within_its_span() {
     assert_eq!(handle.state(), CircuitState::Open);
 }
 
+/// The slow-call rule is off by default (no clock read on the closed path), and either of its setters turns it
+/// on with Resilience4j's values for the other (60 s, 100 %).
+#[tokio::test(start_paused = true)]
+async fn the_slow_call_rule_is_off_until_configured() {
+    let hang = Duration::from_secs(61);
+    let default = CircuitBreakerLayer::builder()
+        .count_window(2)
+        .minimum_calls(2)
+        .build()
+        .unwrap();
+    let handle = default.handle();
+    let mut svc = default.layer(inner());
+    for _ in 0..2 {
+        send(&mut svc, Call::Slow(hang)).await.unwrap();
+    }
+    let snap = handle.snapshot();
+    assert_eq!(
+        (snap.state, snap.calls, snap.slow_calls),
+        (CircuitState::Closed, 2, 0)
+    );
+
+    let by_rate = CircuitBreakerLayer::builder()
+        .count_window(2)
+        .minimum_calls(2)
+        .slow_call_rate_threshold(100.0)
+        .build()
+        .unwrap();
+    let handle = by_rate.handle();
+    let mut svc = by_rate.layer(inner());
+    send(&mut svc, Call::Slow(Duration::from_secs(59)))
+        .await
+        .unwrap();
+    send(&mut svc, Call::Slow(hang)).await.unwrap();
+    assert_eq!(handle.snapshot().slow_calls, 1, "slow from 60 s by default");
+    send(&mut svc, Call::Slow(hang)).await.unwrap();
+    assert_eq!(handle.state(), CircuitState::Open, "100 % slow by default");
+}
+
 #[tokio::test(start_paused = true)]
 async fn slow_calls_trip_the_slow_call_rule() {
     let layer = CircuitBreakerLayer::builder()

@@ -47,7 +47,9 @@ impl<C, M, O> fmt::Debug for CircuitBreakerLayer<C, M, O> {
 
 impl CircuitBreakerLayer {
     /// A builder with Resilience4j's defaults for the window (the last 100 calls, at least 100 of them, 50 %
-    /// failures trip it; calls over 60 s are slow, 100 % slow calls trip it) and 10 half-open probes. The open
+    /// failures trip it) and 10 half-open probes. The slow-call rule is off until configured (then with
+    /// Resilience4j's defaults: calls over 60 s are slow, 100 % slow calls trip it); see
+    /// [`slow_call_duration`](CircuitBreakerBuilder::slow_call_duration) for why. The open
     /// period starts at 5 s and doubles with each consecutive trip up to 10 s, ±20 % jitter (within the cap);
     /// half-open waits at most 10 s for its probes.
     ///
@@ -60,6 +62,7 @@ impl CircuitBreakerLayer {
                 failure_rate: 50.0,
                 slow_call_rate: 100.0,
                 slow_call: Duration::from_secs(60),
+                slow_rule: false,
                 window: WindowKind::Count(100),
                 minimum_calls: 100,
                 consecutive_failures: None,
@@ -129,6 +132,8 @@ struct Settings {
     failure_rate: f64,
     slow_call_rate: f64,
     slow_call: Duration,
+    /// Whether the slow-call rule is on: set by either of its two setters.
+    slow_rule: bool,
     window: WindowKind,
     minimum_calls: u64,
     consecutive_failures: Option<u32>,
@@ -167,14 +172,31 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
         /// (0, 100].
         failure_rate_threshold(percent: f64) => failure_rate = percent
     );
-    setter!(
-        /// Trip when at least this percentage of the calls in the window were slow. In (0, 100].
-        slow_call_rate_threshold(percent: f64) => slow_call_rate = percent
-    );
-    setter!(
-        /// A call taking at least this long (admission to end of response, failed or not) counts as slow.
-        slow_call_duration(duration: Duration) => slow_call = duration
-    );
+    /// Turns the slow-call rule on: trip when at least this percentage of the calls in the window were slow (a
+    /// call is slow from [`slow_call_duration`](Self::slow_call_duration), 60 s unless set). In (0, 100].
+    #[must_use]
+    pub fn slow_call_rate_threshold(mut self, percent: f64) -> Self {
+        self.settings.slow_call_rate = percent;
+        self.settings.slow_rule = true;
+        self
+    }
+
+    /// Turns the slow-call rule on: a call taking at least this long (admission to end of response, failed or
+    /// not) counts as slow, and the breaker trips once the share of slow calls in the window reaches
+    /// [`slow_call_rate_threshold`](Self::slow_call_rate_threshold) (100 % unless set).
+    ///
+    /// Off by default, unlike Resilience4j, whose default rule (calls over 60 s, all of them) fires only on a
+    /// dependency that hangs outright, and would cost every call two clock reads, more than the rest of the
+    /// closed path. Such a hang is better cut short by a deadline (the [`deadline`](crate::deadline) layers,
+    /// placed inside the breaker), whose expiries count here as failures.
+    /// Without the rule (and without an observer, which is told every latency) the closed path with a count
+    /// window reads no clock.
+    #[must_use]
+    pub fn slow_call_duration(mut self, duration: Duration) -> Self {
+        self.settings.slow_call = duration;
+        self.settings.slow_rule = true;
+        self
+    }
     setter!(
         /// Measure over the last `calls` calls: a true sliding window (a ring; 1 to 2^20 calls).
         count_window(calls: usize) => window = WindowKind::Count(calls)
@@ -401,7 +423,7 @@ impl Settings {
         Ok(Config {
             failure_ppm,
             slow_ppm,
-            slow_call: self.slow_call,
+            slow_call: self.slow_rule.then_some(self.slow_call),
             window: self.window,
             minimum_calls: self.minimum_calls,
             consecutive_failures: self.consecutive_failures,

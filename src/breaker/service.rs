@@ -8,7 +8,7 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::state::{Admit, Shared};
-use crate::core::{Classify, Observer, Permit, RejectMode, Release, ResponseFuture};
+use crate::core::{observer, Classify, Observer, Permit, RejectMode, Release, ResponseFuture};
 
 /// A circuit breaker in front of a service; made by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
@@ -103,9 +103,15 @@ where
         match self.shared.admit() {
             Admit::Tag(tag) => {
                 let owner: Arc<dyn Release> = self.shared.clone();
+                // Latency is needed by the slow-call rule and by an observer, by nothing else.
+                let permit = if self.shared.config.slow_call.is_none() && observer::is_noop::<O>() {
+                    Permit::untimed(owner, tag)
+                } else {
+                    Permit::new(owner, tag)
+                };
                 ResponseFuture::admitted(
                     self.inner.call(req),
-                    Some(Permit::new(owner, tag)),
+                    Some(permit),
                     self.classify.clone(),
                     self.mode.clone(),
                 )

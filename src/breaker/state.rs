@@ -20,7 +20,8 @@ pub(crate) struct Config {
     /// Thresholds in parts per million, so rates compare in integers.
     pub(crate) failure_ppm: u64,
     pub(crate) slow_ppm: u64,
-    pub(crate) slow_call: Duration,
+    /// `None` while the slow-call rule is off.
+    pub(crate) slow_call: Option<Duration>,
     pub(crate) window: WindowKind,
     pub(crate) minimum_calls: u64,
     pub(crate) consecutive_failures: Option<u32>,
@@ -525,7 +526,7 @@ impl<O: Observer> Release for Shared<O> {
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
         self.in_flight.sub(1);
         observer::completed(&self.observer, LAYER, outcome, latency, &self.in_flight);
-        let slow = latency >= self.config.slow_call;
+        let slow = self.config.slow_call.is_some_and(|d| latency >= d);
         let gen = tag & GEN_MASK;
         if tag & PROBE_TAG != 0 {
             self.record_probe(gen, outcome, slow);

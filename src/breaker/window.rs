@@ -126,7 +126,13 @@ impl CountWindow {
             slot |= SLOT_SLOW;
         }
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len() as u64;
-        let old = self.slots[index as usize].swap(slot, Ordering::AcqRel);
+        let cell = &self.slots[index as usize];
+        // A steady stream of one outcome finds its own value in the slot: leave it, and write nothing. (A writer N
+        // calls away racing us for this slot is the case `record` already describes: whichever lands last wins.)
+        if cell.load(Ordering::Acquire) == slot {
+            return self.decode(self.packed.load(Ordering::Acquire));
+        }
+        let old = cell.swap(slot, Ordering::AcqRel);
         let delta = slot_weight(slot).wrapping_sub(slot_weight(old));
         if delta == 0 {
             return self.decode(self.packed.load(Ordering::Acquire));
