@@ -411,6 +411,21 @@ mod tests {
         }
     }
 
+    /// A core with 100 ms windows whose windows are sent to the returned receiver.
+    fn recorded(min_samples: u64) -> (Core, std::sync::mpsc::Receiver<Window>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let core = Core::new(Config {
+            initial: 10,
+            min: 1,
+            max: 100,
+            min_samples,
+            window: Duration::from_millis(100),
+            algorithm: Box::new(Recorder(tx)),
+        })
+        .unwrap();
+        (core, rx)
+    }
+
     #[test]
     fn timing_thins_out_only_past_thousands_of_samples_per_window() {
         assert_eq!(timing_mask(0, 20), 0);
@@ -436,16 +451,7 @@ mod tests {
 
     #[test]
     fn untimed_requests_count_but_only_timed_ones_make_the_latency() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let core = Core::new(Config {
-            initial: 10,
-            min: 1,
-            max: 100,
-            min_samples: 3,
-            window: Duration::from_millis(100),
-            algorithm: Box::new(Recorder(tx)),
-        })
-        .unwrap();
+        let (core, rx) = recorded(3);
         let ms = 1_000_000;
         // A busy window: 5 000 timed samples thin out the next window's timing.
         for _ in 0..5000 {
@@ -479,16 +485,7 @@ mod tests {
 
     #[test]
     fn a_timed_drop_does_not_close_a_window_whose_samples_are_all_untimed() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let core = Core::new(Config {
-            initial: 10,
-            min: 1,
-            max: 100,
-            min_samples: 1,
-            window: Duration::from_millis(100),
-            algorithm: Box::new(Recorder(tx)),
-        })
-        .unwrap();
+        let (core, rx) = recorded(1);
         let ms = 1_000_000;
         core.record(Outcome::Success, Duration::ZERO, UNTIMED);
         core.record(Outcome::Dropped, Duration::from_millis(5), 200 * ms);
