@@ -437,3 +437,86 @@ async fn concurrent_callers_never_exceed_the_limit() {
     assert_eq!(handle.in_flight(), 0);
     assert!(handle.limit() <= 4 && handle.limit() >= 1);
 }
+
+/// Runs `n` requests of 20 ms of paused time at once through `svc`.
+async fn burst<S>(svc: &mut S, n: usize)
+where
+    S: Service<bool, Response = (), Error = BoxError>,
+{
+    let mut calls = Vec::with_capacity(n);
+    for _ in 0..n {
+        calls.push(svc.ready().await.unwrap().call(true));
+    }
+    for r in futures::future::join_all(calls).await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_limiter_times_a_sample_of_requests_and_still_measures_latency() {
+    let build = |observed: bool| {
+        let builder = AdaptiveConcurrencyLayer::builder()
+            .initial_limit(10_000)
+            .max_limit(10_000)
+            .algorithm(Aimd::new())
+            .window(Duration::from_millis(10));
+        let latencies = Arc::new(Mutex::new(0usize));
+        let seen = latencies.clone();
+        let layer = if observed {
+            let layer = builder
+                .observer(move |e: &Event| {
+                    if let Event::Completed { latency, .. } = e {
+                        assert_eq!(*latency, Duration::from_millis(20));
+                        *seen.lock().unwrap() += 1;
+                    }
+                })
+                .build()
+                .unwrap();
+            (
+                layer.handle(),
+                tower::util::BoxService::new(layer.layer(slow())),
+            )
+        } else {
+            let layer = builder.build().unwrap();
+            (
+                layer.handle(),
+                tower::util::BoxService::new(layer.layer(slow())),
+            )
+        };
+        (layer, latencies)
+    };
+    fn slow() -> impl Service<bool, Response = (), Error = BoxError, Future = impl Send> + Send {
+        service_fn(|_: bool| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, BoxError>(())
+        })
+    }
+
+    let ((handle, mut svc), _) = build(false);
+    // The first completion at 20 ms closes a window of one sample; the next window holds 5 000.
+    burst(&mut svc, 5000).await;
+    assert_eq!(handle.snapshot().timed_one_in, 1);
+    burst(&mut svc, 5000).await;
+    assert_eq!(
+        handle.snapshot().timed_one_in,
+        2,
+        "5 000 samples a window: one request in 2 timed"
+    );
+    // Thinned out, the windows still close and the latency is still the requests' 20 ms.
+    let windows = handle.snapshot().windows;
+    burst(&mut svc, 5000).await;
+    burst(&mut svc, 100).await;
+    assert_eq!(handle.snapshot().windows, windows + 2);
+    assert_eq!(handle.expected_latency(), Some(Duration::from_millis(20)));
+    // Quiet again: every request timed.
+    burst(&mut svc, 100).await;
+    assert_eq!(handle.snapshot().timed_one_in, 1);
+
+    // With an observer, every request is timed and reported, however busy.
+    let ((handle, mut svc), seen) = build(true);
+    for _ in 0..3 {
+        burst(&mut svc, 5000).await;
+    }
+    assert_eq!(handle.snapshot().timed_one_in, 1);
+    assert_eq!(*seen.lock().unwrap(), 15_000);
+}

@@ -51,6 +51,9 @@ pub struct AdaptiveSnapshot {
     pub rejected: u64,
     /// Sample windows applied so far.
     pub windows: u64,
+    /// One admitted request in this many is timed: 1 unless the service is busy enough that a window holds
+    /// thousands of samples and the layer has no observer (see the module docs, "Cost").
+    pub timed_one_in: u32,
 }
 
 impl AdaptiveHandle {
@@ -89,6 +92,7 @@ impl AdaptiveHandle {
             expected_latency: self.expected_latency(),
             rejected: core.rejected.load(Ordering::Relaxed),
             windows: core.windows.load(Ordering::Relaxed),
+            timed_one_in: core.timing_mask() + 1,
         }
     }
 

@@ -243,8 +243,14 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
     ///
     /// Errors: a zero initial or minimum limit, `min_limit > max_limit`, an initial limit outside the bounds, zero
     /// `min_samples` or `window`, or algorithm parameters out of range.
-    pub fn build(self) -> Result<AdaptiveConcurrencyLayer<C, M, O, B>, ConfigError> {
-        let core = Core::new(self.config)?;
+    pub fn build(self) -> Result<AdaptiveConcurrencyLayer<C, M, O, B>, ConfigError>
+    where
+        O: Observer,
+    {
+        let mut core = Core::new(self.config)?;
+        if !crate::core::observer::is_noop::<O>() {
+            core.time_every_request();
+        }
         Ok(AdaptiveConcurrencyLayer {
             shared: Arc::new(Shared {
                 core,

@@ -5,9 +5,10 @@ use std::task::{Context, Poll};
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::state::Shared;
+use super::state::{Shared, UNTIMED};
+use crate::core::stripe::one_in;
 use crate::core::{
-    AnyOk, Classify, ErrorMode, Event, Observer, Permit, Reason, RejectMode, Rejection,
+    observer, AnyOk, Classify, ErrorMode, Event, Observer, Permit, Reason, RejectMode, Rejection,
     ResponseFuture,
 };
 
@@ -127,9 +128,13 @@ where
             layer: "adaptive",
             in_flight,
         });
-        let now = Instant::now();
         // Created before calling inner so that a panic inside `call` still releases it.
-        let permit = Permit::admitted_at(self.shared.clone(), core.tag(now), now);
+        let permit = if observer::is_noop::<O>() && !one_in(core.timing_mask()) {
+            Permit::untimed(self.shared.clone(), UNTIMED)
+        } else {
+            let now = Instant::now();
+            Permit::admitted_at(self.shared.clone(), core.tag(now), now)
+        };
         let inner = self.inner.call(request);
         ResponseFuture::admitted(
             inner,

@@ -1,6 +1,6 @@
 //! The state one layer instance shares with all its services and handles.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ pub(crate) struct Core {
     pub(crate) epoch: Instant,
     pub(crate) limit: AtomicUsize,
     pub(crate) in_flight: AtomicUsize,
+    /// One request in `timing_mask + 1` is timed (see [`Core::timing_mask`]); 0 while every request is.
+    timing_mask: AtomicU32,
+    /// Whether timing may be thinned out at all: not when an observer is told every latency.
+    thin_timing: bool,
     pub(crate) min_limit: AtomicUsize,
     pub(crate) max_limit: AtomicUsize,
     pub(crate) rejected: AtomicU64,
@@ -93,6 +97,8 @@ impl Core {
             epoch: Instant::now(),
             limit: AtomicUsize::new(config.initial),
             in_flight: AtomicUsize::new(0),
+            timing_mask: AtomicU32::new(0),
+            thin_timing: true,
             min_limit: AtomicUsize::new(config.min),
             max_limit: AtomicUsize::new(config.max),
             rejected: AtomicU64::new(0),
@@ -134,6 +140,25 @@ impl Core {
         nanos(now.saturating_duration_since(self.epoch))
     }
 
+    /// Which admitted requests to time, for a layer without an observer (an observer is told every request's
+    /// latency, so with one every request is timed): one in `mask + 1`, picked at random.
+    ///
+    /// Reading the clock twice per request is the largest part of this layer's cost. A window's mean latency
+    /// needs a few hundred samples, not every request of a busy service: once a window holds more than
+    /// `2 × max(1024, min_samples)` samples, the next one times a random half, quarter, ... down to one request in
+    /// 64, so that every window keeps at least about that many timed samples. Every finished request is still
+    /// counted (the window's `samples`, drops, in-flight), and the mean and minimum latency are those of the timed
+    /// ones; at lower rates (the usual case, and every simulator scenario) every request is timed.
+    #[inline]
+    pub(crate) fn timing_mask(&self) -> u32 {
+        self.timing_mask.load(Ordering::Relaxed)
+    }
+
+    /// Times every request, whatever the rate: for a layer whose observer is told every latency.
+    pub(crate) fn time_every_request(&mut self) {
+        self.thin_timing = false;
+    }
+
     pub(crate) fn lock_updater(&self) -> MutexGuard<'_, Updater> {
         // An algorithm that panicked leaves a usable estimate behind: keep going rather than poison the layer.
         self.updater.lock().unwrap_or_else(|p| p.into_inner())
@@ -141,6 +166,15 @@ impl Core {
 
     /// Records a finished request; returns the new limit when this request closed a window that changed it.
     fn record(&self, outcome: Outcome, latency: Duration, tag: u64) -> Option<usize> {
+        if tag == UNTIMED {
+            // Counted, but without the time it cannot close a window.
+            match outcome {
+                Outcome::Ignored => {}
+                Outcome::Dropped => self.window.dropped(),
+                Outcome::Success | Outcome::Failure => self.window.untimed(),
+            }
+            return None;
+        }
         let latency = nanos(latency);
         match outcome {
             Outcome::Ignored => return None,
@@ -166,14 +200,20 @@ impl Core {
 
     fn window_due(&self, now: u64) -> bool {
         // Time first: one shared read; the stripes are summed only once the window is old enough.
-        now.saturating_sub(self.window_start.load(Ordering::Relaxed)) >= self.min_window
-            && self.window.count() >= self.min_samples
+        if now.saturating_sub(self.window_start.load(Ordering::Relaxed)) < self.min_window {
+            return false;
+        }
+        let (count, timed) = self.window.count();
+        // A window closed by a timed drop while thinned-out timing had no latency yet would report a mean of 0:
+        // wait for one. (A window of drops only has no latency to report, and closes.)
+        count >= self.min_samples && (timed > 0 || !self.window.has_samples())
     }
 
     fn close_window(&self, updater: &mut Updater, now: u64) -> Option<usize> {
         let start = self.window_start.swap(now, Ordering::Relaxed);
         let Totals {
             samples,
+            timed,
             dropped,
             latency_sum: sum,
             latency_min: min,
@@ -183,17 +223,21 @@ impl Core {
             .max_in_flight
             .swap(in_flight, Ordering::Relaxed)
             .max(in_flight);
-        let mean = sum.checked_div(samples).unwrap_or(0);
+        let mean = sum.checked_div(timed).unwrap_or(0);
         let window = Window {
             limit: updater.estimate,
             samples,
             dropped,
             mean_latency: Duration::from_nanos(mean),
-            min_latency: Duration::from_nanos(if samples > 0 { min } else { 0 }),
+            min_latency: Duration::from_nanos(if timed > 0 { min } else { 0 }),
             max_in_flight,
             duration: Duration::from_nanos(now.saturating_sub(start)),
         };
         self.windows.fetch_add(1, Ordering::Relaxed);
+        if self.thin_timing {
+            self.timing_mask
+                .store(timing_mask(samples, self.min_samples), Ordering::Relaxed);
+        }
         if mean > 0 {
             let old = self.expected_latency.load(Ordering::Relaxed);
             let new = if old == 0 {
@@ -219,6 +263,27 @@ impl Core {
         let old = self.limit.swap(limit, Ordering::AcqRel);
         (old != limit).then_some(limit)
     }
+}
+
+/// The tag of a permit that was not timed: no admission instant, no latency.
+pub(crate) const UNTIMED: u64 = u64::MAX;
+
+/// Timed samples a window should hold before timing is thinned out; more add nothing to a window's mean.
+const TIMED_TARGET: u64 = 1024;
+
+/// At least one request in `2^MAX_TIMING_SHIFT` (64) is timed, whatever the rate.
+const MAX_TIMING_SHIFT: u32 = 6;
+
+/// The timing mask for the next window, from the samples the last one held: every request is timed until a
+/// window holds `2 × target` samples, then one in 2, 4, ... 64, so that a window keeps about `2 × target` timed
+/// samples or more (and still `target` if the load halves).
+fn timing_mask(samples: u64, min_samples: u64) -> u32 {
+    let target = TIMED_TARGET.max(min_samples);
+    let mut shift = 0;
+    while shift < MAX_TIMING_SHIFT && samples >> (shift + 1) >= 2 * target {
+        shift += 1;
+    }
+    (1u32 << shift) - 1
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -327,6 +392,112 @@ mod tests {
                 prop_assert!(limit >= min && limit <= max && limit > 0, "limit {} outside [{}, {}]", limit, min, max);
             }
         }
+    }
+
+    /// Hands every window it is given to the test, and keeps the limit.
+    #[derive(Debug)]
+    struct Recorder(std::sync::mpsc::Sender<Window>);
+
+    impl Algorithm for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn validate(&self) -> Result<(), ConfigError> {
+            Ok(())
+        }
+        fn update(&mut self, window: &Window) -> f64 {
+            self.0.send(*window).unwrap();
+            window.limit
+        }
+    }
+
+    /// A core with 100 ms windows whose windows are sent to the returned receiver.
+    fn recorded(min_samples: u64) -> (Core, std::sync::mpsc::Receiver<Window>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let core = Core::new(Config {
+            initial: 10,
+            min: 1,
+            max: 100,
+            min_samples,
+            window: Duration::from_millis(100),
+            algorithm: Box::new(Recorder(tx)),
+        })
+        .unwrap();
+        (core, rx)
+    }
+
+    #[test]
+    fn timing_thins_out_only_past_thousands_of_samples_per_window() {
+        assert_eq!(timing_mask(0, 20), 0);
+        assert_eq!(
+            timing_mask(4095, 20),
+            0,
+            "below 2 x 2 x 1024: everything timed"
+        );
+        assert_eq!(timing_mask(4096, 20), 1);
+        assert_eq!(timing_mask(8192, 20), 3);
+        assert_eq!(
+            timing_mask(10_000_000, 20),
+            63,
+            "never fewer than one in 64"
+        );
+        assert_eq!(
+            timing_mask(16_000, 5000),
+            0,
+            "the target follows min_samples"
+        );
+        assert_eq!(timing_mask(20_000, 5000), 1);
+    }
+
+    #[test]
+    fn untimed_requests_count_but_only_timed_ones_make_the_latency() {
+        let (core, rx) = recorded(3);
+        let ms = 1_000_000;
+        // A busy window: 5 000 timed samples thin out the next window's timing.
+        for _ in 0..5000 {
+            core.record(Outcome::Success, Duration::from_millis(1), 50 * ms);
+        }
+        core.record(Outcome::Success, Duration::from_millis(1), 200 * ms);
+        assert_eq!(rx.try_recv().unwrap().samples, 5001);
+        assert_eq!(core.timing_mask(), 1);
+
+        // Untimed completions never close a window, however many and however late.
+        for _ in 0..10 {
+            assert_eq!(core.record(Outcome::Success, Duration::ZERO, UNTIMED), None);
+        }
+        core.record(Outcome::Dropped, Duration::ZERO, UNTIMED);
+        core.record(Outcome::Ignored, Duration::ZERO, UNTIMED);
+        assert!(rx.try_recv().is_err());
+        // The first timed completion past the window's end closes it: every completion counted, the latency
+        // that of the timed ones.
+        core.record(Outcome::Success, Duration::from_millis(40), 300 * ms);
+        core.record(Outcome::Failure, Duration::from_millis(20), 310 * ms);
+        let w = rx.try_recv().unwrap();
+        assert_eq!((w.samples, w.dropped), (11, 1));
+        assert_eq!(w.mean_latency, Duration::from_millis(40));
+        assert_eq!(w.min_latency, Duration::from_millis(40));
+        assert_eq!(
+            core.timing_mask(),
+            0,
+            "an ordinary window times everything again"
+        );
+    }
+
+    #[test]
+    fn a_timed_drop_does_not_close_a_window_whose_samples_are_all_untimed() {
+        let (core, rx) = recorded(1);
+        let ms = 1_000_000;
+        core.record(Outcome::Success, Duration::ZERO, UNTIMED);
+        core.record(Outcome::Dropped, Duration::from_millis(5), 200 * ms);
+        assert!(rx.try_recv().is_err(), "no latency to report yet");
+        core.record(Outcome::Success, Duration::from_millis(30), 210 * ms);
+        let w = rx.try_recv().unwrap();
+        assert_eq!((w.samples, w.dropped), (2, 1));
+        assert_eq!(w.mean_latency, Duration::from_millis(30));
+        // A window of drops only has no latency, and closes.
+        core.record(Outcome::Dropped, Duration::from_millis(5), 400 * ms);
+        let w = rx.try_recv().unwrap();
+        assert_eq!((w.samples, w.dropped), (0, 1));
     }
 
     #[test]

@@ -36,13 +36,14 @@ pub(crate) const LAYER: &str = "adaptive concurrency";
 pub struct Window {
     /// The limit estimate in force during the window (the algorithm's last answer, clamped).
     pub limit: f64,
-    /// Requests that finished with a latency sample (success or failure).
+    /// Requests that finished with a success or a failure.
     pub samples: u64,
     /// Requests that finished as [`Outcome::Dropped`](crate::core::Outcome::Dropped).
     pub dropped: u64,
-    /// Mean latency of the samples (zero when there were none).
+    /// Mean latency of the samples (zero when there were none). On a busy layer without an observer only a
+    /// random share of requests is timed (see the [module docs](super#cost)), and this is their mean.
     pub mean_latency: Duration,
-    /// Smallest latency sample (zero when there were none).
+    /// Smallest latency sample (zero when there were none), among the timed ones.
     pub min_latency: Duration,
     /// Most requests in flight at once during the window.
     pub max_in_flight: usize,
