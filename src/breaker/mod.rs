@@ -6,7 +6,7 @@
 //! - **Closed**: calls flow; each finished call's [`Outcome`](crate::core::Outcome) (from the classifier) and
 //!   latency are counted in a window: the last N calls (a true sliding ring, [`count_window`]) or the last
 //!   `buckets × width` of time ([`time_window`]). Once the window holds [`minimum_calls`], the breaker trips when
-//!   the failure rate or the slow-call rate reaches its threshold (or, optionally, after
+//!   the failure rate or (once configured) the slow-call rate reaches its threshold (or, optionally, after
 //!   [`consecutive_failures`] in a row). [`Outcome::Ignored`](crate::core::Outcome::Ignored) (a caller that went
 //!   away, a client error the classifier ignores) is not counted.
 //! - **Open**: calls are rejected at once with [`Reason::CircuitOpen`](crate::core::Reason::CircuitOpen) and the
@@ -33,10 +33,13 @@
 //! - the closed path takes no lock and allocates nothing: one atomic load to admit, and per finished call one
 //!   ring-slot swap plus one `fetch_add` on a word holding all three counts, so every reader sees a consistent
 //!   triple. A tiny critical section would have been simpler but would serialise every caller on one lock
-//!   word; the atomics cost the same uncontended and never make a caller wait. The clock is read where the
-//!   rules need it: twice per call by the permit (latency, for the slow-call rule), once more per call with a
-//!   time window, and otherwise only in the open and half-open states. Every state change is one compare-and-swap on a single word holding state, generation and
-//!   deadline, so each trip happens exactly once however many tasks race to it;
+//!   word; the atomics cost the same uncontended and never make a caller wait. The clock is read only where
+//!   a rule needs it: twice per call when the slow-call rule is on (it is off until configured, see
+//!   [`slow_call_duration`](CircuitBreakerBuilder::slow_call_duration)) or an observer is told latencies, once
+//!   per call with a time window, and otherwise only in the open and half-open states. With the defaults (a count
+//!   window, no observer) the closed path reads no clock. Every state change is one compare-and-swap on a single
+//!   word holding state, generation and deadline, so each trip happens exactly once however many tasks race to
+//!   it;
 //! - probe permits are RAII ([`Permit`](crate::core::Permit)) tagged with their cycle's generation: a dropped
 //!   probe returns its slot, a probe finishing after its cycle ended changes nothing, and half-open cannot get
 //!   stuck;
