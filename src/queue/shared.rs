@@ -262,10 +262,8 @@ pub(crate) struct Shared<L, O> {
     rejected: [AtomicU64; 3],
 }
 
-/// What `call` learned.
-pub(crate) enum Admission {
-    /// Run now with this permit.
-    Now(Permit),
+/// Why `call` cannot run a request now.
+pub(crate) enum NotNow {
     /// Wait in the queue at this node until `wake_at` at the latest.
     Queued { index: usize, wake_at: Instant },
     /// Refused.
@@ -399,36 +397,40 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         self: &Arc<Self>,
         priority: Priority,
         deadline: Option<Deadline>,
-    ) -> Admission {
+    ) -> Result<Permit, NotNow> {
         let level = priority.index();
         if let Some(deadline) = deadline {
             let now = Instant::now();
             if !deadline.can_finish(now, self.expected()) {
                 self.count_rejection(Reason::DeadlineExceeded);
-                return Admission::Rejected(Reason::DeadlineExceeded);
+                return Err(NotNow::Rejected(Reason::DeadlineExceeded));
             }
         }
         // Fast path: nobody waits, so taking a free slot cannot jump the queue.
         if self.waiting.load(Ordering::SeqCst) == 0 && self.try_acquire(level) {
-            return Admission::Now(self.permit(level, None));
+            return Ok(self.permit(level, None));
         }
         self.admit_slow(level, deadline)
     }
 
     #[cold]
     #[inline(never)]
-    fn admit_slow(self: &Arc<Self>, level: usize, deadline: Option<Deadline>) -> Admission {
+    fn admit_slow(
+        self: &Arc<Self>,
+        level: usize,
+        deadline: Option<Deadline>,
+    ) -> Result<Permit, NotNow> {
         let now = Instant::now();
         let mut q = self.lock();
         self.drain(&mut q, now);
         if q.len == 0 && self.try_acquire(level) {
             drop(q);
-            return Admission::Now(self.permit(level, Some(now)));
+            return Ok(self.permit(level, Some(now)));
         }
         if self.config.max_depth == 0 {
             drop(q);
             self.count_rejection(Reason::QueueFull);
-            return Admission::Rejected(Reason::QueueFull);
+            return Err(NotNow::Rejected(Reason::QueueFull));
         }
         let full = q.len >= self.config.max_depth || q.len >= self.config.level_cap(level);
         if full {
@@ -441,7 +443,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 None => {
                     drop(q);
                     self.count_rejection(Reason::QueueFull);
-                    return Admission::Rejected(Reason::QueueFull);
+                    return Err(NotNow::Rejected(Reason::QueueFull));
                 }
             }
         }
@@ -466,7 +468,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             let doomed_at = d.instant().checked_sub(self.expected()).unwrap_or(now);
             wake_at = wake_at.min(doomed_at.max(now));
         }
-        Admission::Queued { index, wake_at }
+        Err(NotNow::Queued { index, wake_at })
     }
 
     /// Unlinks a queued node with its answer, wakes its waiter and reports.
