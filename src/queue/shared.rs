@@ -10,7 +10,6 @@ use tokio::time::Instant;
 use super::priority::Priority;
 use super::QueueSnapshot;
 use crate::core::observer::is_noop;
-use crate::core::stripe::Counter;
 use crate::core::{Deadline, Event, LimitSource, Observer, Outcome, Permit, Reason, Release};
 
 const LAYER: &str = "queue";
@@ -241,22 +240,39 @@ impl WaitQueue {
     }
 }
 
+/// Bit 0 of [`Slots::admitted`]: somebody waits in the queue.
+const QUEUED: u64 = 1;
+/// What one request adds to [`Slots::admitted`] and [`Slots::released`] (bit 0 of `admitted` is [`QUEUED`]).
+const ONE: u64 = 2;
+
+/// The in-flight count as two monotonic counters, so that an admission is one compare-and-swap and a release one
+/// add, and neither needs a separate counter for the snapshot's figures.
+///
+/// `admitted` counts slots taken (in units of [`ONE`]) and carries the [`QUEUED`] flag, so the fast path's "nobody
+/// waits and a slot is free" is decided by the very compare-and-swap that takes the slot: an arrival cannot slip
+/// in ahead of a request queued between its check and its admission. `released` counts finished requests. In
+/// flight = admitted - released; read `released` first, and a concurrent release can only make the figure
+/// too high, never let the limit be exceeded. Both wrap together, so the difference stays exact.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Slots {
+    admitted: AtomicU64,
+    released: AtomicU64,
+}
+
 /// The shared state of one queue layer.
 pub(crate) struct Shared<L, O> {
+    /// Written by every admission and release: alone on its cache lines.
+    slots: Slots,
     limit: L,
     observer: O,
     config: Config,
     /// Whether latencies are worth a clock read: only the observer uses them, and `()` ignores them.
     timed: bool,
     reserving: bool,
-    in_flight: AtomicUsize,
     /// Requests of critical levels in flight; only kept when a share of the limit is reserved for them.
     critical_in_flight: AtomicUsize,
-    /// Queued requests: the fast path reads it to know it may skip the lock.
-    waiting: AtomicUsize,
     queue: Mutex<WaitQueue>,
-    /// Striped: every admission adds to it, only snapshots read it.
-    admitted: Counter,
     queued: AtomicU64,
     cancelled: AtomicU64,
     rejected: [AtomicU64; 3],
@@ -278,11 +294,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             reserving: config.critical_reserve > 0.0,
             config,
             timed: !is_noop::<O>(),
-            in_flight: AtomicUsize::new(0),
+            slots: Slots {
+                admitted: AtomicU64::new(0),
+                released: AtomicU64::new(0),
+            },
             critical_in_flight: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
             queue: Mutex::new(WaitQueue::new()),
-            admitted: Counter::default(),
             queued: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             rejected: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
@@ -298,8 +315,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         self.reserving
     }
 
-    /// Takes an in-flight slot if `level` may have one now.
-    fn try_acquire(&self, level: usize) -> bool {
+    /// Requests in flight now (admitted and not finished).
+    fn in_flight(&self) -> usize {
+        let released = self.slots.released.load(Ordering::SeqCst);
+        let admitted = self.slots.admitted.load(Ordering::SeqCst) & !QUEUED;
+        (admitted.wrapping_sub(released) / ONE) as usize
+    }
+
+    /// Takes an in-flight slot if `level` may have one now. An arrival (`serving` false) takes none while somebody
+    /// waits; the queue's own hand-over (`serving`, under the lock) serves the waiters.
+    #[inline]
+    fn try_acquire(&self, level: usize, serving: bool) -> bool {
         let limit = self.limit.limit();
         let critical = self.reserving() && Priority::from_index(level).is_critical();
         // Idle capacity is borrowed by every level; the reserve only binds once the limit is reached, where a
@@ -314,24 +340,32 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         } else {
             limit
         };
-        let mut current = self.in_flight.load(Ordering::SeqCst);
         loop {
-            if current >= ceiling {
+            // `released` first: a release between the two loads makes the count too high, never too low.
+            let released = self.slots.released.load(Ordering::SeqCst);
+            let current = self.slots.admitted.load(Ordering::SeqCst);
+            if current & QUEUED != 0 && !serving {
                 return false;
             }
-            match self.in_flight.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => {
-                    if critical {
-                        self.critical_in_flight.fetch_add(1, Ordering::SeqCst);
-                    }
-                    return true;
+            let in_flight = (current & !QUEUED).wrapping_sub(released) / ONE;
+            if in_flight >= ceiling as u64 {
+                return false;
+            }
+            if self
+                .slots
+                .admitted
+                .compare_exchange_weak(
+                    current,
+                    current.wrapping_add(ONE),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            {
+                if critical {
+                    self.critical_in_flight.fetch_add(1, Ordering::SeqCst);
                 }
-                Err(actual) => current = actual,
+                return true;
             }
         }
     }
@@ -341,13 +375,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         level as u64 | (u64::from(critical) << 8)
     }
 
-    /// Counts and reports an admission; returns the permit's tag.
+    /// Reports an admission (the slot was counted when it was taken); returns the permit's tag.
     fn note_admitted(&self, level: usize) -> u64 {
-        self.admitted.add(1);
         if !is_noop::<O>() {
             self.observer.on_event(&Event::Admitted {
                 layer: LAYER,
-                in_flight: self.in_flight.load(Ordering::Relaxed),
+                in_flight: self.in_flight(),
             });
         }
         self.tag(level)
@@ -406,8 +439,9 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 return Err(NotNow::Rejected(Reason::DeadlineExceeded));
             }
         }
-        // Fast path: nobody waits, so taking a free slot cannot jump the queue.
-        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_acquire(level) {
+        // Fast path: nobody waits (checked by the compare-and-swap that takes the slot), so taking a free slot
+        // cannot jump the queue.
+        if self.try_acquire(level, false) {
             return Ok(self.permit(level, None));
         }
         self.admit_slow(level, deadline)
@@ -423,7 +457,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         let now = Instant::now();
         let mut q = self.lock();
         self.drain(&mut q, now);
-        if q.len == 0 && self.try_acquire(level) {
+        if q.len == 0 && self.try_acquire(level, false) {
             drop(q);
             return Ok(self.permit(level, Some(now)));
         }
@@ -450,7 +484,11 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         q.observe(now, &self.config);
         let standing = q.managed(level);
         let index = q.push(level, now, deadline);
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        if q.len == 1 {
+            // From here on arrivals queue behind this request. Set before the hand-over below reads `released`,
+            // and a release reads it after adding to `released`: one of the two sees the other (no lost wake-up).
+            self.slots.admitted.fetch_or(QUEUED, Ordering::SeqCst);
+        }
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.observer.on_event(&Event::QueueDepth {
             layer: LAYER,
@@ -475,7 +513,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     fn leave(&self, q: &mut WaitQueue, index: usize, slot: Slot, now: Instant) {
         let enqueued = q.nodes[index].enqueued;
         let waker = q.unlink(index, slot, now);
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.note_unlinked(q);
         self.observer.on_event(&Event::QueueWait {
             layer: LAYER,
             wait: now.saturating_duration_since(enqueued),
@@ -522,7 +560,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                     continue;
                 }
             }
-            if !self.try_acquire(level) {
+            if !self.try_acquire(level, true) {
                 break;
             }
             self.leave(q, index, Slot::Granted, now);
@@ -578,7 +616,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             Slot::Queued => {
                 let enqueued = q.nodes[index].enqueued;
                 q.unlink(index, Slot::Rejected(Reason::QueueTimeout), now);
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.note_unlinked(&q);
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
                 self.observer.on_event(&Event::QueueWait {
                     layer: LAYER,
@@ -593,7 +631,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 // Handed a slot it will never use: pass it on.
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
                 let level = q.nodes[index].level;
-                self.return_slot(level);
+                self.return_unused_slot(level);
                 self.drain(&mut q, now);
             }
             Slot::Rejected(_) => {}
@@ -601,11 +639,23 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         q.release_node(index);
     }
 
-    fn return_slot(&self, level: usize) {
+    /// After a node left the queue: clears [`QUEUED`] when it was the last, so arrivals take the fast path again.
+    fn note_unlinked(&self, q: &WaitQueue) {
+        if q.len == 0 {
+            self.slots.admitted.fetch_and(!QUEUED, Ordering::SeqCst);
+        }
+    }
+
+    fn release_critical(&self, level: usize) {
         if self.reserving() && Priority::from_index(level).is_critical() {
             self.critical_in_flight.fetch_sub(1, Ordering::SeqCst);
         }
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Gives back a slot handed to a waiter that went away before using it: it was never admitted.
+    fn return_unused_slot(&self, level: usize) {
+        self.release_critical(level);
+        self.slots.admitted.fetch_sub(ONE, Ordering::SeqCst);
     }
 
     pub(crate) fn snapshot(&self) -> QueueSnapshot {
@@ -618,18 +668,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             (q.len, by)
         };
         let r = |i: usize| self.rejected[i].load(Ordering::Relaxed);
-        // One counter fewer on the fast path: finished = admitted - in flight (read in this order, so a request
-        // admitted in between is not counted as finished).
-        let admitted = self.admitted.sum();
-        let in_flight = self.in_flight.load(Ordering::SeqCst);
+        // `released` first, so that a request finishing in between is counted in flight rather than lost.
+        let released = self.slots.released.load(Ordering::SeqCst);
+        let admitted = self.slots.admitted.load(Ordering::SeqCst) & !QUEUED;
         QueueSnapshot {
-            in_flight,
+            in_flight: (admitted.wrapping_sub(released) / ONE) as usize,
             limit: self.limit.limit(),
             depth,
             depth_by_priority,
-            admitted,
+            admitted: admitted / ONE,
             queued: self.queued.load(Ordering::Relaxed),
-            completed: admitted.saturating_sub(in_flight as u64),
+            completed: released / ONE,
             cancelled: self.cancelled.load(Ordering::Relaxed),
             rejected_queue_full: r(0),
             rejected_queue_timeout: r(1),
@@ -641,14 +690,18 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
 impl<L: LimitSource, O: Observer> Release for Shared<L, O> {
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
         let level = (tag & 0xff) as usize;
-        self.return_slot(level);
-        self.observer.on_event(&Event::Completed {
-            layer: LAYER,
-            outcome,
-            latency,
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-        });
-        if self.waiting.load(Ordering::SeqCst) > 0 {
+        self.release_critical(level);
+        self.slots.released.fetch_add(ONE, Ordering::SeqCst);
+        if !is_noop::<O>() {
+            self.observer.on_event(&Event::Completed {
+                layer: LAYER,
+                outcome,
+                latency,
+                in_flight: self.in_flight(),
+            });
+        }
+        // Read after adding to `released`; an arrival that queues sets the flag before it reads `released`.
+        if self.slots.admitted.load(Ordering::SeqCst) & QUEUED != 0 {
             let now = Instant::now();
             let mut q = self.lock();
             self.drain(&mut q, now);
