@@ -254,22 +254,26 @@ const ONE: u64 = 2;
 /// flight = admitted - released; read `released` first, and a concurrent release can only make the figure
 /// too high, never let the limit be exceeded. Both wrap together, so the difference stays exact.
 #[derive(Debug)]
-#[repr(align(128))]
 struct Slots {
     admitted: AtomicU64,
     released: AtomicU64,
 }
 
 /// The shared state of one queue layer.
+///
+/// `repr(C)`, slots first: every request also adds to and subtracts from the `Arc`'s count, which sits just
+/// before them, so under contention the two threads pass one cache line back and forth rather than two. The
+/// fields the fast path reads follow.
+#[repr(C)]
 pub(crate) struct Shared<L, O> {
-    /// Written by every admission and release: alone on its cache lines.
+    /// Written by every admission and release.
     slots: Slots,
     limit: L,
-    observer: O,
-    config: Config,
     /// Whether latencies are worth a clock read: only the observer uses them, and `()` ignores them.
     timed: bool,
     reserving: bool,
+    observer: O,
+    config: Config,
     /// Requests of critical levels in flight; only kept when a share of the limit is reserved for them.
     critical_in_flight: AtomicUsize,
     queue: Mutex<WaitQueue>,
