@@ -75,8 +75,11 @@ impl Permit {
 
     /// Finishes the request with `outcome`.
     #[inline]
-    pub fn complete(mut self, outcome: Outcome) {
-        self.finish(outcome);
+    pub fn complete(self, outcome: Outcome) {
+        // Finished here, so `Drop` has nothing left to do: skip it. The owner is taken out by `finish`, and the
+        // other fields own nothing, so nothing leaks.
+        let mut this = std::mem::ManuallyDrop::new(self);
+        this.finish(outcome);
     }
 
     #[inline]
