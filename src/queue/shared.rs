@@ -391,11 +391,15 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     }
 
     fn permit(self: &Arc<Self>, level: usize, now: Option<Instant>) -> Permit {
+        self.permit_with(self.clone(), level, now)
+    }
+
+    fn permit_with(&self, owner: Arc<Self>, level: usize, now: Option<Instant>) -> Permit {
         let tag = self.note_admitted(level);
         match now {
-            Some(now) => Permit::admitted_at(self.clone(), tag, now),
-            None if self.timed => Permit::new(self.clone(), tag),
-            None => Permit::untimed(self.clone(), tag),
+            Some(now) => Permit::admitted_at(owner, tag, now),
+            None if self.timed => Permit::new(owner, tag),
+            None => Permit::untimed(owner, tag),
         }
     }
 
@@ -445,9 +449,13 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         }
         // Fast path: nobody waits (checked by the compare-and-swap that takes the slot), so taking a free slot
         // cannot jump the queue.
+        // The permit's `Arc` is cloned first: its count shares a cache line with the slot counters, so under
+        // contention the clone fetches that line for writing once, and the compare-and-swap below finds it here.
+        let owner = self.clone();
         if self.try_acquire(level, false) {
-            return Ok(self.permit(level, None));
+            return Ok(self.permit_with(owner, level, None));
         }
+        drop(owner);
         self.admit_slow(level, deadline)
     }
 
