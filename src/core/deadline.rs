@@ -1,6 +1,7 @@
 //! The deadline a request carries: the hook through which deadline, queue and limiter layers cooperate.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::task::futures::TaskLocalFuture;
@@ -9,6 +10,12 @@ use tokio::time::Instant;
 tokio::task_local! {
     static CURRENT: Deadline;
 }
+
+/// Whether any deadline scope was ever created in this process. Until one is, no task can have a task-local
+/// deadline and [`Deadline::current`] answers `None` without touching thread-local storage, which layers that
+/// read the deadline of every request (the queue's default [`Prioritize`](crate::queue::Prioritize)) would
+/// otherwise pay on each call. Set before the scope's future exists, so every poll of it sees the flag set.
+static SCOPED: AtomicBool = AtomicBool::new(false);
 
 /// The absolute instant by which a request must be answered.
 ///
@@ -56,13 +63,20 @@ impl Deadline {
     }
 
     /// The deadline of the current task-local scope, if any.
+    #[inline]
     pub fn current() -> Option<Deadline> {
+        if !SCOPED.load(Ordering::Relaxed) {
+            return None;
+        }
         CURRENT.try_with(|d| *d).ok()
     }
 
     /// Runs `future` with this deadline as [`Deadline::current`]. Nested scopes keep the earliest deadline: an
     /// inner scope can shorten the budget, never extend it.
     pub fn scope<F: Future>(self, future: F) -> TaskLocalFuture<Deadline, F> {
+        if !SCOPED.load(Ordering::Relaxed) {
+            SCOPED.store(true, Ordering::Relaxed);
+        }
         let effective = Deadline::current().map_or(self, |outer| outer.earliest(self));
         CURRENT.scope(effective, future)
     }

@@ -65,6 +65,9 @@ impl fmt::Debug for Waiter {
 pin_project! {
     /// Response future of [`Queue`](super::Queue): waits for a slot when the request was queued, then runs the
     /// inner service and classifies its result like [`core::ResponseFuture`](crate::core::ResponseFuture).
+    ///
+    /// A queued request's state (the request, the service polled ready for it, its timer) is kept in a box: only
+    /// a request that has to wait pays for it, and the future every admitted request moves around stays small.
     pub struct ResponseFuture<S, Req, C, M>
     where
         S: Service<Req>,
@@ -81,15 +84,22 @@ pin_project! {
         S: Service<Req>,
     {
         Queued {
-            waiter: Waiter,
-            call: Option<(S, Req, C, M)>,
-            #[pin]
-            sleep: Sleep,
+            queued: Pin<Box<Queued<S, Req, C, M>>>,
         },
         Called {
             #[pin]
             inner: crate::core::ResponseFuture<S::Future, C, M>,
         },
+    }
+}
+
+pin_project! {
+    /// What a queued request holds while it waits.
+    struct Queued<S, Req, C, M> {
+        waiter: Waiter,
+        call: Option<(S, Req, C, M)>,
+        #[pin]
+        sleep: Sleep,
     }
 }
 
@@ -110,9 +120,11 @@ impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
     ) -> Self {
         ResponseFuture {
             state: State::Queued {
-                waiter,
-                call: Some((service, request, classify, mode)),
-                sleep: tokio::time::sleep_until(wake_at),
+                queued: Box::pin(Queued {
+                    waiter,
+                    call: Some((service, request, classify, mode)),
+                    sleep: tokio::time::sleep_until(wake_at),
+                }),
             },
         }
     }
@@ -131,14 +143,12 @@ where
             let mut state = self.as_mut().project().state;
             let next = match state.as_mut().project() {
                 StateProj::Called { inner } => return inner.poll(cx),
-                StateProj::Queued {
-                    waiter,
-                    call,
-                    sleep,
-                } => {
-                    let timed_out = sleep.poll(cx).is_ready();
-                    let answer = std::task::ready!(waiter.poll(timed_out, cx));
-                    let (mut service, request, classify, mode) = call
+                StateProj::Queued { queued } => {
+                    let queued = queued.as_mut().project();
+                    let timed_out = queued.sleep.poll(cx).is_ready();
+                    let answer = std::task::ready!(queued.waiter.poll(timed_out, cx));
+                    let (mut service, request, classify, mode) = queued
+                        .call
                         .take()
                         .expect("queue ResponseFuture polled after completion");
                     match answer {

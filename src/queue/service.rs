@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::future::{ResponseFuture, Waiter};
-use super::shared::{Admission, Shared};
+use super::shared::{NotNow, Shared};
 use super::{Prioritize, QueueHandle, Uniform};
 use crate::core::{AnyOk, Classify, ErrorMode, LimitSource, Observer, RejectMode, Rejection};
 
@@ -93,26 +93,48 @@ where
             .map_err(|e| self.mode.inner_error(e))
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         let priority = self.prioritize.priority(&request);
         let deadline = self.prioritize.deadline(&request);
         match self.shared.admit(priority, deadline) {
-            Admission::Now(permit) => {
-                ResponseFuture::called(crate::core::ResponseFuture::admitted(
-                    self.inner.call(request),
-                    Some(permit),
-                    self.classify.clone(),
-                    self.mode.clone(),
-                ))
-            }
-            Admission::Rejected(reason) => ResponseFuture::called(
+            Ok(permit) => ResponseFuture::called(crate::core::ResponseFuture::admitted(
+                self.inner.call(request),
+                Some(permit),
+                self.classify.clone(),
+                self.mode.clone(),
+            )),
+            Err(not_now) => self.not_now(not_now, request),
+        }
+    }
+}
+
+impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P>
+where
+    S: Clone,
+    L: LimitSource,
+    C: Clone,
+    M: Clone,
+    O: Observer,
+{
+    /// The rare outcomes of `call`, kept out of its inlined fast path: rejected at once, or queued.
+    #[cold]
+    #[inline(never)]
+    fn not_now<Req>(&mut self, admission: NotNow, request: Req) -> ResponseFuture<S, Req, C, M>
+    where
+        S: Service<Req>,
+    {
+        match admission {
+            NotNow::Rejected(reason) => ResponseFuture::called(
                 crate::core::ResponseFuture::rejected(Rejection::new(reason), self.mode.clone()),
             ),
-            Admission::Queued { index, wake_at } => {
+            NotNow::Queued { index, wake_at } => {
+                // The waiter owns the queue node from here on: if cloning the service below panics, dropping it
+                // gives the place (or a slot just handed to it) back.
+                let waiter = Waiter::new(self.shared.clone(), self.shared.clone(), index);
                 // The service we polled ready goes with the request; a fresh clone stays for the next one.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                let waiter = Waiter::new(self.shared.clone(), self.shared.clone(), index);
                 ResponseFuture::queued(
                     waiter,
                     ready,

@@ -10,7 +10,6 @@ use tokio::time::Instant;
 use super::priority::Priority;
 use super::QueueSnapshot;
 use crate::core::observer::is_noop;
-use crate::core::stripe::Counter;
 use crate::core::{Deadline, Event, LimitSource, Observer, Outcome, Permit, Reason, Release};
 
 const LAYER: &str = "queue";
@@ -241,31 +240,50 @@ impl WaitQueue {
     }
 }
 
+/// Bit 0 of [`Slots::admitted`]: somebody waits in the queue.
+const QUEUED: u64 = 1;
+/// What one request adds to [`Slots::admitted`] and [`Slots::released`] (bit 0 of `admitted` is [`QUEUED`]).
+const ONE: u64 = 2;
+
+/// The in-flight count as two monotonic counters, so that an admission is one compare-and-swap and a release one
+/// add, and neither needs a separate counter for the snapshot's figures.
+///
+/// `admitted` counts slots taken (in units of [`ONE`]) and carries the [`QUEUED`] flag, so the fast path's "nobody
+/// waits and a slot is free" is decided by the very compare-and-swap that takes the slot: an arrival cannot slip
+/// in ahead of a request queued between its check and its admission. `released` counts finished requests. In
+/// flight = admitted - released; read `released` first, and a concurrent release can only make the figure
+/// too high, never let the limit be exceeded. Both wrap together, so the difference stays exact.
+#[derive(Debug)]
+struct Slots {
+    admitted: AtomicU64,
+    released: AtomicU64,
+}
+
 /// The shared state of one queue layer.
+///
+/// `repr(C)`, slots first: every request also adds to and subtracts from the `Arc`'s count, which sits just
+/// before them, so under contention the two threads pass one cache line back and forth rather than two. The
+/// fields the fast path reads follow.
+#[repr(C)]
 pub(crate) struct Shared<L, O> {
+    /// Written by every admission and release.
+    slots: Slots,
     limit: L,
-    observer: O,
-    config: Config,
     /// Whether latencies are worth a clock read: only the observer uses them, and `()` ignores them.
     timed: bool,
     reserving: bool,
-    in_flight: AtomicUsize,
+    observer: O,
+    config: Config,
     /// Requests of critical levels in flight; only kept when a share of the limit is reserved for them.
     critical_in_flight: AtomicUsize,
-    /// Queued requests: the fast path reads it to know it may skip the lock.
-    waiting: AtomicUsize,
     queue: Mutex<WaitQueue>,
-    /// Striped: every admission adds to it, only snapshots read it.
-    admitted: Counter,
     queued: AtomicU64,
     cancelled: AtomicU64,
     rejected: [AtomicU64; 3],
 }
 
-/// What `call` learned.
-pub(crate) enum Admission {
-    /// Run now with this permit.
-    Now(Permit),
+/// Why `call` cannot run a request now.
+pub(crate) enum NotNow {
     /// Wait in the queue at this node until `wake_at` at the latest.
     Queued { index: usize, wake_at: Instant },
     /// Refused.
@@ -280,11 +298,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             reserving: config.critical_reserve > 0.0,
             config,
             timed: !is_noop::<O>(),
-            in_flight: AtomicUsize::new(0),
+            slots: Slots {
+                admitted: AtomicU64::new(0),
+                released: AtomicU64::new(0),
+            },
             critical_in_flight: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
             queue: Mutex::new(WaitQueue::new()),
-            admitted: Counter::default(),
             queued: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             rejected: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
@@ -300,8 +319,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         self.reserving
     }
 
-    /// Takes an in-flight slot if `level` may have one now.
-    fn try_acquire(&self, level: usize) -> bool {
+    /// Requests in flight now (admitted and not finished).
+    fn in_flight(&self) -> usize {
+        let released = self.slots.released.load(Ordering::SeqCst);
+        let admitted = self.slots.admitted.load(Ordering::SeqCst) & !QUEUED;
+        (admitted.wrapping_sub(released) / ONE) as usize
+    }
+
+    /// Takes an in-flight slot if `level` may have one now. An arrival (`serving` false) takes none while somebody
+    /// waits; the queue's own hand-over (`serving`, under the lock) serves the waiters.
+    #[inline]
+    fn try_acquire(&self, level: usize, serving: bool) -> bool {
         let limit = self.limit.limit();
         let critical = self.reserving() && Priority::from_index(level).is_critical();
         // Idle capacity is borrowed by every level; the reserve only binds once the limit is reached, where a
@@ -316,24 +344,32 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         } else {
             limit
         };
-        let mut current = self.in_flight.load(Ordering::SeqCst);
         loop {
-            if current >= ceiling {
+            // `released` first: a release between the two loads makes the count too high, never too low.
+            let released = self.slots.released.load(Ordering::SeqCst);
+            let current = self.slots.admitted.load(Ordering::SeqCst);
+            if current & QUEUED != 0 && !serving {
                 return false;
             }
-            match self.in_flight.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => {
-                    if critical {
-                        self.critical_in_flight.fetch_add(1, Ordering::SeqCst);
-                    }
-                    return true;
+            let in_flight = (current & !QUEUED).wrapping_sub(released) / ONE;
+            if in_flight >= ceiling as u64 {
+                return false;
+            }
+            if self
+                .slots
+                .admitted
+                .compare_exchange_weak(
+                    current,
+                    current.wrapping_add(ONE),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            {
+                if critical {
+                    self.critical_in_flight.fetch_add(1, Ordering::SeqCst);
                 }
-                Err(actual) => current = actual,
+                return true;
             }
         }
     }
@@ -343,24 +379,27 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         level as u64 | (u64::from(critical) << 8)
     }
 
-    /// Counts and reports an admission; returns the permit's tag.
+    /// Reports an admission (the slot was counted when it was taken); returns the permit's tag.
     fn note_admitted(&self, level: usize) -> u64 {
-        self.admitted.add(1);
         if !is_noop::<O>() {
             self.observer.on_event(&Event::Admitted {
                 layer: LAYER,
-                in_flight: self.in_flight.load(Ordering::Relaxed),
+                in_flight: self.in_flight(),
             });
         }
         self.tag(level)
     }
 
     fn permit(self: &Arc<Self>, level: usize, now: Option<Instant>) -> Permit {
+        self.permit_with(self.clone(), level, now)
+    }
+
+    fn permit_with(&self, owner: Arc<Self>, level: usize, now: Option<Instant>) -> Permit {
         let tag = self.note_admitted(level);
         match now {
-            Some(now) => Permit::admitted_at(self.clone(), tag, now),
-            None if self.timed => Permit::new(self.clone(), tag),
-            None => Permit::untimed(self.clone(), tag),
+            Some(now) => Permit::admitted_at(owner, tag, now),
+            None if self.timed => Permit::new(owner, tag),
+            None => Permit::untimed(owner, tag),
         }
     }
 
@@ -399,36 +438,45 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         self: &Arc<Self>,
         priority: Priority,
         deadline: Option<Deadline>,
-    ) -> Admission {
+    ) -> Result<Permit, NotNow> {
         let level = priority.index();
         if let Some(deadline) = deadline {
             let now = Instant::now();
             if !deadline.can_finish(now, self.expected()) {
                 self.count_rejection(Reason::DeadlineExceeded);
-                return Admission::Rejected(Reason::DeadlineExceeded);
+                return Err(NotNow::Rejected(Reason::DeadlineExceeded));
             }
         }
-        // Fast path: nobody waits, so taking a free slot cannot jump the queue.
-        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_acquire(level) {
-            return Admission::Now(self.permit(level, None));
+        // Fast path: nobody waits (checked by the compare-and-swap that takes the slot), so taking a free slot
+        // cannot jump the queue.
+        // The permit's `Arc` is cloned first: its count shares a cache line with the slot counters, so under
+        // contention the clone fetches that line for writing once, and the compare-and-swap below finds it here.
+        let owner = self.clone();
+        if self.try_acquire(level, false) {
+            return Ok(self.permit_with(owner, level, None));
         }
+        drop(owner);
         self.admit_slow(level, deadline)
     }
 
     #[cold]
     #[inline(never)]
-    fn admit_slow(self: &Arc<Self>, level: usize, deadline: Option<Deadline>) -> Admission {
+    fn admit_slow(
+        self: &Arc<Self>,
+        level: usize,
+        deadline: Option<Deadline>,
+    ) -> Result<Permit, NotNow> {
         let now = Instant::now();
         let mut q = self.lock();
         self.drain(&mut q, now);
-        if q.len == 0 && self.try_acquire(level) {
+        if q.len == 0 && self.try_acquire(level, false) {
             drop(q);
-            return Admission::Now(self.permit(level, Some(now)));
+            return Ok(self.permit(level, Some(now)));
         }
         if self.config.max_depth == 0 {
             drop(q);
             self.count_rejection(Reason::QueueFull);
-            return Admission::Rejected(Reason::QueueFull);
+            return Err(NotNow::Rejected(Reason::QueueFull));
         }
         let full = q.len >= self.config.max_depth || q.len >= self.config.level_cap(level);
         if full {
@@ -441,14 +489,18 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 None => {
                     drop(q);
                     self.count_rejection(Reason::QueueFull);
-                    return Admission::Rejected(Reason::QueueFull);
+                    return Err(NotNow::Rejected(Reason::QueueFull));
                 }
             }
         }
         q.observe(now, &self.config);
         let standing = q.managed(level);
         let index = q.push(level, now, deadline);
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        if q.len == 1 {
+            // From here on arrivals queue behind this request. Set before the hand-over below reads `released`,
+            // and a release reads it after adding to `released`: one of the two sees the other (no lost wake-up).
+            self.slots.admitted.fetch_or(QUEUED, Ordering::SeqCst);
+        }
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.observer.on_event(&Event::QueueDepth {
             layer: LAYER,
@@ -466,14 +518,14 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             let doomed_at = d.instant().checked_sub(self.expected()).unwrap_or(now);
             wake_at = wake_at.min(doomed_at.max(now));
         }
-        Admission::Queued { index, wake_at }
+        Err(NotNow::Queued { index, wake_at })
     }
 
     /// Unlinks a queued node with its answer, wakes its waiter and reports.
     fn leave(&self, q: &mut WaitQueue, index: usize, slot: Slot, now: Instant) {
         let enqueued = q.nodes[index].enqueued;
         let waker = q.unlink(index, slot, now);
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.note_unlinked(q);
         self.observer.on_event(&Event::QueueWait {
             layer: LAYER,
             wait: now.saturating_duration_since(enqueued),
@@ -520,7 +572,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                     continue;
                 }
             }
-            if !self.try_acquire(level) {
+            if !self.try_acquire(level, true) {
                 break;
             }
             self.leave(q, index, Slot::Granted, now);
@@ -576,7 +628,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             Slot::Queued => {
                 let enqueued = q.nodes[index].enqueued;
                 q.unlink(index, Slot::Rejected(Reason::QueueTimeout), now);
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.note_unlinked(&q);
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
                 self.observer.on_event(&Event::QueueWait {
                     layer: LAYER,
@@ -591,7 +643,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 // Handed a slot it will never use: pass it on.
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
                 let level = q.nodes[index].level;
-                self.return_slot(level);
+                self.return_unused_slot(level);
                 self.drain(&mut q, now);
             }
             Slot::Rejected(_) => {}
@@ -599,11 +651,23 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         q.release_node(index);
     }
 
-    fn return_slot(&self, level: usize) {
+    /// After a node left the queue: clears [`QUEUED`] when it was the last, so arrivals take the fast path again.
+    fn note_unlinked(&self, q: &WaitQueue) {
+        if q.len == 0 {
+            self.slots.admitted.fetch_and(!QUEUED, Ordering::SeqCst);
+        }
+    }
+
+    fn release_critical(&self, level: usize) {
         if self.reserving() && Priority::from_index(level).is_critical() {
             self.critical_in_flight.fetch_sub(1, Ordering::SeqCst);
         }
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Gives back a slot handed to a waiter that went away before using it: it was never admitted.
+    fn return_unused_slot(&self, level: usize) {
+        self.release_critical(level);
+        self.slots.admitted.fetch_sub(ONE, Ordering::SeqCst);
     }
 
     pub(crate) fn snapshot(&self) -> QueueSnapshot {
@@ -616,18 +680,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             (q.len, by)
         };
         let r = |i: usize| self.rejected[i].load(Ordering::Relaxed);
-        // One counter fewer on the fast path: finished = admitted - in flight (read in this order, so a request
-        // admitted in between is not counted as finished).
-        let admitted = self.admitted.sum();
-        let in_flight = self.in_flight.load(Ordering::SeqCst);
+        // `released` first, so that a request finishing in between is counted in flight rather than lost.
+        let released = self.slots.released.load(Ordering::SeqCst);
+        let admitted = self.slots.admitted.load(Ordering::SeqCst) & !QUEUED;
         QueueSnapshot {
-            in_flight,
+            in_flight: (admitted.wrapping_sub(released) / ONE) as usize,
             limit: self.limit.limit(),
             depth,
             depth_by_priority,
-            admitted,
+            admitted: admitted / ONE,
             queued: self.queued.load(Ordering::Relaxed),
-            completed: admitted.saturating_sub(in_flight as u64),
+            completed: released / ONE,
             cancelled: self.cancelled.load(Ordering::Relaxed),
             rejected_queue_full: r(0),
             rejected_queue_timeout: r(1),
@@ -639,14 +702,18 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
 impl<L: LimitSource, O: Observer> Release for Shared<L, O> {
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
         let level = (tag & 0xff) as usize;
-        self.return_slot(level);
-        self.observer.on_event(&Event::Completed {
-            layer: LAYER,
-            outcome,
-            latency,
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-        });
-        if self.waiting.load(Ordering::SeqCst) > 0 {
+        self.release_critical(level);
+        self.slots.released.fetch_add(ONE, Ordering::SeqCst);
+        if !is_noop::<O>() {
+            self.observer.on_event(&Event::Completed {
+                layer: LAYER,
+                outcome,
+                latency,
+                in_flight: self.in_flight(),
+            });
+        }
+        // Read after adding to `released`; an arrival that queues sets the flag before it reads `released`.
+        if self.slots.admitted.load(Ordering::SeqCst) & QUEUED != 0 {
             let now = Instant::now();
             let mut q = self.lock();
             self.drain(&mut q, now);

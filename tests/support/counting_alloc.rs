@@ -10,11 +10,16 @@ struct Counting;
 thread_local! {
     // `const` so the counter needs no lazy initialisation, which would itself allocate.
     static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    static DEALLOCATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 fn count() {
     // `try_with`: during thread teardown the slot may be gone; such allocations are not ours to count.
     let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+}
+
+fn count_free() {
+    let _ = DEALLOCATIONS.try_with(|n| n.set(n.get() + 1));
 }
 
 // SAFETY: forwards every call to the system allocator unchanged; only counts.
@@ -28,6 +33,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count_free();
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -43,6 +49,12 @@ static GLOBAL: Counting = Counting;
 /// Heap allocations made so far by the calling thread.
 pub(crate) fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
+}
+
+#[allow(dead_code)]
+/// Heap blocks freed so far by the calling thread (a `realloc` counts as an allocation, not a free).
+pub(crate) fn deallocations() -> u64 {
+    DEALLOCATIONS.with(Cell::get)
 }
 
 /// How many heap allocations `f` makes on the calling thread.
