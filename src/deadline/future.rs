@@ -18,7 +18,9 @@ pin_project! {
     ///
     /// Under a deadline it races the inner future (run inside [`Deadline::scope`]) against a timer held inline, so
     /// no allocation happens; when the timer wins the inner future is dropped and the answer is
-    /// deadline-exceeded, with outcome [`Outcome::Dropped`]. Without a deadline it only forwards the inner future.
+    /// deadline-exceeded, with outcome [`Outcome::Dropped`]. The timer is armed only once the inner future has
+    /// returned `Pending`: an answer ready at the first poll costs no timer at all. Without a deadline it only
+    /// forwards the inner future.
     pub struct ResponseFuture<F, C, M> {
         #[pin]
         state: State<F, C>,
@@ -50,8 +52,13 @@ pin_project! {
         Running {
             #[pin]
             inner: TaskLocalFuture<Deadline, F>,
+            // When the inner future must have answered by.
+            deadline: Instant,
+            // The timer for `deadline`, armed the first time the inner future is pending: creating a `Sleep` takes
+            // the runtime's handle (a thread-local read and a reference count shared by every worker thread), which
+            // an answer ready at once need not pay for.
             #[pin]
-            sleep: Sleep,
+            sleep: Option<Sleep>,
             permit: Option<Permit>,
             classify: C,
             // Client side: when the budget written into the request runs out (the smallest timeout the outgoing
@@ -66,14 +73,15 @@ pin_project! {
 impl<F, C> State<F, C> {
     fn running(
         inner: TaskLocalFuture<Deadline, F>,
-        sleep: Sleep,
+        deadline: Instant,
         permit: Permit,
         classify: C,
         sent: Option<Instant>,
     ) -> Self {
         State::Running {
             inner,
-            sleep,
+            deadline,
+            sleep: None,
             permit: Some(permit),
             classify,
             sent,
@@ -112,7 +120,8 @@ where
         // The inner future is polled first, so work that finishes at the deadline instant is still delivered.
         StateProj::Running {
             inner,
-            sleep,
+            deadline,
+            mut sleep,
             permit,
             classify,
             sent,
@@ -127,7 +136,12 @@ where
                 .finish(result, permit.take())
                 .map_err(|e| mode.inner_error(e)),
             Poll::Pending => {
-                ready!(sleep.poll(cx));
+                if sleep.is_none() {
+                    sleep.set(Some(tokio::time::sleep_until(*deadline)));
+                }
+                if let Some(sleep) = sleep.as_pin_mut() {
+                    ready!(sleep.poll(cx));
+                }
                 expired(permit, mode)
             }
         },
@@ -164,12 +178,12 @@ impl<F, C, M> ResponseFuture<F, C, M> {
 
     pub(super) fn running(
         inner: TaskLocalFuture<Deadline, F>,
-        sleep: Sleep,
+        deadline: Instant,
         permit: Permit,
         classify: C,
         mode: M,
     ) -> Self {
-        Self::new(State::running(inner, sleep, permit, classify, None), mode)
+        Self::new(State::running(inner, deadline, permit, classify, None), mode)
     }
 
     pub(super) fn rejected(mode: M) -> Self {
@@ -225,14 +239,14 @@ impl<F, C, M> PropagateFuture<F, C, M> {
 
     pub(super) fn running(
         inner: TaskLocalFuture<Deadline, F>,
-        sleep: Sleep,
+        deadline: Instant,
         permit: Permit,
         classify: C,
         mode: M,
         sent: Instant,
     ) -> Self {
         PropagateFuture {
-            state: State::running(inner, sleep, permit, classify, Some(sent)),
+            state: State::running(inner, deadline, permit, classify, Some(sent)),
             mode,
         }
     }

@@ -172,7 +172,7 @@ where
         let inner = deadline.scope(self.inner.call(request));
         ResponseFuture::running(
             inner,
-            tokio::time::sleep_until(deadline.instant()),
+            deadline.instant(),
             permit,
             self.classify.clone(),
             self.mode.clone(),
@@ -310,7 +310,7 @@ where
         let inner = deadline.scope(self.inner.call(request));
         PropagateFuture::running(
             inner,
-            tokio::time::sleep_until(deadline.instant()),
+            deadline.instant(),
             permit,
             self.classify.clone(),
             self.mode.clone(),
