@@ -67,6 +67,14 @@ impl Deadline {
         CURRENT.scope(effective, future)
     }
 
+    /// Like [`Deadline::scope`] for a deadline the caller already made no later than [`Deadline::current`], which
+    /// is therefore not read again.
+    #[cfg(feature = "http")]
+    pub(crate) fn scope_earliest<F: Future>(self, future: F) -> TaskLocalFuture<Deadline, F> {
+        debug_assert!(Deadline::current().is_none_or(|outer| self <= outer));
+        CURRENT.scope(self, future)
+    }
+
     /// The deadline a request carries in its extensions.
     #[cfg(feature = "http")]
     pub fn of<B>(request: &http::Request<B>) -> Option<Deadline> {
