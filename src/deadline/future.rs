@@ -6,17 +6,16 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
 use super::codec::InvalidTimeout;
 use super::mode::RejectInvalid;
-use crate::core::{Classify, Deadline, Outcome, Permit, Reason, RejectMode, Rejection};
+use crate::core::{Classify, DeadlineScope, Outcome, Permit, Reason, RejectMode, Rejection};
 
 pin_project! {
     /// Response future of [`DeadlineService`](super::DeadlineService).
     ///
-    /// Under a deadline it races the inner future (run inside [`Deadline::scope`]) against a timer held inline, so
+    /// Under a deadline it races the inner future (run inside [`Deadline::scope`](crate::core::Deadline::scope)) against a timer held inline, so
     /// no allocation happens; when the timer wins the inner future is dropped and the answer is
     /// deadline-exceeded, with outcome [`Outcome::Dropped`]. The timer is armed only once the inner future has
     /// returned `Pending`: an answer ready at the first poll costs no timer at all. Without a deadline it only
@@ -51,7 +50,7 @@ pin_project! {
         },
         Running {
             #[pin]
-            inner: TaskLocalFuture<Deadline, F>,
+            inner: DeadlineScope<F>,
             // When the inner future must have answered by.
             deadline: Instant,
             // The timer for `deadline`, armed the first time the inner future is pending: creating a `Sleep` takes
@@ -72,7 +71,7 @@ pin_project! {
 
 impl<F, C> State<F, C> {
     fn running(
-        inner: TaskLocalFuture<Deadline, F>,
+        inner: DeadlineScope<F>,
         deadline: Instant,
         permit: Permit,
         classify: C,
@@ -177,13 +176,16 @@ impl<F, C, M> ResponseFuture<F, C, M> {
     }
 
     pub(super) fn running(
-        inner: TaskLocalFuture<Deadline, F>,
+        inner: DeadlineScope<F>,
         deadline: Instant,
         permit: Permit,
         classify: C,
         mode: M,
     ) -> Self {
-        Self::new(State::running(inner, deadline, permit, classify, None), mode)
+        Self::new(
+            State::running(inner, deadline, permit, classify, None),
+            mode,
+        )
     }
 
     pub(super) fn rejected(mode: M) -> Self {
@@ -238,7 +240,7 @@ impl<F, C, M> PropagateFuture<F, C, M> {
     }
 
     pub(super) fn running(
-        inner: TaskLocalFuture<Deadline, F>,
+        inner: DeadlineScope<F>,
         deadline: Instant,
         permit: Permit,
         classify: C,
