@@ -278,6 +278,24 @@ async fn expiry_mid_flight_answers_504_and_records_dropped() {
     assert_eq!(layer.handle().snapshot().dropped, 1);
 }
 
+/// The timer is armed only when the inner future is pending: an answer ready at the first poll makes none, so
+/// it needs no runtime at all (making a timer outside one panics).
+#[test]
+fn an_answer_ready_at_once_arms_no_timer() {
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    // Ready at its first poll, which runs inside the scope.
+    let mut svc = layer.layer(service_fn(|_req: Request<String>| async {
+        Ok::<_, Infallible>(Response::new(Deadline::current()))
+    }));
+    let response = futures::executor::block_on(svc.call(request(&[]))).unwrap();
+    assert!(response.into_body().is_some(), "ran inside the scope");
+    let snapshot = layer.handle().snapshot();
+    assert_eq!((snapshot.admitted, snapshot.in_flight), (1, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn work_finishing_in_time_is_delivered_and_counted_a_success() {
     let (log, observer) = events();
