@@ -598,6 +598,75 @@ fn config_error_names_layer_field_and_problem() {
     assert_eq!(e.layer(), "adaptive concurrency");
 }
 
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_deadline_scope_is_seen_only_by_its_own_future() {
+    let a = Deadline::after(Duration::from_secs(1));
+    let b = Deadline::after(Duration::from_secs(2));
+    // Two tasks on one thread, taking turns: each sees its own deadline after every turn of the other.
+    let turns = |mine: Deadline| async move {
+        for _ in 0..10 {
+            assert_eq!(Deadline::current(), Some(mine));
+            tokio::task::yield_now().await;
+        }
+        // A task spawned from inside the scope does not inherit it.
+        tokio::spawn(async { Deadline::current() }).await.unwrap()
+    };
+    let (ta, tb) = (
+        tokio::spawn(a.scope(turns(a))),
+        tokio::spawn(b.scope(turns(b))),
+    );
+    assert_eq!(ta.await.unwrap(), None);
+    assert_eq!(tb.await.unwrap(), None);
+    assert_eq!(Deadline::current(), None);
+}
+
+/// Records the current deadline when dropped.
+struct RecordOnDrop<F>(F, Arc<Mutex<Vec<Option<Deadline>>>>);
+
+impl<F: Future + Unpin> Future for RecordOnDrop<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<F> Drop for RecordOnDrop<F> {
+    fn drop(&mut self) {
+        self.1.lock().unwrap().push(Deadline::current());
+    }
+}
+
+#[test]
+fn a_deadline_scope_drops_its_future_inside_the_scope_and_survives_a_panic() {
+    let deadline = Deadline::at(tokio::time::Instant::now() + Duration::from_secs(1));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut cx = Context::from_waker(Waker::noop());
+
+    // Answered: the inner future is dropped at once, inside the scope.
+    let mut done = Box::pin(deadline.scope(RecordOnDrop(std::future::ready(7), log.clone())));
+    assert_eq!(done.as_mut().poll(&mut cx), Poll::Ready(7));
+    assert_eq!(*log.lock().unwrap(), [Some(deadline)]);
+    drop(done);
+    assert_eq!(log.lock().unwrap().len(), 1, "dropped once");
+
+    // Dropped before answering: likewise.
+    let mut pending =
+        Box::pin(deadline.scope(RecordOnDrop(std::future::pending::<()>(), log.clone())));
+    assert_eq!(pending.as_mut().poll(&mut cx), Poll::Pending);
+    assert_eq!(Deadline::current(), None, "restored after the poll");
+    drop(pending);
+    assert_eq!(*log.lock().unwrap(), [Some(deadline), Some(deadline)]);
+
+    // A panicking inner future leaves no deadline behind on the thread.
+    let outer = Deadline::at(deadline.instant() + Duration::from_secs(1));
+    let mut panicking = Box::pin(outer.scope(deadline.scope(std::future::poll_fn(
+        |_| -> Poll<()> { panic!("inner service panicked") },
+    ))));
+    let unwound = catch_unwind(AssertUnwindSafe(|| panicking.as_mut().poll(&mut cx)));
+    assert!(unwound.is_err());
+    assert_eq!(Deadline::current(), None);
+}
+
 #[tokio::test(start_paused = true)]
 async fn nested_deadline_scopes_keep_the_earliest() {
     assert_eq!(Deadline::current(), None);

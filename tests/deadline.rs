@@ -103,6 +103,44 @@ async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
     assert_eq!(layer.handle().snapshot().admitted, 4);
 }
 
+/// An extension of the caller's own, to show the layer leaves other extensions alone.
+#[derive(Debug, Clone, PartialEq)]
+struct Tag(&'static str);
+
+#[tokio::test(start_paused = true)]
+async fn a_later_deadline_already_in_the_extensions_is_replaced_by_the_earliest() {
+    let start = Instant::now();
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<String>| async move {
+        let seen = (
+            Deadline::of(&req),
+            Deadline::current(),
+            req.extensions().get::<Tag>().cloned(),
+        );
+        Ok::<_, Infallible>(Response::new(seen))
+    }));
+
+    // An existing deadline later than the header's: the header's wins, in the extensions and in scope.
+    let mut req = request(&[("grpc-timeout", "3S")]);
+    req.extensions_mut().insert(Tag("caller"));
+    req.extensions_mut()
+        .insert(Deadline::at(start + Duration::from_secs(20)));
+    let seen = svc.clone().oneshot(req).await.unwrap().into_body();
+    let header = Deadline::at(start + Duration::from_secs(3));
+    assert_eq!(seen, (Some(header), Some(header), Some(Tag("caller"))));
+
+    // An existing deadline later than the maximum: the maximum wins.
+    let mut req = request(&[]);
+    req.extensions_mut()
+        .insert(Deadline::at(start + Duration::from_secs(60)));
+    let seen = svc.clone().oneshot(req).await.unwrap().into_body();
+    let max = Deadline::at(start + Duration::from_secs(10));
+    assert_eq!(seen, (Some(max), Some(max), None));
+}
+
 #[tokio::test(start_paused = true)]
 async fn no_deadline_anywhere_passes_through_untouched() {
     let seen = Arc::new(Seen::default());
@@ -238,6 +276,24 @@ async fn expiry_mid_flight_answers_504_and_records_dropped() {
         other => panic!("unexpected event {other:?}"),
     }
     assert_eq!(layer.handle().snapshot().dropped, 1);
+}
+
+/// The timer is armed only when the inner future is pending: an answer ready at the first poll makes none, so
+/// it needs no runtime at all (making a timer outside one panics).
+#[test]
+fn an_answer_ready_at_once_arms_no_timer() {
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    // Ready at its first poll, which runs inside the scope.
+    let mut svc = layer.layer(service_fn(|_req: Request<String>| async {
+        Ok::<_, Infallible>(Response::new(Deadline::current()))
+    }));
+    let response = futures::executor::block_on(svc.call(request(&[]))).unwrap();
+    assert!(response.into_body().is_some(), "ran inside the scope");
+    let snapshot = layer.handle().snapshot();
+    assert_eq!((snapshot.admitted, snapshot.in_flight), (1, 0));
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,21 +1,45 @@
 //! The deadline a request carries: the hook through which deadline, queue and limiter layers cooperate.
 
+use std::cell::Cell;
+use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::task::futures::TaskLocalFuture;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-tokio::task_local! {
-    static CURRENT: Deadline;
+thread_local! {
+    // The deadline of the scope being polled on this thread. A `Copy` value in a `Cell` with a constant
+    // initialiser: no lazy initialisation, no destructor to register, no borrow flag, so setting and restoring
+    // it around a poll costs two plain thread-local accesses (`tokio::task_local!` keeps a `RefCell<Option<T>>`
+    // and swaps it in and out through fallible accessors, several times the cost per poll).
+    static CURRENT: Cell<Option<Deadline>> = const { Cell::new(None) };
 }
 
-/// Whether any deadline scope was ever created in this process. Until one is, no task can have a task-local
-/// deadline and [`Deadline::current`] answers `None` without touching thread-local storage, which layers that
-/// read the deadline of every request (the queue's default [`Prioritize`](crate::queue::Prioritize)) would
-/// otherwise pay on each call. Set before the scope's future exists, so every poll of it sees the flag set.
-static SCOPED: AtomicBool = AtomicBool::new(false);
+/// Makes `deadline` the current one until dropped, then restores the previous one (also while unwinding).
+struct Enter(Option<Deadline>);
+
+impl Enter {
+    #[inline]
+    fn new(deadline: Deadline) -> Self {
+        // Never fails for a constant-initialised `Cell` without destructor; if it did, the scope would be empty.
+        Enter(
+            CURRENT
+                .try_with(|c| c.replace(Some(deadline)))
+                .ok()
+                .flatten(),
+        )
+    }
+}
+
+impl Drop for Enter {
+    #[inline]
+    fn drop(&mut self) {
+        let _ = CURRENT.try_with(|c| c.set(self.0));
+    }
+}
 
 /// The absolute instant by which a request must be answered.
 ///
@@ -62,23 +86,31 @@ impl Deadline {
         self.min(other)
     }
 
-    /// The deadline of the current task-local scope, if any.
+    /// The deadline of the current task-local scope, if any: that of the innermost [`Deadline::scope`] whose
+    /// future is being polled (or dropped) on this thread.
     #[inline]
     pub fn current() -> Option<Deadline> {
-        if !SCOPED.load(Ordering::Relaxed) {
-            return None;
-        }
-        CURRENT.try_with(|d| *d).ok()
+        CURRENT.try_with(Cell::get).ok().flatten()
     }
 
     /// Runs `future` with this deadline as [`Deadline::current`]. Nested scopes keep the earliest deadline: an
-    /// inner scope can shorten the budget, never extend it.
-    pub fn scope<F: Future>(self, future: F) -> TaskLocalFuture<Deadline, F> {
-        if !SCOPED.load(Ordering::Relaxed) {
-            SCOPED.store(true, Ordering::Relaxed);
-        }
+    /// inner scope can shorten the budget, never extend it (the outer scope is the one current when `scope` is
+    /// called).
+    ///
+    /// Like `tokio::task_local!`, the deadline is set while the future is polled and while it is dropped, and
+    /// only then: a task spawned from inside does not inherit it, and two tasks on one thread never see each
+    /// other's.
+    pub fn scope<F: Future>(self, future: F) -> DeadlineScope<F> {
         let effective = Deadline::current().map_or(self, |outer| outer.earliest(self));
-        CURRENT.scope(effective, future)
+        DeadlineScope::new(effective, future)
+    }
+
+    /// Like [`Deadline::scope`] for a deadline the caller already made no later than [`Deadline::current`], which
+    /// is therefore not read again.
+    #[cfg(feature = "http")]
+    pub(crate) fn scope_earliest<F: Future>(self, future: F) -> DeadlineScope<F> {
+        debug_assert!(Deadline::current().is_none_or(|outer| self <= outer));
+        DeadlineScope::new(self, future)
     }
 
     /// The deadline a request carries in its extensions.
@@ -91,5 +123,72 @@ impl Deadline {
     /// shed doomed requests (those whose remaining budget is smaller than the expected service time).
     pub fn can_finish(self, now: Instant, expected: Duration) -> bool {
         self.remaining_at(now) > expected
+    }
+}
+
+pin_project! {
+    /// A future run with a [`Deadline`] as [`Deadline::current`]: made by [`Deadline::scope`].
+    ///
+    /// The inner future is dropped inside the scope too, as soon as it has answered or when this future is
+    /// dropped.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct DeadlineScope<F> {
+        deadline: Deadline,
+        // `None` once the inner future has answered.
+        #[pin]
+        future: Option<F>,
+    }
+
+    impl<F> PinnedDrop for DeadlineScope<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let mut future = this.future;
+            if std::mem::needs_drop::<F>() && future.is_some() {
+                let _enter = Enter::new(*this.deadline);
+                future.set(None);
+            }
+        }
+    }
+}
+
+impl<F> DeadlineScope<F> {
+    fn new(deadline: Deadline, future: F) -> Self {
+        DeadlineScope {
+            deadline,
+            future: Some(future),
+        }
+    }
+
+    /// The deadline this scope sets.
+    pub fn deadline(&self) -> Deadline {
+        self.deadline
+    }
+}
+
+impl<F: Future> Future for DeadlineScope<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _enter = Enter::new(*this.deadline);
+        let mut future = this.future;
+        let Some(inner) = future.as_mut().as_pin_mut() else {
+            panic!("`DeadlineScope` polled after completion");
+        };
+        let output = inner.poll(cx);
+        if output.is_ready() {
+            // Dropped while the deadline is still current, as it would be had the caller dropped it.
+            future.set(None);
+        }
+        output
+    }
+}
+
+impl<F> fmt::Debug for DeadlineScope<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadlineScope")
+            .field("deadline", &self.deadline)
+            .field("done", &self.future.is_none())
+            .finish()
     }
 }

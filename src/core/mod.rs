@@ -34,7 +34,7 @@ mod http;
 mod metrics;
 
 pub use self::classify::{AnyOk, Classify};
-pub use self::deadline::Deadline;
+pub use self::deadline::{Deadline, DeadlineScope};
 pub use self::error::{BoxError, ConfigError};
 pub use self::future::ResponseFuture;
 pub use self::hint::WithRetryAfter;

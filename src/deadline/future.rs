@@ -6,19 +6,22 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
 use super::codec::InvalidTimeout;
 use super::mode::RejectInvalid;
-use crate::core::{Classify, Deadline, Outcome, Permit, Reason, RejectMode, Rejection};
+use crate::core::{Classify, DeadlineScope, Outcome, Permit, Reason, RejectMode, Rejection};
 
 pin_project! {
     /// Response future of [`DeadlineService`](super::DeadlineService).
     ///
-    /// Under a deadline it races the inner future (run inside [`Deadline::scope`]) against a timer held inline, so
+    /// Under a deadline it races the inner future (run inside [`Deadline::scope`](crate::core::Deadline::scope)) against a timer held inline, so
     /// no allocation happens; when the timer wins the inner future is dropped and the answer is
-    /// deadline-exceeded, with outcome [`Outcome::Dropped`]. Without a deadline it only forwards the inner future.
+    /// deadline-exceeded, with outcome [`Outcome::Dropped`]. The timer is armed only once the inner future has
+    /// returned `Pending`: an answer ready at the first poll costs no timer at all. Arming it takes the Tokio
+    /// runtime of the thread polling (as `tokio::time::sleep` does), so poll it inside a Tokio runtime with time
+    /// enabled, as tower's `Timeout` and every tokio timer require. Without a deadline it only forwards the inner
+    /// future.
     pub struct ResponseFuture<F, C, M> {
         #[pin]
         state: State<F, C>,
@@ -49,9 +52,14 @@ pin_project! {
         },
         Running {
             #[pin]
-            inner: TaskLocalFuture<Deadline, F>,
+            inner: DeadlineScope<F>,
+            // When the inner future must have answered by.
+            deadline: Instant,
+            // The timer for `deadline`, armed the first time the inner future is pending: creating a `Sleep` takes
+            // the runtime's handle (a thread-local read and a reference count shared by every worker thread), which
+            // an answer ready at once need not pay for.
             #[pin]
-            sleep: Sleep,
+            sleep: Option<Sleep>,
             permit: Option<Permit>,
             classify: C,
             // Client side: when the budget written into the request runs out (the smallest timeout the outgoing
@@ -65,15 +73,16 @@ pin_project! {
 
 impl<F, C> State<F, C> {
     fn running(
-        inner: TaskLocalFuture<Deadline, F>,
-        sleep: Sleep,
+        inner: DeadlineScope<F>,
+        deadline: Instant,
         permit: Permit,
         classify: C,
         sent: Option<Instant>,
     ) -> Self {
         State::Running {
             inner,
-            sleep,
+            deadline,
+            sleep: None,
             permit: Some(permit),
             classify,
             sent,
@@ -112,7 +121,8 @@ where
         // The inner future is polled first, so work that finishes at the deadline instant is still delivered.
         StateProj::Running {
             inner,
-            sleep,
+            deadline,
+            mut sleep,
             permit,
             classify,
             sent,
@@ -127,7 +137,12 @@ where
                 .finish(result, permit.take())
                 .map_err(|e| mode.inner_error(e)),
             Poll::Pending => {
-                ready!(sleep.poll(cx));
+                if sleep.is_none() {
+                    sleep.set(Some(tokio::time::sleep_until(*deadline)));
+                }
+                if let Some(sleep) = sleep.as_pin_mut() {
+                    ready!(sleep.poll(cx));
+                }
                 expired(permit, mode)
             }
         },
@@ -163,13 +178,16 @@ impl<F, C, M> ResponseFuture<F, C, M> {
     }
 
     pub(super) fn running(
-        inner: TaskLocalFuture<Deadline, F>,
-        sleep: Sleep,
+        inner: DeadlineScope<F>,
+        deadline: Instant,
         permit: Permit,
         classify: C,
         mode: M,
     ) -> Self {
-        Self::new(State::running(inner, sleep, permit, classify, None), mode)
+        Self::new(
+            State::running(inner, deadline, permit, classify, None),
+            mode,
+        )
     }
 
     pub(super) fn rejected(mode: M) -> Self {
@@ -224,15 +242,15 @@ impl<F, C, M> PropagateFuture<F, C, M> {
     }
 
     pub(super) fn running(
-        inner: TaskLocalFuture<Deadline, F>,
-        sleep: Sleep,
+        inner: DeadlineScope<F>,
+        deadline: Instant,
         permit: Permit,
         classify: C,
         mode: M,
         sent: Instant,
     ) -> Self {
         PropagateFuture {
-            state: State::running(inner, sleep, permit, classify, Some(sent)),
+            state: State::running(inner, deadline, permit, classify, Some(sent)),
             mode,
         }
     }

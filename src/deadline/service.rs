@@ -160,19 +160,29 @@ where
             );
         };
 
-        let remaining = deadline.remaining_at(now);
-        if remaining.is_zero() || remaining < config.min_budget {
+        // With no minimum budget (the default) only an expired deadline is refused, which one comparison tells.
+        let doomed = deadline.instant() <= now
+            || (!config.min_budget.is_zero() && deadline.remaining_at(now) < config.min_budget);
+        if doomed {
             self.shared.rejected();
             return ResponseFuture::rejected(self.mode.clone());
         }
 
-        request.extensions_mut().insert(deadline);
+        // A deadline already in the extensions is overwritten in place (the effective one is never later): no
+        // allocation. Inserting the first extension of a request allocates the map, its table and the entry.
+        match request.extensions_mut().get_mut::<Deadline>() {
+            Some(slot) => *slot = deadline,
+            None => {
+                request.extensions_mut().insert(deadline);
+            }
+        }
         self.shared.admitted();
         let permit = self.shared.permit(now);
-        let inner = deadline.scope(self.inner.call(request));
+        // `deadline` already takes the task-local one into account: no second look-up.
+        let inner = deadline.scope_earliest(self.inner.call(request));
         ResponseFuture::running(
             inner,
-            tokio::time::sleep_until(deadline.instant()),
+            deadline.instant(),
             permit,
             self.classify.clone(),
             self.mode.clone(),
@@ -310,7 +320,7 @@ where
         let inner = deadline.scope(self.inner.call(request));
         PropagateFuture::running(
             inner,
-            tokio::time::sleep_until(deadline.instant()),
+            deadline.instant(),
             permit,
             self.classify.clone(),
             self.mode.clone(),

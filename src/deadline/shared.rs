@@ -7,19 +7,30 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::core::observer::{self, is_noop};
+use crate::core::observer::is_noop;
 use crate::core::stripe::Counter;
 use crate::core::{Event, Observer, Outcome, Permit, Reason, Release};
 
 #[derive(Debug, Default)]
 struct Counters {
     // Touched by every admitted request and read only for figures: striped, so that two threads admitting
-    // requests do not write one cache line.
-    in_flight: Counter,
+    // requests do not write one cache line. In flight is admitted minus finished: one counter added to on each
+    // side of a request, rather than an in-flight count added to and subtracted from besides the admitted count.
     admitted: Counter,
+    finished: Counter,
     rejected: AtomicU64,
     invalid: AtomicU64,
     dropped: AtomicU64,
+}
+
+impl Counters {
+    /// Requests admitted and not yet finished. Finished is read first: a request counted there was admitted
+    /// before, so it is in the admitted sum read after (a sum taken while other threads update may still mix
+    /// instants on weakly ordered CPUs; it then reads low, never below zero).
+    fn in_flight(&self) -> u64 {
+        let finished = self.finished.sum();
+        self.admitted.sum().saturating_sub(finished)
+    }
 }
 
 pub(super) struct Shared<K, O> {
@@ -44,9 +55,13 @@ impl<K, O: Observer> Shared<K, O> {
     }
 
     pub(super) fn admitted(&self) {
-        self.counters.in_flight.add(1);
         self.counters.admitted.add(1);
-        observer::admitted(&self.observer, self.layer, &self.counters.in_flight);
+        if !is_noop::<O>() {
+            self.observer.on_event(&Event::Admitted {
+                layer: self.layer,
+                in_flight: self.counters.in_flight() as usize,
+            });
+        }
     }
 
     pub(super) fn rejected(&self) {
@@ -76,17 +91,18 @@ impl<K: Send + Sync + 'static, O: Observer> Shared<K, O> {
 
 impl<K: Send + Sync + 'static, O: Observer> Release for Shared<K, O> {
     fn release(&self, outcome: Outcome, latency: Duration, _tag: u64) {
-        self.counters.in_flight.sub(1);
+        self.counters.finished.add(1);
         if outcome == Outcome::Dropped {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        observer::completed(
-            &self.observer,
-            self.layer,
-            outcome,
-            latency,
-            &self.counters.in_flight,
-        );
+        if !is_noop::<O>() {
+            self.observer.on_event(&Event::Completed {
+                layer: self.layer,
+                outcome,
+                latency,
+                in_flight: self.counters.in_flight() as usize,
+            });
+        }
     }
 }
 
@@ -98,7 +114,7 @@ impl<K: Send + Sync + 'static, O: Observer> Snapshot for Shared<K, O> {
     fn snapshot(&self) -> DeadlineSnapshot {
         let c = &self.counters;
         DeadlineSnapshot {
-            in_flight: c.in_flight.sum() as usize,
+            in_flight: c.in_flight() as usize,
             admitted: c.admitted.sum(),
             rejected: c.rejected.load(Ordering::Relaxed),
             invalid: c.invalid.load(Ordering::Relaxed),
