@@ -68,7 +68,7 @@ impl AdaptiveHandle {
 
     /// Requests holding a permit now.
     pub fn in_flight(&self) -> usize {
-        self.shared.core().in_flight.load(Ordering::Acquire)
+        self.shared.core().in_flight()
     }
 
     /// The estimated service time, once one sample window has closed.

@@ -18,19 +18,21 @@
 //! - Clones share one limit and one in-flight count (one `Arc` per layer).
 //! - The permit is held until the response is really done (for HTTP until the body ends), and released exactly
 //!   once on every path, panics and dropped futures included.
-//! - The hot path is an atomic add, a compare and an atomic max on admission and a few atomic adds on
-//!   completion; the algorithm runs once per window, by whichever request closes it, under a try-lock nobody
-//!   waits for. See "Cost" below for when the clock is read.
+//! - The hot path is one compare-and-swap on admission and one atomic add on completion (in flight is admitted
+//!   minus released, and a window's completions are the growth of the released count), plus a few adds into a
+//!   per-thread stripe for the requests that are timed; the algorithm runs once per window, by whichever request
+//!   closes it, under a try-lock nobody waits for. See "Cost" below for when the clock is read.
 //! - The limit is observable and tunable live through an [`AdaptiveHandle`], which also serves as the queue
 //!   layer's [`LimitSource`](crate::core::LimitSource).
 //!
 //! # Cost
 //!
 //! Reading the clock (twice per request, for its latency) is the largest part of what this layer costs: about
-//! 30 ns a read on a typical VM, against about 50 ns for everything else. A window's mean latency needs a few
+//! 30 ns a read on a typical VM, against about 35 ns for everything else. A window's mean latency needs a few
 //! hundred samples, not every request of a busy service. So without an observer, once a window holds more than
-//! `2 × max(1024, min_samples)` finished requests, the next window times only a random half of them, a quarter,
-//! and so on down to one in 64, keeping at least about `2 × max(1024, min_samples)` timed samples a window
+//! `2 × max(1024, min_samples)` finished requests, the next window times only half of them, a quarter,
+//! and so on down to one in 64 (picked by hashing each request's admission number, so that the picks follow no
+//! pattern in the traffic), keeping at least about `2 × max(1024, min_samples)` timed samples a window
 //! (and half that if the load halves at once). Every request is still admitted, counted and released the same
 //! way; the window's mean and minimum latency are those of the timed requests, and only a timed request can
 //! close a window. Below that rate (thousands of requests a window, i.e. tens of thousands a second with the

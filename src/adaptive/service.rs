@@ -6,7 +6,6 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::state::{Shared, UNTIMED};
-use crate::core::stripe::one_in;
 use crate::core::{
     observer, AnyOk, Classify, ErrorMode, Event, Observer, Permit, Reason, RejectMode, Rejection,
     ResponseFuture,
@@ -116,7 +115,7 @@ where
             return ResponseFuture::admitted(inner, None, self.classify.clone(), self.mode.clone());
         }
         let core = &self.shared.core;
-        let Some(in_flight) = core.try_acquire() else {
+        let Some((in_flight, number)) = core.try_acquire() else {
             self.shared.observer.on_event(&Event::Rejected {
                 layer: "adaptive",
                 reason: Reason::Overloaded,
@@ -129,7 +128,7 @@ where
             in_flight,
         });
         // Created before calling inner so that a panic inside `call` still releases it.
-        let permit = if observer::is_noop::<O>() && !one_in(core.timing_mask()) {
+        let permit = if observer::is_noop::<O>() && !core.timed(number) {
             Permit::untimed(self.shared.clone(), UNTIMED)
         } else {
             let now = Instant::now();
@@ -150,7 +149,7 @@ impl<S: fmt::Debug, C, M, O, B> fmt::Debug for AdaptiveConcurrency<S, C, M, O, B
         f.debug_struct("AdaptiveConcurrency")
             .field("inner", &self.inner)
             .field("limit", &self.shared.core.limit)
-            .field("in_flight", &self.shared.core.in_flight)
+            .field("in_flight", &self.shared.core.in_flight())
             .finish()
     }
 }

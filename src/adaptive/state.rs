@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::algorithm::{Algorithm, Window, LAYER};
 use crate::core::stripe::{Striped, Totals};
-use crate::core::{ConfigError, Event, Observer, Outcome, Release};
+use crate::core::{observer, ConfigError, Event, Observer, Outcome, Release};
 
 /// The algorithm and its fractional estimate: touched by one updater at a time.
 #[derive(Debug)]
@@ -22,7 +22,12 @@ pub(crate) struct Updater {
 pub(crate) struct Core {
     pub(crate) epoch: Instant,
     pub(crate) limit: AtomicUsize,
-    pub(crate) in_flight: AtomicUsize,
+    /// Requests admitted and finished so far (both wrap): in flight is their difference, and a window's
+    /// completions are the growth of `released`, so that no finishing request has a counter of its own to add to.
+    admitted: AtomicUsize,
+    released: AtomicUsize,
+    /// `released` when the current window opened; written only by the updater.
+    released_base: AtomicUsize,
     /// One request in `timing_mask + 1` is timed (see [`Core::timing_mask`]); 0 while every request is.
     timing_mask: AtomicU32,
     /// Whether timing may be thinned out at all: not when an observer is told every latency.
@@ -96,7 +101,9 @@ impl Core {
         Ok(Core {
             epoch: Instant::now(),
             limit: AtomicUsize::new(config.initial),
-            in_flight: AtomicUsize::new(0),
+            admitted: AtomicUsize::new(0),
+            released: AtomicUsize::new(0),
+            released_base: AtomicUsize::new(0),
             timing_mask: AtomicU32::new(0),
             thin_timing: true,
             min_limit: AtomicUsize::new(config.min),
@@ -116,22 +123,59 @@ impl Core {
         })
     }
 
-    /// Tries to admit one request: `Some(in_flight)` including it, or `None` at the limit.
+    /// Requests holding a permit now.
+    pub(crate) fn in_flight(&self) -> usize {
+        // Released first: it never passes the admissions read after it.
+        let released = self.released.load(Ordering::Acquire);
+        let admitted = self.admitted.load(Ordering::Acquire);
+        usize::try_from(admitted.wrapping_sub(released) as isize).unwrap_or(0)
+    }
+
+    /// Tries to admit one request: `Some((in_flight, number))` (in flight including it, and its admission
+    /// number, counted from 0), or `None` at the limit.
     #[inline]
-    pub(crate) fn try_acquire(&self) -> Option<usize> {
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+    pub(crate) fn try_acquire(&self) -> Option<(usize, usize)> {
         let limit = self.limit.load(Ordering::Acquire);
-        if before >= limit {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.rejected.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
+        let mut admitted = self.admitted.load(Ordering::Relaxed);
+        let (before, number) = loop {
+            let released = self.released.load(Ordering::Acquire);
+            // Negative when requests admitted after our read have finished since: read again.
+            let Ok(before) = usize::try_from(admitted.wrapping_sub(released) as isize) else {
+                admitted = self.admitted.load(Ordering::Relaxed);
+                continue;
+            };
+            if before >= limit {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            // Succeeds only if nobody was admitted since our read: then everything counted in `released` was
+            // admitted before it, and `before` is at least the true count, never below it.
+            match self.admitted.compare_exchange_weak(
+                admitted,
+                admitted.wrapping_add(1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break (before, admitted),
+                Err(now) => admitted = now,
+            }
+        };
         let in_flight = before + 1;
         // The maximum changes rarely within a window: read before writing, so the common case writes nothing.
         if in_flight > self.max_in_flight.load(Ordering::Relaxed) {
             self.max_in_flight.fetch_max(in_flight, Ordering::Relaxed);
         }
-        Some(in_flight)
+        Some((in_flight, number))
+    }
+
+    /// Whether to time the request admitted as `number`: one in `timing_mask + 1`, picked by hashing the
+    /// number (Fibonacci hashing spreads consecutive numbers, and every arithmetic progression of them, evenly),
+    /// so the picks follow no pattern in the traffic (every second request of a client that alternates cheap and
+    /// costly calls, say) and cost no thread-local state.
+    #[inline]
+    pub(crate) fn timed(&self, number: usize) -> bool {
+        let mask = self.timing_mask();
+        mask == 0 || ((number as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32 & mask == 0
     }
 
     /// The admission tag: nanoseconds since the epoch, so that release can tell the time without a clock read.
@@ -141,11 +185,11 @@ impl Core {
     }
 
     /// Which admitted requests to time, for a layer without an observer (an observer is told every request's
-    /// latency, so with one every request is timed): one in `mask + 1`, picked at random.
+    /// latency, so with one every request is timed): one in `mask + 1`, picked by [`Core::timed`].
     ///
     /// Reading the clock twice per request is the largest part of this layer's cost. A window's mean latency
     /// needs a few hundred samples, not every request of a busy service: once a window holds more than
-    /// `2 × max(1024, min_samples)` samples, the next one times a random half, quarter, ... down to one request in
+    /// `2 × max(1024, min_samples)` samples, the next one times half, a quarter, ... down to one request in
     /// 64, so that every window keeps at least about that many timed samples. Every finished request is still
     /// counted (the window's `samples`, drops, in-flight), and the mean and minimum latency are those of the timed
     /// ones; at lower rates (the usual case, and every simulator scenario) every request is timed.
@@ -164,23 +208,28 @@ impl Core {
         self.updater.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a finished request; returns the new limit when this request closed a window that changed it.
+    /// Records a finished request (it no longer counts in flight); returns the new limit when this request
+    /// closed a window that changed it.
     fn record(&self, outcome: Outcome, latency: Duration, tag: u64) -> Option<usize> {
-        if tag == UNTIMED {
-            // Counted, but without the time it cannot close a window.
-            match outcome {
-                Outcome::Ignored => {}
-                Outcome::Dropped => self.window.dropped(),
-                Outcome::Success | Outcome::Failure => self.window.untimed(),
+        // Counted among the window's completions by this add alone; only the rarer outcomes (ignored, dropped)
+        // and timed samples are written anywhere else.
+        self.released.fetch_add(1, Ordering::AcqRel);
+        match outcome {
+            Outcome::Ignored => {
+                self.window.ignored();
+                return None;
             }
+            Outcome::Dropped => self.window.dropped(),
+            Outcome::Success | Outcome::Failure if tag != UNTIMED => {
+                self.window.sample(nanos(latency))
+            }
+            Outcome::Success | Outcome::Failure => {}
+        }
+        if tag == UNTIMED {
+            // Without the time it cannot close a window.
             return None;
         }
         let latency = nanos(latency);
-        match outcome {
-            Outcome::Ignored => return None,
-            Outcome::Dropped => self.window.dropped(),
-            Outcome::Success | Outcome::Failure => self.window.sample(latency),
-        }
         let now = tag.saturating_add(latency);
         if !self.window_due(now) {
             return None;
@@ -203,22 +252,38 @@ impl Core {
         if now.saturating_sub(self.window_start.load(Ordering::Relaxed)) < self.min_window {
             return false;
         }
-        let (count, timed) = self.window.count();
+        let t = self.window.peek();
+        let completions = self.completions();
+        let count = completions.saturating_sub(t.ignored);
+        let samples = count.saturating_sub(t.dropped);
         // A window closed by a timed drop while thinned-out timing had no latency yet would report a mean of 0:
         // wait for one. (A window of drops only has no latency to report, and closes.)
-        count >= self.min_samples && (timed > 0 || !self.window.has_samples())
+        count >= self.min_samples && (t.timed > 0 || samples == 0)
+    }
+
+    /// Requests finished since the current window opened (every outcome).
+    fn completions(&self) -> u64 {
+        let released = self.released.load(Ordering::Acquire);
+        released.wrapping_sub(self.released_base.load(Ordering::Relaxed)) as u64
     }
 
     fn close_window(&self, updater: &mut Updater, now: u64) -> Option<usize> {
         let start = self.window_start.swap(now, Ordering::Relaxed);
+        // Completions first, then the stripes: a request finishing in between is counted in this window's
+        // completions and, if it was dropped or ignored, in the next window's stripes; the next window's
+        // completions start from this reading, so nothing is lost or counted twice overall.
+        let released = self.released.load(Ordering::Acquire);
+        let completions =
+            released.wrapping_sub(self.released_base.swap(released, Ordering::Relaxed)) as u64;
         let Totals {
-            samples,
             timed,
+            ignored,
             dropped,
             latency_sum: sum,
             latency_min: min,
         } = self.window.take();
-        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let samples = completions.saturating_sub(ignored).saturating_sub(dropped);
+        let in_flight = self.in_flight();
         let max_in_flight = self
             .max_in_flight
             .swap(in_flight, Ordering::Relaxed)
@@ -308,14 +373,16 @@ impl<O: Observer> Shared<O> {
 
 impl<O: Observer> Release for Shared<O> {
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
-        let in_flight = self.core.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.observer.on_event(&Event::Completed {
-            layer: "adaptive",
-            outcome,
-            latency,
-            in_flight,
-        });
-        if let Some(limit) = self.core.record(outcome, latency, tag) {
+        let changed = self.core.record(outcome, latency, tag);
+        if !observer::is_noop::<O>() {
+            self.observer.on_event(&Event::Completed {
+                layer: "adaptive",
+                outcome,
+                latency,
+                in_flight: self.core.in_flight(),
+            });
+        }
+        if let Some(limit) = changed {
             self.limit_changed(limit);
         }
     }
@@ -384,7 +451,9 @@ mod tests {
             let core = core(algorithm, min, max);
             let mut tag = 0u64;
             for (o, latency, in_flight) in samples {
-                core.in_flight.store(in_flight, Ordering::Relaxed);
+                // `record` below finishes one request: admit it first, over `in_flight` others.
+                let released = core.released.load(Ordering::Relaxed);
+                core.admitted.store(released + in_flight + 1, Ordering::Relaxed);
                 core.max_in_flight.store(in_flight, Ordering::Relaxed);
                 tag += 1_000_000;
                 core.record(outcome(o), Duration::from_nanos(latency), tag);
@@ -424,6 +493,29 @@ mod tests {
         })
         .unwrap();
         (core, rx)
+    }
+
+    #[test]
+    fn timed_requests_are_spread_evenly_over_admission_numbers() {
+        let (core, _rx) = recorded(1);
+        assert!((0..1000).all(|n| core.timed(n)), "mask 0 times everything");
+        core.timing_mask.store(63, Ordering::Relaxed);
+        let picked = (0..64_000).filter(|&n| core.timed(n)).count();
+        assert!(
+            (900..1100).contains(&picked),
+            "{picked} of 64 000 timed, expected about 1 000"
+        );
+        // No pattern: every second request (a client alternating two kinds of calls) gets its share.
+        let odd = (0..64_000).filter(|&n| n % 2 == 1 && core.timed(n)).count();
+        assert!(
+            (400..600).contains(&odd),
+            "{odd} odd requests timed, expected about 500"
+        );
+        let third = (0..64_000).filter(|&n| n % 3 == 0 && core.timed(n)).count();
+        assert!(
+            (250..420).contains(&third),
+            "{third} of every third timed, expected about 333"
+        );
     }
 
     #[test]

@@ -1,12 +1,11 @@
 //! Per-thread stripes for counters that every finishing request adds to.
 //!
 //! A counter shared by all threads makes every request an exclusive-ownership transfer of its cache line
-//! between cores. Counters that are only *summed* now and then (a window's sample count, latency sum, minimum)
+//! between cores. Counters that are only *summed* now and then (a window's timed samples, drops, latency sum, minimum)
 //! need no single home: each thread adds into its own cache-line-sized stripe, and the rare reader sums the
 //! stripes. With one thread (the simulator's current-thread runtime) there is one stripe in use and the sums are
 //! exactly what a single counter would hold.
 
-use std::cell::Cell as LocalCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// How many stripes a striped counter set has. Threads beyond this share stripes (round robin).
@@ -16,27 +15,6 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
-    // xorshift64 state for `one_in`; a fixed seed keeps single-threaded runs (the simulator) reproducible.
-    static RNG: LocalCell<u64> = const { LocalCell::new(0x9E37_79B9_7F4A_7C15) };
-}
-
-/// `true` for about one call in `mask + 1` (`mask` is a power of two minus one), drawn from a per-thread
-/// generator, so that which requests are picked does not follow any pattern in the traffic (every second request
-/// of a client that alternates cheap and costly calls, say). `mask == 0` is always `true` and touches nothing.
-#[inline]
-pub(crate) fn one_in(mask: u32) -> bool {
-    if mask == 0 {
-        return true;
-    }
-    RNG.try_with(|rng| {
-        let mut x = rng.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        rng.set(x);
-        (x >> 32) as u32 & mask == 0
-    })
-    .unwrap_or(true)
 }
 
 /// This thread's stripe index in `0..STRIPES`, fixed for the thread's life.
@@ -50,8 +28,8 @@ pub(crate) fn index() -> usize {
 #[derive(Debug)]
 #[repr(align(128))]
 pub(crate) struct Stripe {
-    pub(crate) samples: AtomicU64,
     pub(crate) timed: AtomicU64,
+    pub(crate) ignored: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) latency_sum: AtomicU64,
     pub(crate) latency_min: AtomicU64,
@@ -60,10 +38,10 @@ pub(crate) struct Stripe {
 /// One window's figures, summed over the stripes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Totals {
-    /// Successes and failures, timed or not.
-    pub(crate) samples: u64,
-    /// The samples that carry a latency: `latency_sum` and `latency_min` are over these.
+    /// Successes and failures that carry a latency: `latency_sum` and `latency_min` are over these.
     pub(crate) timed: u64,
+    /// Requests finished as ignored (they count nowhere else in the window).
+    pub(crate) ignored: u64,
     pub(crate) dropped: u64,
     pub(crate) latency_sum: u64,
     /// `u64::MAX` when there were no samples.
@@ -73,8 +51,8 @@ pub(crate) struct Totals {
 impl Stripe {
     const fn new() -> Self {
         Stripe {
-            samples: AtomicU64::new(0),
             timed: AtomicU64::new(0),
+            ignored: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             latency_sum: AtomicU64::new(0),
             latency_min: AtomicU64::new(u64::MAX),
@@ -111,13 +89,12 @@ impl Striped {
             s.latency_min.fetch_min(latency, Ordering::Relaxed);
         }
         s.timed.fetch_add(1, Ordering::Relaxed);
-        s.samples.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Adds a success or failure that was not timed.
+    /// Adds a request that finished as ignored.
     #[inline]
-    pub(crate) fn untimed(&self) {
-        self.mine().samples.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn ignored(&self) {
+        self.mine().ignored.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Adds a dropped request (an overload signal without a useful latency).
@@ -126,36 +103,37 @@ impl Striped {
         self.mine().dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Samples plus drops recorded since the last [`Striped::take`], and how many of the samples were timed,
-    /// without resetting.
-    pub(crate) fn count(&self) -> (u64, u64) {
-        self.stripes.iter().fold((0, 0), |(count, timed), s| {
-            (
-                count + s.samples.load(Ordering::Relaxed) + s.dropped.load(Ordering::Relaxed),
-                timed + s.timed.load(Ordering::Relaxed),
-            )
-        })
-    }
-
-    /// Whether any success or failure (timed or not) was recorded since the last [`Striped::take`].
-    pub(crate) fn has_samples(&self) -> bool {
-        self.stripes
-            .iter()
-            .any(|s| s.samples.load(Ordering::Relaxed) > 0)
+    /// The figures recorded since the last [`Striped::take`], without resetting (the minimum is not read).
+    pub(crate) fn peek(&self) -> Totals {
+        self.stripes.iter().fold(
+            Totals {
+                timed: 0,
+                ignored: 0,
+                dropped: 0,
+                latency_sum: 0,
+                latency_min: u64::MAX,
+            },
+            |t, s| Totals {
+                timed: t.timed + s.timed.load(Ordering::Relaxed),
+                ignored: t.ignored + s.ignored.load(Ordering::Relaxed),
+                dropped: t.dropped + s.dropped.load(Ordering::Relaxed),
+                ..t
+            },
+        )
     }
 
     /// Sums and resets every stripe.
     pub(crate) fn take(&self) -> Totals {
         let mut totals = Totals {
-            samples: 0,
             timed: 0,
+            ignored: 0,
             dropped: 0,
             latency_sum: 0,
             latency_min: u64::MAX,
         };
         for s in &self.stripes {
-            totals.samples += s.samples.swap(0, Ordering::Relaxed);
             totals.timed += s.timed.swap(0, Ordering::Relaxed);
+            totals.ignored += s.ignored.swap(0, Ordering::Relaxed);
             totals.dropped += s.dropped.swap(0, Ordering::Relaxed);
             totals.latency_sum = totals
                 .latency_sum
@@ -230,7 +208,7 @@ mod tests {
                             striped.dropped();
                         }
                         if i % 4 == 0 {
-                            striped.untimed();
+                            striped.ignored();
                         }
                     }
                 })
@@ -239,9 +217,10 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
-        assert_eq!(striped.count(), (4 * 1000 + 4 * 250 + 4 * 100, 4000));
+        let peek = striped.peek();
+        assert_eq!((peek.timed, peek.ignored, peek.dropped), (4000, 1000, 400));
         let totals = striped.take();
-        assert_eq!(totals.samples, 5000);
+        assert_eq!(totals.ignored, 1000);
         assert_eq!(totals.timed, 4000);
         assert_eq!(totals.dropped, 400);
         let expected_sum: u64 = (0..4u64)
@@ -249,24 +228,8 @@ mod tests {
             .sum();
         assert_eq!(totals.latency_sum, expected_sum);
         assert_eq!(totals.latency_min, 10);
-        assert_eq!(striped.count(), (0, 0));
+        assert_eq!(striped.peek().timed, 0);
         assert_eq!(striped.take().latency_min, u64::MAX);
-    }
-
-    #[test]
-    fn one_in_picks_about_its_share_and_zero_picks_all() {
-        assert!((0..1000).all(|_| one_in(0)));
-        let picked = (0..64_000).filter(|_| one_in(63)).count();
-        assert!(
-            (800..1200).contains(&picked),
-            "{picked} of 64 000 picked, expected about 1 000"
-        );
-        // No pattern: of the odd-numbered calls, about half as many are picked as overall.
-        let odd = (0..64_000).filter(|i| one_in(63) && i % 2 == 1).count();
-        assert!(
-            (380..620).contains(&odd),
-            "{odd} odd calls picked, expected about 500"
-        );
     }
 
     #[test]
