@@ -1,9 +1,9 @@
 //! Per-thread stripes for counters that every finishing request adds to.
 //!
 //! A counter shared by all threads makes every request an exclusive-ownership transfer of its cache line
-//! between cores. Counters that are only *summed* now and then (a window's timed samples, drops, latency sum, minimum)
-//! need no single home: each thread adds into its own cache-line-sized stripe, and the rare reader sums the
-//! stripes. With one thread (the simulator's current-thread runtime) there is one stripe in use and the sums are
+//! between cores. Counters that are only *summed* now and then (a window's timed samples, drops, latency sum,
+//! minimum) need no single home: each thread adds into its own cache-line-sized stripe, and the rare reader sums
+//! the stripes. With one thread (the simulator's current-thread runtime) there is one stripe in use and the sums are
 //! exactly what a single counter would hold.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -46,6 +46,17 @@ pub(crate) struct Totals {
     pub(crate) latency_sum: u64,
     /// `u64::MAX` when there were no samples.
     pub(crate) latency_min: u64,
+}
+
+impl Totals {
+    /// No figures yet: the starting point of a sum.
+    const ZERO: Totals = Totals {
+        timed: 0,
+        ignored: 0,
+        dropped: 0,
+        latency_sum: 0,
+        latency_min: u64::MAX,
+    };
 }
 
 impl Stripe {
@@ -105,32 +116,17 @@ impl Striped {
 
     /// The figures recorded since the last [`Striped::take`], without resetting (the minimum is not read).
     pub(crate) fn peek(&self) -> Totals {
-        self.stripes.iter().fold(
-            Totals {
-                timed: 0,
-                ignored: 0,
-                dropped: 0,
-                latency_sum: 0,
-                latency_min: u64::MAX,
-            },
-            |t, s| Totals {
-                timed: t.timed + s.timed.load(Ordering::Relaxed),
-                ignored: t.ignored + s.ignored.load(Ordering::Relaxed),
-                dropped: t.dropped + s.dropped.load(Ordering::Relaxed),
-                ..t
-            },
-        )
+        self.stripes.iter().fold(Totals::ZERO, |t, s| Totals {
+            timed: t.timed + s.timed.load(Ordering::Relaxed),
+            ignored: t.ignored + s.ignored.load(Ordering::Relaxed),
+            dropped: t.dropped + s.dropped.load(Ordering::Relaxed),
+            ..t
+        })
     }
 
     /// Sums and resets every stripe.
     pub(crate) fn take(&self) -> Totals {
-        let mut totals = Totals {
-            timed: 0,
-            ignored: 0,
-            dropped: 0,
-            latency_sum: 0,
-            latency_min: u64::MAX,
-        };
+        let mut totals = Totals::ZERO;
         for s in &self.stripes {
             totals.timed += s.timed.swap(0, Ordering::Relaxed);
             totals.ignored += s.ignored.swap(0, Ordering::Relaxed);
