@@ -15,9 +15,9 @@ use crate::core::{Classify, DeadlineScope, Outcome, Permit, Reason, RejectMode, 
 pin_project! {
     /// Response future of [`DeadlineService`](super::DeadlineService).
     ///
-    /// Under a deadline it races the inner future (run inside [`Deadline::scope`](crate::core::Deadline::scope)) against a timer held inline, so
-    /// no allocation happens; when the timer wins the inner future is dropped and the answer is
-    /// deadline-exceeded, with outcome [`Outcome::Dropped`]. The timer is armed only once the inner future has
+    /// Under a deadline it races the inner future (run inside [`Deadline::scope`](crate::core::Deadline::scope))
+    /// against a timer held inline, so no allocation happens; when the timer wins the inner future is dropped and
+    /// the answer is deadline-exceeded, with outcome [`Outcome::Dropped`]. The timer is armed only once the inner future has
     /// returned `Pending`: an answer ready at the first poll costs no timer at all. Arming it takes the Tokio
     /// runtime of the thread polling (as `tokio::time::sleep` does), so poll it inside a Tokio runtime with time
     /// enabled, as tower's `Timeout` and every tokio timer require. Without a deadline it only forwards the inner
@@ -140,9 +140,7 @@ where
                 if sleep.is_none() {
                     sleep.set(Some(tokio::time::sleep_until(*deadline)));
                 }
-                if let Some(sleep) = sleep.as_pin_mut() {
-                    ready!(sleep.poll(cx));
-                }
+                ready!(sleep.as_pin_mut().expect("timer armed above").poll(cx));
                 expired(permit, mode)
             }
         },

@@ -41,8 +41,9 @@
 //! Admission happens in `call`, never in `poll_ready`. Below the limit with nobody queued, admission is one
 //! atomic compare-and-swap: no lock, no allocation. Only the queueing path takes a small mutex around the wait
 //! queue, and boxes the queued request's state (one allocation, freed when it leaves the queue), so that the
-//! response future every admitted request moves stays small; a released permit wakes the next waiter in O(1). A queued request whose future is dropped leaves the
-//! queue at once, and a slot handed to it just before passes on to the next waiter.
+//! response future every admitted request moves stays small; a released permit wakes the next waiter in O(1). A
+//! queued request whose future is dropped leaves the queue at once, and a slot handed to it just before passes on
+//! to the next waiter.
 //!
 //! # Example
 //!
