@@ -214,22 +214,21 @@ impl Core {
         // Counted among the window's completions by this add alone; only the rarer outcomes (ignored, dropped)
         // and timed samples are written anywhere else.
         self.released.fetch_add(1, Ordering::AcqRel);
+        let timed = tag != UNTIMED;
+        let latency = nanos(latency);
         match outcome {
             Outcome::Ignored => {
                 self.window.ignored();
                 return None;
             }
             Outcome::Dropped => self.window.dropped(),
-            Outcome::Success | Outcome::Failure if tag != UNTIMED => {
-                self.window.sample(nanos(latency))
-            }
+            Outcome::Success | Outcome::Failure if timed => self.window.sample(latency),
             Outcome::Success | Outcome::Failure => {}
         }
-        if tag == UNTIMED {
+        if !timed {
             // Without the time it cannot close a window.
             return None;
         }
-        let latency = nanos(latency);
         let now = tag.saturating_add(latency);
         if !self.window_due(now) {
             return None;
@@ -253,7 +252,7 @@ impl Core {
             return false;
         }
         let t = self.window.peek();
-        let completions = self.completions();
+        let (completions, _) = self.completions();
         let count = completions.saturating_sub(t.ignored);
         let samples = count.saturating_sub(t.dropped);
         // A window closed by a timed drop while thinned-out timing had no latency yet would report a mean of 0:
@@ -261,10 +260,11 @@ impl Core {
         count >= self.min_samples && (t.timed > 0 || samples == 0)
     }
 
-    /// Requests finished since the current window opened (every outcome).
-    fn completions(&self) -> u64 {
+    /// Requests finished since the current window opened (every outcome), and the released count that says so.
+    fn completions(&self) -> (u64, usize) {
         let released = self.released.load(Ordering::Acquire);
-        released.wrapping_sub(self.released_base.load(Ordering::Relaxed)) as u64
+        let since = released.wrapping_sub(self.released_base.load(Ordering::Relaxed));
+        (since as u64, released)
     }
 
     fn close_window(&self, updater: &mut Updater, now: u64) -> Option<usize> {
@@ -272,9 +272,9 @@ impl Core {
         // Completions first, then the stripes: a request finishing in between is counted in this window's
         // completions and, if it was dropped or ignored, in the next window's stripes; the next window's
         // completions start from this reading, so nothing is lost or counted twice overall.
-        let released = self.released.load(Ordering::Acquire);
-        let completions =
-            released.wrapping_sub(self.released_base.swap(released, Ordering::Relaxed)) as u64;
+        // Only the updater (we hold its lock) moves the base, so reading it and then storing is no race.
+        let (completions, released) = self.completions();
+        self.released_base.store(released, Ordering::Relaxed);
         let Totals {
             timed,
             ignored,
