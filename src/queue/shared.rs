@@ -319,10 +319,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         self.reserving
     }
 
-    /// Requests in flight now (admitted and not finished).
-    fn in_flight(&self) -> usize {
+    /// Slots taken and requests finished so far, in units of [`ONE`] (both wrap). `released` is read first, so
+    /// that a request finishing in between is counted in flight rather than lost.
+    fn slot_counts(&self) -> (u64, u64) {
         let released = self.slots.released.load(Ordering::SeqCst);
         let admitted = self.slots.admitted.load(Ordering::SeqCst) & !QUEUED;
+        (admitted, released)
+    }
+
+    /// Requests in flight now (admitted and not finished).
+    fn in_flight(&self) -> usize {
+        let (admitted, released) = self.slot_counts();
         (admitted.wrapping_sub(released) / ONE) as usize
     }
 
@@ -680,9 +687,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             (q.len, by)
         };
         let r = |i: usize| self.rejected[i].load(Ordering::Relaxed);
-        // `released` first, so that a request finishing in between is counted in flight rather than lost.
-        let released = self.slots.released.load(Ordering::SeqCst);
-        let admitted = self.slots.admitted.load(Ordering::SeqCst) & !QUEUED;
+        let (admitted, released) = self.slot_counts();
         QueueSnapshot {
             in_flight: (admitted.wrapping_sub(released) / ONE) as usize,
             limit: self.limit.limit(),
