@@ -4,9 +4,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
+use tower::util::BoxService;
 use tower::{service_fn, Layer, Service, ServiceExt};
-use tower_backpressure::adaptive::{AdaptiveConcurrencyLayer, Aimd, Gradient2, Knee, Vegas};
-use tower_backpressure::core::{error::Overloaded, BoxError, Event, LimitSource, Outcome};
+use tower_backpressure::adaptive::{
+    AdaptiveConcurrencyBuilder, AdaptiveConcurrencyLayer, AdaptiveHandle, Aimd, Gradient2, Knee,
+    Vegas,
+};
+use tower_backpressure::core::{
+    error::Overloaded, AnyOk, BoxError, ErrorMode, Event, LimitSource, Observer, Outcome,
+};
 use tower_test::mock;
 
 fn layer(limit: usize) -> AdaptiveConcurrencyLayer {
@@ -452,47 +458,27 @@ where
     }
 }
 
+/// A limiter of 10 000 with 10 ms windows from `builder`, over a service taking 20 ms of paused time.
+fn busy<O: Observer>(
+    builder: AdaptiveConcurrencyBuilder<AnyOk, ErrorMode, O>,
+) -> (AdaptiveHandle, BoxService<bool, (), BoxError>) {
+    let layer = builder
+        .initial_limit(10_000)
+        .max_limit(10_000)
+        .algorithm(Aimd::new())
+        .window(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|_: bool| async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok::<_, BoxError>(())
+    }));
+    (layer.handle(), BoxService::new(svc))
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_busy_limiter_times_a_sample_of_requests_and_still_measures_latency() {
-    let build = |observed: bool| {
-        let builder = AdaptiveConcurrencyLayer::builder()
-            .initial_limit(10_000)
-            .max_limit(10_000)
-            .algorithm(Aimd::new())
-            .window(Duration::from_millis(10));
-        let latencies = Arc::new(Mutex::new(0usize));
-        let seen = latencies.clone();
-        let layer = if observed {
-            let layer = builder
-                .observer(move |e: &Event| {
-                    if let Event::Completed { latency, .. } = e {
-                        assert_eq!(*latency, Duration::from_millis(20));
-                        *seen.lock().unwrap() += 1;
-                    }
-                })
-                .build()
-                .unwrap();
-            (
-                layer.handle(),
-                tower::util::BoxService::new(layer.layer(slow())),
-            )
-        } else {
-            let layer = builder.build().unwrap();
-            (
-                layer.handle(),
-                tower::util::BoxService::new(layer.layer(slow())),
-            )
-        };
-        (layer, latencies)
-    };
-    fn slow() -> impl Service<bool, Response = (), Error = BoxError, Future = impl Send> + Send {
-        service_fn(|_: bool| async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok::<_, BoxError>(())
-        })
-    }
-
-    let ((handle, mut svc), _) = build(false);
+    let (handle, mut svc) = busy(AdaptiveConcurrencyLayer::builder());
     // The first completion at 20 ms closes a window of one sample; the next window holds 5 000.
     burst(&mut svc, 5000).await;
     assert_eq!(handle.snapshot().timed_one_in, 1);
@@ -513,7 +499,16 @@ async fn a_busy_limiter_times_a_sample_of_requests_and_still_measures_latency() 
     assert_eq!(handle.snapshot().timed_one_in, 1);
 
     // With an observer, every request is timed and reported, however busy.
-    let ((handle, mut svc), seen) = build(true);
+    let seen = Arc::new(Mutex::new(0usize));
+    let counted = seen.clone();
+    let (handle, mut svc) = busy(
+        AdaptiveConcurrencyLayer::builder().observer(move |e: &Event| {
+            if let Event::Completed { latency, .. } = e {
+                assert_eq!(*latency, Duration::from_millis(20));
+                *counted.lock().unwrap() += 1;
+            }
+        }),
+    );
     for _ in 0..3 {
         burst(&mut svc, 5000).await;
     }
