@@ -125,6 +125,16 @@ impl CountWindow {
         if slow {
             slot |= SLOT_SLOW;
         }
+        if slot == SLOT_CALL {
+            // A window full of plain successes is left exactly as it is by one more: write nothing, not even the
+            // cursor. Which slot the next outcome lands in does not matter while all slots are alike, so the
+            // window still holds the last N outcomes, and a failure still leaves it N calls after it came. In a
+            // healthy steady state this makes recording a read of a line nobody writes.
+            let packed = self.packed.load(Ordering::Acquire);
+            if packed == self.slots.len() as u64 {
+                return self.decode(packed);
+            }
+        }
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len() as u64;
         let cell = &self.slots[index as usize];
         // A steady stream of one outcome finds its own value in the slot: leave it, and write nothing. (A writer N
@@ -296,6 +306,48 @@ mod tests {
         );
         w.clear();
         assert_eq!(w.counts(), Some(Counts::default()));
+    }
+
+    #[test]
+    fn a_full_window_of_successes_writes_nothing_and_still_slides() {
+        let n = 4;
+        let w = CountWindow::new(n);
+        for _ in 0..n {
+            w.record(false, false);
+        }
+        let cursor = w.next.load(Ordering::Relaxed);
+        for _ in 0..10 {
+            w.record(false, false);
+        }
+        assert_eq!(
+            w.next.load(Ordering::Relaxed),
+            cursor,
+            "a success into a full healthy window moves nothing"
+        );
+        // A failure is kept for exactly the n - 1 calls after it, and gone at the n-th.
+        w.record(true, false);
+        for i in 1..n {
+            w.record(false, false);
+            assert_eq!(
+                w.counts().map(|c| c.failures),
+                Some(1),
+                "after {i} successes"
+            );
+        }
+        w.record(false, false);
+        assert_eq!(
+            w.counts(),
+            Some(Counts {
+                calls: n as u64,
+                failures: 0,
+                slow: 0
+            })
+        );
+        // A window not yet full keeps counting successes.
+        let w = CountWindow::new(n);
+        w.record(false, false);
+        w.record(false, false);
+        assert_eq!(w.counts().map(|c| c.calls), Some(2));
     }
 
     #[test]
