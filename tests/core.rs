@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tower_backpressure::core::{
     error, grpc::code, retry_after_millis, retry_after_secs, AnyOk, Classify, ConfigError,
     Deadline, ErrorMode, Event, GrpcClassifier, GrpcMode, HttpMode, HttpStatus, Observer, Outcome,
-    Permit, Reason, RejectMode, Rejection, Release, ResponseFuture,
+    Permit, Reason, RejectMode, Rejection, Release, Releaser, ResponseFuture,
 };
 
 /// Records every release, so a test sees both the outcome and that there was exactly one.
@@ -40,7 +40,7 @@ impl Log {
 }
 
 fn permit(log: &Arc<Log>) -> Permit {
-    Permit::new(log.clone(), 0)
+    Permit::new(Releaser::new(log.clone()), 0)
 }
 
 fn poll_once<F: Future>(f: Pin<&mut F>) -> Poll<F::Output> {
@@ -92,7 +92,7 @@ fn permit_reports_latency_and_tag() {
         .unwrap();
     rt.block_on(async {
         let check = Arc::new(Check(Mutex::new(None)));
-        let p = Permit::new(check.clone(), 42);
+        let p = Permit::new(Releaser::new(check.clone()), 42);
         tokio::time::advance(Duration::from_millis(250)).await;
         p.complete(Outcome::Success);
         assert_eq!(

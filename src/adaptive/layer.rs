@@ -8,13 +8,14 @@ use super::algorithm::{Algorithm, Knee};
 use super::handle::AdaptiveHandle;
 use super::service::{AdaptiveConcurrency, NoBypass};
 use super::state::{Config, Core, Shared};
-use crate::core::{AnyOk, ConfigError, ErrorMode, Observer};
+use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Releaser};
 
 /// Applies an adaptive concurrency limit to a service. All services made by one layer share one limit.
 ///
 /// Build it with [`AdaptiveConcurrencyLayer::builder`].
 pub struct AdaptiveConcurrencyLayer<C = AnyOk, M = ErrorMode, O = (), B = NoBypass> {
     shared: Arc<Shared<O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
     bypass: B,
@@ -80,6 +81,7 @@ impl<S, C: Clone, M: Clone, O, B: Clone> Layer<S> for AdaptiveConcurrencyLayer<C
         AdaptiveConcurrency::new(
             inner,
             Arc::clone(&self.shared),
+            self.releaser.clone(),
             self.classify.clone(),
             self.mode.clone(),
             self.bypass.clone(),
@@ -91,6 +93,7 @@ impl<C: Clone, M: Clone, O, B: Clone> Clone for AdaptiveConcurrencyLayer<C, M, O
     fn clone(&self) -> Self {
         AdaptiveConcurrencyLayer {
             shared: Arc::clone(&self.shared),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),
@@ -251,11 +254,13 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
         if !crate::core::observer::is_noop::<O>() {
             core.time_every_request();
         }
+        let shared = Arc::new(Shared {
+            core,
+            observer: self.observer,
+        });
         Ok(AdaptiveConcurrencyLayer {
-            shared: Arc::new(Shared {
-                core,
-                observer: self.observer,
-            }),
+            releaser: Releaser::new(shared.clone()),
+            shared,
             classify: self.classify,
             mode: self.mode,
             bypass: self.bypass,

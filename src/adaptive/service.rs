@@ -8,7 +8,7 @@ use tower_service::Service;
 use super::state::{Shared, UNTIMED};
 use crate::core::{
     observer, AnyOk, Classify, ErrorMode, Event, Observer, Permit, Reason, RejectMode, Rejection,
-    ResponseFuture,
+    Releaser, ResponseFuture,
 };
 
 /// Decides which requests skip the limiter (health checks, metrics scrapes). Implemented by [`NoBypass`] and
@@ -46,16 +46,25 @@ where
 pub struct AdaptiveConcurrency<S, C = AnyOk, M = ErrorMode, O = (), B = NoBypass> {
     inner: S,
     shared: Arc<Shared<O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
     bypass: B,
 }
 
 impl<S, C, M, O, B> AdaptiveConcurrency<S, C, M, O, B> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared<O>>, classify: C, mode: M, bypass: B) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        shared: Arc<Shared<O>>,
+        releaser: Releaser,
+        classify: C,
+        mode: M,
+        bypass: B,
+    ) -> Self {
         AdaptiveConcurrency {
             inner,
             shared,
+            releaser,
             classify,
             mode,
             bypass,
@@ -83,10 +92,45 @@ impl<S: Clone, C: Clone, M: Clone, O, B: Clone> Clone for AdaptiveConcurrency<S,
         AdaptiveConcurrency {
             inner: self.inner.clone(),
             shared: Arc::clone(&self.shared),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),
         }
+    }
+}
+
+impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
+    /// Takes a permit, or `None` when the limit is reached.
+    #[inline]
+    fn admit(&self) -> Option<Permit> {
+        let core = &self.shared.core;
+        let (in_flight, number) = core.try_acquire()?;
+        self.shared.observer.on_event(&Event::Admitted {
+            layer: "adaptive",
+            in_flight,
+        });
+        // The tag is the admission instant (nanoseconds since the core's epoch), from which the release works out
+        // the latency; an untimed request reads no clock at all.
+        let tag = if observer::is_noop::<O>() && !core.timed(number) {
+            UNTIMED
+        } else {
+            core.tag(Instant::now())
+        };
+        Some(Permit::untimed(self.releaser.clone(), tag))
+    }
+
+    /// The answer to a request over the limit. Out of line: it keeps the admitted path's code small, and the
+    /// future it returns is written in place by the caller's return.
+    #[cold]
+    #[inline(never)]
+    fn rejected<F, Cl>(&self) -> ResponseFuture<F, Cl, M> {
+        self.shared.observer.on_event(&Event::Rejected {
+            layer: "adaptive",
+            reason: Reason::Overloaded,
+            retry_after: None,
+        });
+        ResponseFuture::rejected(Rejection::new(Reason::Overloaded), self.mode.clone())
     }
 }
 
@@ -110,34 +154,20 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if self.bypass.bypass(&request) {
-            let inner = self.inner.call(request);
-            return ResponseFuture::admitted(inner, None, self.classify.clone(), self.mode.clone());
-        }
-        let core = &self.shared.core;
-        let Some((in_flight, number)) = core.try_acquire() else {
-            self.shared.observer.on_event(&Event::Rejected {
-                layer: "adaptive",
-                reason: Reason::Overloaded,
-                retry_after: None,
-            });
-            return ResponseFuture::rejected(Rejection::new(Reason::Overloaded), self.mode.clone());
-        };
-        self.shared.observer.on_event(&Event::Admitted {
-            layer: "adaptive",
-            in_flight,
-        });
-        // Created before calling inner so that a panic inside `call` still releases it.
-        let permit = if observer::is_noop::<O>() && !core.timed(number) {
-            Permit::untimed(self.shared.clone(), UNTIMED)
+        let permit = if self.bypass.bypass(&request) {
+            None
         } else {
-            let now = Instant::now();
-            Permit::admitted_at(self.shared.clone(), core.tag(now), now)
+            match self.admit() {
+                Some(permit) => Some(permit),
+                None => return self.rejected(),
+            }
         };
-        let inner = self.inner.call(request);
+        // One construction for both admitted paths, with the inner call inside it: the inner future is then
+        // written straight into the returned one instead of being assembled on the stack and copied out.
+        // The permit exists before the inner call, so a panic inside `call` still releases it.
         ResponseFuture::admitted(
-            inner,
-            Some(permit),
+            self.inner.call(request),
+            permit,
             self.classify.clone(),
             self.mode.clone(),
         )

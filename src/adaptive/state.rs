@@ -331,7 +331,7 @@ impl Core {
 }
 
 /// The tag of a permit that was not timed: no admission instant, no latency.
-pub(crate) const UNTIMED: u64 = u64::MAX;
+pub(crate) const UNTIMED: u64 = crate::core::Permit::MAX_UNTIMED_TAG;
 
 /// Timed samples a window should hold before timing is thinned out; more add nothing to a window's mean.
 const TIMED_TARGET: u64 = 1024;
@@ -373,6 +373,13 @@ impl<O: Observer> Shared<O> {
 
 impl<O: Observer> Release for Shared<O> {
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
+        // Permits are untimed as far as `Permit` goes: a timed request's tag is its admission instant, exact to the
+        // nanosecond, and the latency is worked out here.
+        let latency = if tag == UNTIMED {
+            latency
+        } else {
+            Duration::from_nanos(self.core.tag(Instant::now()).saturating_sub(tag))
+        };
         let changed = self.core.record(outcome, latency, tag);
         if !observer::is_noop::<O>() {
             self.observer.on_event(&Event::Completed {

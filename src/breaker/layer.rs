@@ -7,7 +7,7 @@ use tower_layer::Layer;
 use super::state::{Config, Shared, MAX_PROBES};
 use super::window::{WindowKind, MAX_COUNT_WINDOW};
 use super::{CircuitBreaker, CircuitBreakerHandle};
-use crate::core::{AnyOk, ConfigError, ErrorMode, Observer};
+use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Releaser};
 
 const NAME: &str = "circuit breaker";
 
@@ -20,6 +20,7 @@ const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Built with [`CircuitBreakerLayer::builder`].
 pub struct CircuitBreakerLayer<C = AnyOk, M = ErrorMode, O = ()> {
     shared: Arc<Shared<O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
     readiness: bool,
@@ -29,6 +30,7 @@ impl<C: Clone, M: Clone, O> Clone for CircuitBreakerLayer<C, M, O> {
     fn clone(&self) -> Self {
         CircuitBreakerLayer {
             shared: self.shared.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             readiness: self.readiness,
@@ -96,6 +98,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for CircuitBreakerLayer<C, M, O> {
         CircuitBreaker::new(
             inner,
             self.shared.clone(),
+            self.releaser.clone(),
             self.classify.clone(),
             self.mode.clone(),
             self.readiness,
@@ -314,8 +317,10 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
         O: Observer,
     {
         let config = self.settings.validate()?;
+        let shared = Arc::new(Shared::new(config, self.observer));
         Ok(CircuitBreakerLayer {
-            shared: Arc::new(Shared::new(config, self.observer)),
+            releaser: Releaser::new(shared.clone()),
+            shared,
             classify: self.classify,
             mode: self.mode,
             readiness: self.settings.readiness,

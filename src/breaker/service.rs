@@ -8,7 +8,7 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::state::{Admit, Shared};
-use crate::core::{observer, Classify, Observer, Permit, RejectMode, Release, ResponseFuture};
+use crate::core::{observer, Classify, Observer, Permit, RejectMode, Releaser, ResponseFuture};
 
 /// A circuit breaker in front of a service; made by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
@@ -16,6 +16,7 @@ use crate::core::{observer, Classify, Observer, Permit, RejectMode, Release, Res
 pub struct CircuitBreaker<S, C = crate::core::AnyOk, M = crate::core::ErrorMode, O = ()> {
     inner: S,
     shared: Arc<Shared<O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
     readiness: bool,
@@ -27,6 +28,7 @@ impl<S, C, M, O> CircuitBreaker<S, C, M, O> {
     pub(crate) fn new(
         inner: S,
         shared: Arc<Shared<O>>,
+        releaser: Releaser,
         classify: C,
         mode: M,
         readiness: bool,
@@ -34,6 +36,7 @@ impl<S, C, M, O> CircuitBreaker<S, C, M, O> {
         CircuitBreaker {
             inner,
             shared,
+            releaser,
             classify,
             mode,
             readiness,
@@ -53,6 +56,7 @@ impl<S: Clone, C: Clone, M: Clone, O> Clone for CircuitBreaker<S, C, M, O> {
         CircuitBreaker::new(
             self.inner.clone(),
             self.shared.clone(),
+            self.releaser.clone(),
             self.classify.clone(),
             self.mode.clone(),
             self.readiness,
@@ -100,29 +104,26 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.shared.admit() {
-            Admit::Tag(tag) => {
-                let owner: Arc<dyn Release> = self.shared.clone();
-                // Latency is needed by the slow-call rule and by an observer, by nothing else.
-                let permit = if self.shared.config.slow_call.is_none() && observer::is_noop::<O>() {
-                    Permit::untimed(owner, tag)
-                } else {
-                    Permit::new(owner, tag)
-                };
-                ResponseFuture::admitted(
-                    self.inner.call(req),
-                    Some(permit),
-                    self.classify.clone(),
-                    self.mode.clone(),
-                )
+        let permit = match self.shared.admit() {
+            // Latency is needed by the slow-call rule and by an observer, by nothing else.
+            Admit::Tag(tag)
+                if self.shared.config.slow_call.is_none() && observer::is_noop::<O>() =>
+            {
+                Some(Permit::untimed(self.releaser.clone(), tag))
             }
-            Admit::Bypass => ResponseFuture::admitted(
-                self.inner.call(req),
-                None,
-                self.classify.clone(),
-                self.mode.clone(),
-            ),
-            Admit::Reject(rejection) => ResponseFuture::rejected(rejection, self.mode.clone()),
-        }
+            Admit::Tag(tag) => Some(Permit::new(self.releaser.clone(), tag)),
+            Admit::Bypass => None,
+            Admit::Reject(rejection) => {
+                return ResponseFuture::rejected(rejection, self.mode.clone())
+            }
+        };
+        // One construction for both admitted paths, with the inner call inside it, so the inner future is written
+        // straight into the returned one (see `AdaptiveConcurrency::call`).
+        ResponseFuture::admitted(
+            self.inner.call(req),
+            permit,
+            self.classify.clone(),
+            self.mode.clone(),
+        )
     }
 }

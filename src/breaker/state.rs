@@ -46,7 +46,9 @@ const UNTIL_SHIFT: u32 = GEN_SHIFT + GEN_BITS;
 
 /// A permit tag: the generation it was admitted in (only outcomes of the current generation count, so calls
 /// that straddle a transition are not counted in the next state) and whether it is a half-open probe.
-const PROBE_TAG: u64 = 1 << 63;
+const PROBE_TAG: u64 = 1 << GEN_BITS;
+// A timed permit keeps 24 bits of tag.
+const _: () = assert!(PROBE_TAG + GEN_MASK <= crate::core::Permit::MAX_TIMED_TAG);
 
 fn code(state: CircuitState) -> u64 {
     match state {

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -9,10 +9,66 @@ use super::Outcome;
 /// The owner of admitted requests: a layer's shared state.
 ///
 /// It is told exactly once per [`Permit`] that a request has finished, with the outcome, the latency from
-/// admission to the end of the response, and the tag the layer gave the permit.
+/// admission to the end of the response (to the microsecond; zero for an untimed permit), and the tag the layer
+/// gave the permit. Permits reach it through a [`Releaser`].
 pub trait Release: Send + Sync + 'static {
     /// Called once per permit, when the request it admitted is finished.
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64);
+}
+
+/// The handle a [`Permit`] keeps its owner alive and reachable through: built once per layer, cloned per request.
+///
+/// It is a thin pointer (one word) to the owner's `Arc<dyn Release>`, so that a permit, and every response future
+/// that holds one, stays two words smaller than a fat `Arc<dyn Release>` plus separate fields would make it.
+/// Building one allocates once; cloning it is one reference-count increment and never allocates.
+#[derive(Clone)]
+pub struct Releaser(Arc<Apart>);
+
+/// The owner, a cache line away from the reference count in front of it: every permit writes the count twice,
+/// from whichever threads admit and finish requests, while the owner is only read, so kept apart it stays in
+/// every core's cache instead of travelling with the count.
+#[repr(align(128))]
+struct Apart(Arc<dyn Release>);
+
+impl Releaser {
+    /// A handle on `owner`. Build it once (when the layer is built) and clone it for each permit: this call
+    /// allocates.
+    pub fn new(owner: Arc<dyn Release>) -> Self {
+        Releaser(Arc::new(Apart(owner)))
+    }
+}
+
+impl fmt::Debug for Releaser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Releaser").finish_non_exhaustive()
+    }
+}
+
+// A permit's word. Bit 63: timed. Bit 62: released already. A timed permit keeps its tag in bits 0..24 and its
+// admission instant in bits 24..62, as microseconds since `EPOCH` modulo 2^38 (about 3.2 days); an untimed one
+// keeps its tag in bits 0..62.
+const TIMED: u64 = 1 << 63;
+const DONE: u64 = 1 << 62;
+const TIME_SHIFT: u32 = 24;
+const TIME_BITS: u32 = 38;
+const TIME_MASK: u64 = (1 << TIME_BITS) - 1;
+
+const MAX_TIMED_TAG: u64 = (1 << TIME_SHIFT) - 1;
+const MAX_UNTIMED_TAG: u64 = DONE - 1;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// `t` as microseconds since `EPOCH`, rounded down, modulo 2^38. Differences of two stamps are exact modulo 2^38
+/// for whole microseconds, whichever side of the epoch either instant is on (paused test clocks of runtimes
+/// created at different moments can be).
+fn stamp(t: Instant) -> u64 {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let nanos = if t >= epoch {
+        (t - epoch).as_nanos() as i128
+    } else {
+        -((epoch - t).as_nanos() as i128)
+    };
+    (nanos.div_euclid(1_000) as u64) & TIME_MASK
 }
 
 /// An RAII guard for one admitted request.
@@ -26,68 +82,84 @@ pub trait Release: Send + Sync + 'static {
 /// | dropped without completing (caller went away, future or body dropped) | [`Outcome::Ignored`] |
 /// | dropped while the thread unwinds from a panic (inner service panicked) | [`Outcome::Failure`] |
 ///
-/// Creating a permit reads the clock once; finishing reads it once more. Neither allocates: the owner is an
-/// `Arc` the layer already holds.
+/// A timed permit reads the clock at admission and when it finishes, and reports the latency to the
+/// microsecond (modulo 2^38 µs, about 3.2 days: a request held longer reports the remainder). An untimed one
+/// reads no clock. Neither allocates: the owner is a [`Releaser`] the layer already holds. A permit is two words,
+/// and so is an `Option<Permit>`.
 pub struct Permit {
-    owner: Option<Arc<dyn Release>>,
-    /// `None` for an untimed permit.
-    admitted_at: Option<Instant>,
-    tag: u64,
+    owner: Releaser,
+    word: u64,
 }
 
 impl Permit {
+    /// The largest tag a timed permit keeps (24 bits).
+    pub const MAX_TIMED_TAG: u64 = MAX_TIMED_TAG;
+    /// The largest tag an untimed permit keeps (62 bits).
+    pub const MAX_UNTIMED_TAG: u64 = MAX_UNTIMED_TAG;
+
     /// Admits a request now on behalf of `owner`. `tag` is handed back to the owner on release (a probe flag, a
-    /// priority, a generation: whatever the layer needs to know about this request then).
-    pub fn new(owner: Arc<dyn Release>, tag: u64) -> Self {
+    /// priority, a generation: whatever the layer needs to know about this request then); a timed permit keeps
+    /// its low 24 bits ([`Permit::MAX_TIMED_TAG`]).
+    pub fn new(owner: Releaser, tag: u64) -> Self {
         Self::admitted_at(owner, tag, Instant::now())
     }
 
     /// Like [`Permit::new`] with an admission instant the caller already read.
-    pub fn admitted_at(owner: Arc<dyn Release>, tag: u64, admitted_at: Instant) -> Self {
+    pub fn admitted_at(owner: Releaser, tag: u64, admitted_at: Instant) -> Self {
+        debug_assert!(tag <= MAX_TIMED_TAG, "a timed permit's tag has 24 bits");
         Permit {
-            owner: Some(owner),
-            admitted_at: Some(admitted_at),
-            tag,
+            owner,
+            word: TIMED | (stamp(admitted_at) << TIME_SHIFT) | (tag & MAX_TIMED_TAG),
         }
     }
 
     /// Like [`Permit::new`] without reading the clock, for owners and observers that need no latency: neither
     /// creating nor finishing it reads the clock, and [`Release::release`] is told a latency of zero. A clock
     /// read costs from ~30 ns to ~100 ns depending on the machine, more than the rest of a lock-free admission.
+    /// The tag keeps its low 62 bits ([`Permit::MAX_UNTIMED_TAG`]).
     #[inline]
-    pub fn untimed(owner: Arc<dyn Release>, tag: u64) -> Self {
+    pub fn untimed(owner: Releaser, tag: u64) -> Self {
+        debug_assert!(
+            tag <= MAX_UNTIMED_TAG,
+            "an untimed permit's tag has 62 bits"
+        );
         Permit {
-            owner: Some(owner),
-            admitted_at: None,
-            tag,
+            owner,
+            word: tag & MAX_UNTIMED_TAG,
         }
     }
 
-    /// When the request was admitted (for an untimed permit, which never read the clock: now).
-    pub fn admission(&self) -> Instant {
-        self.admitted_at.unwrap_or_else(Instant::now)
+    /// How long ago the request was admitted (zero for an untimed permit, which never read the clock).
+    pub fn elapsed(&self) -> Duration {
+        if self.word & TIMED == 0 {
+            return Duration::ZERO;
+        }
+        let at = (self.word >> TIME_SHIFT) & TIME_MASK;
+        Duration::from_micros(stamp(Instant::now()).wrapping_sub(at) & TIME_MASK)
     }
 
     /// The tag given at admission.
     pub fn tag(&self) -> u64 {
-        self.tag
+        if self.word & TIMED == 0 {
+            self.word & MAX_UNTIMED_TAG
+        } else {
+            self.word & MAX_TIMED_TAG
+        }
     }
 
     /// Finishes the request with `outcome`.
     #[inline]
-    pub fn complete(self, outcome: Outcome) {
-        // Finished here, so `Drop` has nothing left to do: skip it. The owner is taken out by `finish`, and the
-        // other fields own nothing, so nothing leaks.
-        let mut this = std::mem::ManuallyDrop::new(self);
-        this.finish(outcome);
+    pub fn complete(mut self, outcome: Outcome) {
+        // `Drop` then finds it released and only lets go of the owner.
+        self.finish(outcome);
     }
 
     #[inline]
     fn finish(&mut self, outcome: Outcome) {
-        if let Some(owner) = self.owner.take() {
-            let latency = self.admitted_at.map_or(Duration::ZERO, |at| at.elapsed());
-            owner.release(outcome, latency, self.tag);
-        }
+        let latency = self.elapsed();
+        let tag = self.tag();
+        self.word |= DONE;
+        self.owner.0 .0.release(outcome, latency, tag);
     }
 }
 
@@ -95,7 +167,7 @@ impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
         // Completed already (the common case): nothing left to do.
-        if self.owner.is_none() {
+        if self.word & DONE != 0 {
             return;
         }
         // A panic in the inner service unwinds through the future holding us: that is the service's fault, not a
@@ -112,9 +184,53 @@ impl Drop for Permit {
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("active", &self.owner.is_some())
-            .field("admitted_at", &self.admitted_at)
-            .field("tag", &self.tag)
+            .field("active", &(self.word & DONE == 0))
+            .field("timed", &(self.word & TIMED != 0))
+            .field("tag", &self.tag())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permit_and_an_optional_one_are_two_words() {
+        assert_eq!(std::mem::size_of::<Permit>(), 16);
+        assert_eq!(std::mem::size_of::<Option<Permit>>(), 16);
+    }
+
+    #[test]
+    fn stamps_differ_by_the_exact_whole_microseconds_on_either_side_of_the_epoch() {
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        for offset_ns in [0u64, 1, 999, 1_000, 1_500, 123_456_789] {
+            for lat_us in [0u64, 1, 7, 1_000_000] {
+                let lat = Duration::from_micros(lat_us);
+                let off = Duration::from_nanos(offset_ns);
+                for t in [epoch + off, epoch.checked_sub(off).unwrap_or(epoch)] {
+                    let d = stamp(t + lat).wrapping_sub(stamp(t)) & TIME_MASK;
+                    assert_eq!(d, lat_us, "t {t:?}, latency {lat:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tags_keep_their_width() {
+        struct Nobody;
+        impl Release for Nobody {
+            fn release(&self, _: Outcome, _: Duration, _: u64) {}
+        }
+        let owner = Releaser::new(Arc::new(Nobody));
+        assert_eq!(
+            Permit::untimed(owner.clone(), MAX_UNTIMED_TAG).tag(),
+            MAX_UNTIMED_TAG
+        );
+        assert_eq!(
+            Permit::new(owner.clone(), MAX_TIMED_TAG).tag(),
+            MAX_TIMED_TAG
+        );
+        assert_eq!(Permit::untimed(owner, 0).elapsed(), Duration::ZERO);
     }
 }

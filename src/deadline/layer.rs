@@ -11,7 +11,7 @@ use tower_layer::Layer;
 use super::codec::TIMEOUT_MS_HEADER;
 use super::service::{DeadlineService, PropagateDeadline};
 use super::shared::{DeadlineHandle, Shared};
-use crate::core::{AnyOk, ConfigError, ErrorMode, Observer};
+use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Releaser};
 
 /// The default safety margin [`PropagateDeadlineLayer`] takes off a budget before passing it on.
 pub const DEFAULT_MARGIN: Duration = Duration::from_millis(5);
@@ -64,6 +64,7 @@ fn header_name(
 /// See the [module docs](super) for the semantics. Built with [`DeadlineLayer::builder`].
 pub struct DeadlineLayer<C = AnyOk, M = ErrorMode, O = ()> {
     shared: Arc<Shared<ServerConfig, O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
 }
@@ -98,6 +99,7 @@ impl<C: Clone, M: Clone, O> Clone for DeadlineLayer<C, M, O> {
     fn clone(&self) -> Self {
         DeadlineLayer {
             shared: self.shared.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
         }
@@ -119,6 +121,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for DeadlineLayer<C, M, O> {
         DeadlineService::new(
             inner,
             self.shared.clone(),
+            self.releaser.clone(),
             self.classify.clone(),
             self.mode.clone(),
         )
@@ -272,8 +275,10 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
             timeout_header: header_name(LAYER, c.timeout_header)?,
             strict: c.strict,
         };
+        let shared = Arc::new(Shared::new(LAYER, config, self.observer));
         Ok(DeadlineLayer {
-            shared: Arc::new(Shared::new(LAYER, config, self.observer)),
+            releaser: Releaser::new(shared.clone()),
+            shared,
             classify: self.classify,
             mode: self.mode,
         })
@@ -286,6 +291,7 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
 /// See the [module docs](super) for the semantics. Built with [`PropagateDeadlineLayer::builder`].
 pub struct PropagateDeadlineLayer<C = AnyOk, M = ErrorMode, O = ()> {
     shared: Arc<Shared<ClientConfig, O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
 }
@@ -318,6 +324,7 @@ impl<C: Clone, M: Clone, O> Clone for PropagateDeadlineLayer<C, M, O> {
     fn clone(&self) -> Self {
         PropagateDeadlineLayer {
             shared: self.shared.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
         }
@@ -339,6 +346,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for PropagateDeadlineLayer<C, M, O> {
         PropagateDeadline::new(
             inner,
             self.shared.clone(),
+            self.releaser.clone(),
             self.classify.clone(),
             self.mode.clone(),
         )
@@ -457,8 +465,10 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
             write_grpc_timeout: c.write_grpc_timeout,
             timeout_header: header_name(LAYER, c.timeout_header)?,
         };
+        let shared = Arc::new(Shared::new(LAYER, config, self.observer));
         Ok(PropagateDeadlineLayer {
-            shared: Arc::new(Shared::new(LAYER, config, self.observer)),
+            releaser: Releaser::new(shared.clone()),
+            shared,
             classify: self.classify,
             mode: self.mode,
         })

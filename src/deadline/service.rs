@@ -17,7 +17,7 @@ use super::future::{PropagateFuture, ResponseFuture};
 use super::layer::{ClientConfig, ServerConfig};
 use super::mode::RejectInvalid;
 use super::shared::Shared;
-use crate::core::{Classify, Deadline, Observer, RejectMode};
+use crate::core::{Classify, Deadline, Observer, RejectMode, Releaser};
 
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
 
@@ -25,6 +25,7 @@ static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
 pub struct DeadlineService<S, C, M, O> {
     inner: S,
     shared: Arc<Shared<ServerConfig, O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
 }
@@ -33,12 +34,14 @@ impl<S, C, M, O> DeadlineService<S, C, M, O> {
     pub(super) fn new(
         inner: S,
         shared: Arc<Shared<ServerConfig, O>>,
+        releaser: Releaser,
         classify: C,
         mode: M,
     ) -> Self {
         DeadlineService {
             inner,
             shared,
+            releaser,
             classify,
             mode,
         }
@@ -55,6 +58,7 @@ impl<S: Clone, C: Clone, M: Clone, O> Clone for DeadlineService<S, C, M, O> {
         DeadlineService {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
         }
@@ -177,7 +181,7 @@ where
             }
         }
         self.shared.admitted();
-        let permit = self.shared.permit(now);
+        let permit = self.shared.permit(&self.releaser, now);
         // `deadline` already takes the task-local one into account: no second look-up.
         let inner = deadline.scope_earliest(self.inner.call(request));
         ResponseFuture::running(
@@ -194,6 +198,7 @@ where
 pub struct PropagateDeadline<S, C, M, O> {
     inner: S,
     shared: Arc<Shared<ClientConfig, O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
 }
@@ -202,12 +207,14 @@ impl<S, C, M, O> PropagateDeadline<S, C, M, O> {
     pub(super) fn new(
         inner: S,
         shared: Arc<Shared<ClientConfig, O>>,
+        releaser: Releaser,
         classify: C,
         mode: M,
     ) -> Self {
         PropagateDeadline {
             inner,
             shared,
+            releaser,
             classify,
             mode,
         }
@@ -224,6 +231,7 @@ impl<S: Clone, C: Clone, M: Clone, O> Clone for PropagateDeadline<S, C, M, O> {
         PropagateDeadline {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
         }
@@ -316,7 +324,7 @@ where
         // Layers below (breaker, limiter) may shed a request that cannot finish in time.
         request.extensions_mut().insert(deadline);
         self.shared.admitted();
-        let permit = self.shared.permit(now);
+        let permit = self.shared.permit(&self.releaser, now);
         let inner = deadline.scope(self.inner.call(request));
         PropagateFuture::running(
             inner,

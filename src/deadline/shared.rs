@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::core::observer::is_noop;
 use crate::core::stripe::Counter;
-use crate::core::{Event, Observer, Outcome, Permit, Reason, Release};
+use crate::core::{Event, Observer, Outcome, Permit, Reason, Release, Releaser};
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -80,11 +80,11 @@ impl<K, O: Observer> Shared<K, O> {
 
 impl<K: Send + Sync + 'static, O: Observer> Shared<K, O> {
     /// The permit of an admitted request: timed only when the observer will see the latency.
-    pub(super) fn permit(self: &Arc<Self>, now: Instant) -> Permit {
+    pub(super) fn permit(&self, releaser: &Releaser, now: Instant) -> Permit {
         if self.timed {
-            Permit::admitted_at(self.clone(), 0, now)
+            Permit::admitted_at(releaser.clone(), 0, now)
         } else {
-            Permit::untimed(self.clone(), 0)
+            Permit::untimed(releaser.clone(), 0)
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use crate::core::stripe::Counter;
-use crate::core::{AnyOk, ConfigError, ErrorMode, Observer};
+use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Releaser};
 
 use super::service::{State, LAYER};
 use super::{Pressure, RuntimeMonitor};
@@ -17,6 +17,7 @@ use super::{Pressure, RuntimeMonitor};
 /// Every service made by one layer shares its counters (and all read the same monitor).
 pub struct PressureLayer<C = AnyOk, M = ErrorMode, O = (), B = ()> {
     state: Arc<State<O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
     bypass: B,
@@ -279,16 +280,18 @@ impl<C, M, O, B> PressureLayerBuilder<C, M, O, B> {
                 "has no threshold (max_lag, max_alive_tasks or max_probe), so the layer would never shed",
             ));
         }
+        let state = Arc::new(State {
+            monitor: self.monitor,
+            retry_after: (!self.retry_after.is_zero()).then_some(self.retry_after),
+            observer: self.observer,
+            in_flight: Counter::default(),
+            admitted: Counter::default(),
+            rejected: AtomicU64::new(0),
+            bypassed: AtomicU64::new(0),
+        });
         Ok(PressureLayer {
-            state: Arc::new(State {
-                monitor: self.monitor,
-                retry_after: (!self.retry_after.is_zero()).then_some(self.retry_after),
-                observer: self.observer,
-                in_flight: Counter::default(),
-                admitted: Counter::default(),
-                rejected: AtomicU64::new(0),
-                bypassed: AtomicU64::new(0),
-            }),
+            releaser: Releaser::new(state.clone()),
+            state,
             classify: self.classify,
             mode: self.mode,
             bypass: self.bypass,
@@ -303,6 +306,7 @@ impl<S, C: Clone, M: Clone, O, B: Clone> Layer<S> for PressureLayer<C, M, O, B> 
         Pressure::new(
             inner,
             self.state.clone(),
+            self.releaser.clone(),
             self.classify.clone(),
             self.mode.clone(),
             self.bypass.clone(),
@@ -314,6 +318,7 @@ impl<C: Clone, M: Clone, O, B: Clone> Clone for PressureLayer<C, M, O, B> {
     fn clone(&self) -> Self {
         PressureLayer {
             state: self.state.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),

@@ -10,7 +10,7 @@ use crate::core::observer::{self, is_noop};
 use crate::core::stripe::Counter;
 use crate::core::{
     AnyOk, Classify, ErrorMode, Event, Observer, Outcome, Permit, Reason, RejectMode, Rejection,
-    Release, ResponseFuture,
+    Release, Releaser, ResponseFuture,
 };
 
 use super::RuntimeMonitor;
@@ -49,6 +49,7 @@ where
 pub struct Pressure<S, C = AnyOk, M = ErrorMode, O = (), B = ()> {
     inner: S,
     state: Arc<State<O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
     bypass: B,
@@ -74,10 +75,18 @@ impl<O: Observer> Release for State<O> {
 }
 
 impl<S, C, M, O, B> Pressure<S, C, M, O, B> {
-    pub(crate) fn new(inner: S, state: Arc<State<O>>, classify: C, mode: M, bypass: B) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        state: Arc<State<O>>,
+        releaser: Releaser,
+        classify: C,
+        mode: M,
+        bypass: B,
+    ) -> Self {
         Pressure {
             inner,
             state,
+            releaser,
             classify,
             mode,
             bypass,
@@ -138,10 +147,10 @@ where
         state.admitted.add(1);
         // In-flight and latency are only ever seen by the observer: `()` needs neither the sum nor a clock read.
         let permit = if is_noop::<O>() {
-            Permit::untimed(self.state.clone(), 0)
+            Permit::untimed(self.releaser.clone(), 0)
         } else {
             observer::admitted(&state.observer, LAYER, &state.in_flight);
-            Permit::new(self.state.clone(), 0)
+            Permit::new(self.releaser.clone(), 0)
         };
         ResponseFuture::admitted(
             self.inner.call(request),
@@ -157,6 +166,7 @@ impl<S: Clone, C: Clone, M: Clone, O, B: Clone> Clone for Pressure<S, C, M, O, B
         Pressure {
             inner: self.inner.clone(),
             state: self.state.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),

@@ -8,7 +8,7 @@ use tower::{service_fn, Layer, ServiceExt};
 
 use super::monitor::{Evaluator, Sample};
 use super::*;
-use crate::core::{error, BoxError, Classify, Event, Outcome, Permit, Release};
+use crate::core::{error, BoxError, Classify, Event, Outcome, Permit, Release, Releaser};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -279,7 +279,7 @@ async fn lag_aware_turns_outcomes_during_lag_into_drops() {
     let log = Arc::new(Outcomes::default());
     let classify = LagAware::new(crate::core::AnyOk, &monitor);
     let finish = |result: Result<u32, &'static str>| {
-        classify.finish(result, Some(Permit::new(log.clone(), 0)))
+        classify.finish(result, Some(Permit::new(Releaser::new(log.clone()), 0)))
     };
 
     assert_eq!(finish(Ok(1)), Ok(1));
@@ -319,7 +319,11 @@ async fn pressure_is_lag_aware_only_for_lag() {
     );
     let log = Arc::new(Outcomes::default());
     let classify = LagAware::new(crate::core::AnyOk, &monitor);
-    let _ = Classify::<u8, ()>::finish(&classify, Ok(1), Some(Permit::new(log.clone(), 0)));
+    let _ = Classify::<u8, ()>::finish(
+        &classify,
+        Ok(1),
+        Some(Permit::new(Releaser::new(log.clone()), 0)),
+    );
     assert_eq!(*log.0.lock().unwrap(), [Outcome::Success]);
 }
 

@@ -11,19 +11,19 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::shared::WaitSlot;
-use crate::core::{Classify, Permit, RejectMode, Rejection, Release};
+use crate::core::{Classify, Permit, RejectMode, Rejection, Releaser};
 
 /// A queued request's place. Dropping it before the answer was collected gives the place (or a slot already
 /// handed to it) back, so a cancelled waiter can neither leak capacity nor swallow a wake-up.
 pub(crate) struct Waiter {
     queue: Arc<dyn WaitSlot>,
-    owner: Arc<dyn Release>,
+    owner: Releaser,
     index: usize,
     done: bool,
 }
 
 impl Waiter {
-    pub(crate) fn new(queue: Arc<dyn WaitSlot>, owner: Arc<dyn Release>, index: usize) -> Self {
+    pub(crate) fn new(queue: Arc<dyn WaitSlot>, owner: Releaser, index: usize) -> Self {
         Waiter {
             queue,
             owner,

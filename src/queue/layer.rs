@@ -6,7 +6,7 @@ use tower_layer::Layer;
 
 use super::shared::{Config, Shared};
 use super::{Queue, QueueHandle, Uniform};
-use crate::core::{AnyOk, ConfigError, ErrorMode, LimitSource, Observer};
+use crate::core::{AnyOk, ConfigError, ErrorMode, LimitSource, Observer, Releaser};
 
 const NAME: &str = "queue";
 
@@ -15,6 +15,7 @@ const NAME: &str = "queue";
 /// Every service this layer builds shares the one limit and queue of the layer.
 pub struct QueueLayer<L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
     shared: Arc<Shared<L, O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
     prioritize: P,
@@ -57,6 +58,7 @@ impl<S, L, C: Clone, M: Clone, O, P: Clone> Layer<S> for QueueLayer<L, C, M, O, 
         Queue::new(
             inner,
             self.shared.clone(),
+            self.releaser.clone(),
             self.classify.clone(),
             self.mode.clone(),
             self.prioritize.clone(),
@@ -68,6 +70,7 @@ impl<L, C: Clone, M: Clone, O, P: Clone> Clone for QueueLayer<L, C, M, O, P> {
     fn clone(&self) -> Self {
         QueueLayer {
             shared: self.shared.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             prioritize: self.prioritize.clone(),
@@ -354,8 +357,10 @@ impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
             lifo: s.lifo,
             critical_reserve: s.critical_reserve,
         };
+        let shared = Arc::new(Shared::new(limit, self.observer, config));
         Ok(QueueLayer {
-            shared: Arc::new(Shared::new(limit, self.observer, config)),
+            releaser: Releaser::new(shared.clone()),
+            shared,
             classify: self.classify,
             mode: self.mode,
             prioritize: self.prioritize,

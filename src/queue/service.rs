@@ -7,7 +7,9 @@ use tower_service::Service;
 use super::future::{ResponseFuture, Waiter};
 use super::shared::{NotNow, Shared};
 use super::{Prioritize, QueueHandle, Uniform};
-use crate::core::{AnyOk, Classify, ErrorMode, LimitSource, Observer, RejectMode, Rejection};
+use crate::core::{
+    AnyOk, Classify, ErrorMode, LimitSource, Observer, RejectMode, Rejection, Releaser,
+};
 
 /// The queue-depth shedder around a service `S`; built by [`QueueLayer`](super::QueueLayer).
 ///
@@ -17,6 +19,7 @@ use crate::core::{AnyOk, Classify, ErrorMode, LimitSource, Observer, RejectMode,
 pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
     inner: S,
     shared: Arc<Shared<L, O>>,
+    releaser: Releaser,
     classify: C,
     mode: M,
     prioritize: P,
@@ -26,6 +29,7 @@ impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
     pub(crate) fn new(
         inner: S,
         shared: Arc<Shared<L, O>>,
+        releaser: Releaser,
         classify: C,
         mode: M,
         prioritize: P,
@@ -33,6 +37,7 @@ impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
         Queue {
             inner,
             shared,
+            releaser,
             classify,
             mode,
             prioritize,
@@ -59,6 +64,7 @@ impl<S: Clone, L, C: Clone, M: Clone, O, P: Clone> Clone for Queue<S, L, C, M, O
         Queue {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             prioritize: self.prioritize.clone(),
@@ -97,7 +103,7 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let priority = self.prioritize.priority(&request);
         let deadline = self.prioritize.deadline(&request);
-        match self.shared.admit(priority, deadline) {
+        match self.shared.admit(&self.releaser, priority, deadline) {
             Ok(permit) => ResponseFuture::called(crate::core::ResponseFuture::admitted(
                 self.inner.call(request),
                 Some(permit),
@@ -131,7 +137,7 @@ where
             NotNow::Queued { index, wake_at } => {
                 // The waiter owns the queue node from here on: if cloning the service below panics, dropping it
                 // gives the place (or a slot just handed to it) back.
-                let waiter = Waiter::new(self.shared.clone(), self.shared.clone(), index);
+                let waiter = Waiter::new(self.shared.clone(), self.releaser.clone(), index);
                 // The service we polled ready goes with the request; a fresh clone stays for the next one.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);

@@ -1,7 +1,7 @@
 //! The state one queue layer shares across its services: the in-flight count, the wait queue and the counters.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -10,7 +10,9 @@ use tokio::time::Instant;
 use super::priority::Priority;
 use super::QueueSnapshot;
 use crate::core::observer::is_noop;
-use crate::core::{Deadline, Event, LimitSource, Observer, Outcome, Permit, Reason, Release};
+use crate::core::{
+    Deadline, Event, LimitSource, Observer, Outcome, Permit, Reason, Release, Releaser,
+};
 
 const LAYER: &str = "queue";
 const NIL: usize = usize::MAX;
@@ -397,11 +399,8 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         self.tag(level)
     }
 
-    fn permit(self: &Arc<Self>, level: usize, now: Option<Instant>) -> Permit {
-        self.permit_with(self.clone(), level, now)
-    }
-
-    fn permit_with(&self, owner: Arc<Self>, level: usize, now: Option<Instant>) -> Permit {
+    fn permit(&self, owner: &Releaser, level: usize, now: Option<Instant>) -> Permit {
+        let owner = owner.clone();
         let tag = self.note_admitted(level);
         match now {
             Some(now) => Permit::admitted_at(owner, tag, now),
@@ -442,7 +441,8 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     /// Decides a request's fate in `call`.
     #[inline]
     pub(crate) fn admit(
-        self: &Arc<Self>,
+        &self,
+        releaser: &Releaser,
         priority: Priority,
         deadline: Option<Deadline>,
     ) -> Result<Permit, NotNow> {
@@ -456,20 +456,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         }
         // Fast path: nobody waits (checked by the compare-and-swap that takes the slot), so taking a free slot
         // cannot jump the queue.
-        // The permit's `Arc` is cloned first: its count shares a cache line with the slot counters, so under
-        // contention the clone fetches that line for writing once, and the compare-and-swap below finds it here.
-        let owner = self.clone();
         if self.try_acquire(level, false) {
-            return Ok(self.permit_with(owner, level, None));
+            return Ok(self.permit(releaser, level, None));
         }
-        drop(owner);
-        self.admit_slow(level, deadline)
+        self.admit_slow(releaser, level, deadline)
     }
 
     #[cold]
     #[inline(never)]
     fn admit_slow(
-        self: &Arc<Self>,
+        &self,
+        releaser: &Releaser,
         level: usize,
         deadline: Option<Deadline>,
     ) -> Result<Permit, NotNow> {
@@ -478,7 +475,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         self.drain(&mut q, now);
         if q.len == 0 && self.try_acquire(level, false) {
             drop(q);
-            return Ok(self.permit(level, Some(now)));
+            return Ok(self.permit(releaser, level, Some(now)));
         }
         if self.config.max_depth == 0 {
             drop(q);
