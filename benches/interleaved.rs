@@ -16,7 +16,7 @@ use tower::Service;
 
 mod support;
 
-use support::{name, one, stacks, Req, Visit};
+use support::{name, on_two_threads, one, stacks, Req, Visit};
 
 const ROUNDS: usize = 60;
 const BATCH: u64 = 2_000;
@@ -24,17 +24,6 @@ const BATCH: u64 = 2_000;
 const CONTENTION_BATCH: u64 = 20_000;
 
 type Runner = Box<dyn FnMut(&Runtime, u64) -> Duration>;
-
-async fn drive<S: Service<Req>>(mut svc: S, n: u64) {
-    for _ in 0..n {
-        one(black_box(&mut svc)).await;
-    }
-}
-
-async fn together<S: Service<Req>>(barrier: std::sync::Arc<tokio::sync::Barrier>, svc: S, n: u64) {
-    barrier.wait().await;
-    drive(svc, n).await;
-}
 
 struct Single(Vec<(&'static str, Runner)>);
 
@@ -69,21 +58,7 @@ impl Visit for Contention {
     {
         self.0.push((
             name,
-            Box::new(move |rt: &Runtime, n: u64| {
-                let (a, b) = (svc.clone(), svc.clone());
-                rt.block_on(async move {
-                    // Both tasks wait for each other before starting, so that they run side by side for the
-                    // whole batch (without it, one task could finish much of its share before the other worker
-                    // woke up, and the figure would be partly single-threaded).
-                    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
-                    let start = Instant::now();
-                    let ta = tokio::spawn(together(barrier.clone(), a, n / 2));
-                    let tb = tokio::spawn(together(barrier, b, n - n / 2));
-                    ta.await.expect("task a");
-                    tb.await.expect("task b");
-                    start.elapsed()
-                })
-            }),
+            Box::new(move |_: &Runtime, n: u64| on_two_threads(&svc, n)),
         ));
     }
 }
@@ -123,11 +98,6 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let multi = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
 
     let single = {
         let _guard = current.enter();
@@ -136,10 +106,11 @@ fn main() {
         fastest(&current, &mut runners.0, BATCH)
     };
     let contention = {
-        let _guard = multi.enter();
+        // Built in a runtime's context (some layers want one); each batch runs on two threads of its own.
+        let _guard = current.enter();
         let mut runners = Contention(Vec::new());
         stacks(&mut runners);
-        fastest(&multi, &mut runners.0, CONTENTION_BATCH)
+        fastest(&current, &mut runners.0, CONTENTION_BATCH)
     };
 
     let bare = find(&single, name::BARE).unwrap_or(0.0);

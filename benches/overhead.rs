@@ -3,8 +3,8 @@
 //! Run with: `cargo bench --all-features --bench overhead` (docs/PERFORMANCE.md explains the tables).
 //!
 //! - `single/*`: one task on a current-thread runtime; one iteration = `ready().await` + `call(req).await`.
-//! - `contention/*`: two tasks on a two-worker multi-thread runtime sharing one cloned service; the figure to read
-//!   is the throughput (requests per second across both tasks).
+//! - `contention/*`: two OS threads, each driving one task on its own current-thread runtime, sharing one cloned
+//!   service; the figure to read is the throughput (requests per second across both threads).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,7 +15,7 @@ use tower::Service;
 
 mod support;
 
-use support::{one, stacks, Req, Visit};
+use support::{on_two_threads, one, stacks, Req, Visit};
 
 struct Single<'a, 'c> {
     group: &'a mut BenchmarkGroup<'c, WallTime>,
@@ -45,16 +45,6 @@ impl Visit for Single<'_, '_> {
 
 struct Contention<'a, 'c> {
     group: &'a mut BenchmarkGroup<'c, WallTime>,
-    rt: &'a tokio::runtime::Runtime,
-}
-
-async fn drive<S>(mut svc: S, n: u64)
-where
-    S: Service<Req>,
-{
-    for _ in 0..n {
-        one(black_box(&mut svc)).await;
-    }
 }
 
 impl Visit for Contention<'_, '_> {
@@ -63,24 +53,10 @@ impl Visit for Contention<'_, '_> {
         S: Service<Req> + Clone + Send + 'static,
         S::Future: Send + 'static,
     {
-        let rt = self.rt;
-        self.group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                // Both tasks start from clones of one service, so they share its state (limit, counters,
-                // breaker window) the way connections of one server do.
-                let first = iters / 2;
-                let a = svc.clone();
-                let b = svc.clone();
-                rt.block_on(async move {
-                    let start = Instant::now();
-                    let ta = tokio::spawn(drive(a, first));
-                    let tb = tokio::spawn(drive(b, iters - first));
-                    ta.await.expect("task a");
-                    tb.await.expect("task b");
-                    start.elapsed()
-                })
-            })
-        });
+        // Both threads drive clones of one service, so they share its state (limit, counters, breaker window)
+        // the way connections of one server do.
+        self.group
+            .bench_function(name, |b| b.iter_custom(|iters| on_two_threads(&svc, iters)));
     }
 }
 
@@ -108,18 +84,15 @@ fn single(c: &mut Criterion) {
 }
 
 fn contention(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // The stacks are built in this runtime's context; each sample runs on two threads of its own.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let _guard = rt.enter();
     let mut group = configure(c, "contention");
     group.throughput(Throughput::Elements(1));
-    stacks(&mut Contention {
-        group: &mut group,
-        rt: &rt,
-    });
+    stacks(&mut Contention { group: &mut group });
     group.finish();
 }
 

@@ -101,6 +101,46 @@ where
     );
 }
 
+/// Sends `n` requests through `svc`, one after another.
+pub(crate) async fn drive<S: Service<Req>>(mut svc: S, n: u64) {
+    for _ in 0..n {
+        one(std::hint::black_box(&mut svc)).await;
+    }
+}
+
+/// Sends `n` requests through clones of `svc` from two OS threads at once, each driving its half on its own
+/// current-thread runtime, and returns the time from the first thread's start to the last one's end.
+///
+/// Two threads rather than two tasks on a two-worker tokio runtime: there, the task that completes a start
+/// barrier wakes the other into its own worker's LIFO slot, which the idle worker cannot steal from, and the
+/// tasks' loops never yield, so the two halves ran one after the other and the "contention" figure was a
+/// single-thread one. The threads time themselves, because on two cores the spawning thread may not run again
+/// until both are done.
+pub(crate) fn on_two_threads<S>(svc: &S, n: u64) -> std::time::Duration
+where
+    S: Service<Req> + Clone + Send + 'static,
+{
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let run = |svc: S, n: u64| {
+        let barrier = barrier.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            barrier.wait();
+            let start = std::time::Instant::now();
+            rt.block_on(drive(svc, n));
+            (start, std::time::Instant::now())
+        })
+    };
+    let a = run(svc.clone(), n / 2);
+    let b = run(svc.clone(), n - n / 2);
+    let (start_a, end_a) = a.join().expect("thread a");
+    let (start_b, end_b) = b.join().expect("thread b");
+    end_a.max(end_b) - start_a.min(start_b)
+}
+
 /// Receives every stack in turn. The visitor decides how to measure it.
 pub(crate) trait Visit {
     fn stack<S>(&mut self, name: &'static str, svc: S)
