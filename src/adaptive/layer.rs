@@ -8,7 +8,7 @@ use super::algorithm::{Algorithm, Knee};
 use super::handle::AdaptiveHandle;
 use super::service::{AdaptiveConcurrency, NoBypass};
 use super::state::{Config, Core, Shared};
-use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, LocalReleaser, Observer, Releaser};
 
 /// Applies an adaptive concurrency limit to a service. All services made by one layer share one limit.
 ///
@@ -81,7 +81,7 @@ impl<S, C: Clone, M: Clone, O, B: Clone> Layer<S> for AdaptiveConcurrencyLayer<C
         AdaptiveConcurrency::new(
             inner,
             Arc::clone(&self.shared),
-            self.releaser.clone(),
+            LocalReleaser::new(self.releaser.clone()),
             self.classify.clone(),
             self.mode.clone(),
             self.bypass.clone(),

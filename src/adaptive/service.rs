@@ -7,8 +7,8 @@ use tower_service::Service;
 
 use super::state::{Shared, UNTIMED};
 use crate::core::{
-    observer, AnyOk, Classify, ErrorMode, Event, Observer, Permit, Reason, RejectMode, Rejection,
-    Releaser, ResponseFuture,
+    observer, AnyOk, Classify, ErrorMode, Event, LocalReleaser, Observer, Permit, Reason,
+    RejectMode, Rejection, ResponseFuture,
 };
 
 /// Decides which requests skip the limiter (health checks, metrics scrapes). Implemented by [`NoBypass`] and
@@ -46,7 +46,7 @@ where
 pub struct AdaptiveConcurrency<S, C = AnyOk, M = ErrorMode, O = (), B = NoBypass> {
     inner: S,
     shared: Arc<Shared<O>>,
-    releaser: Releaser,
+    releaser: LocalReleaser,
     classify: C,
     mode: M,
     bypass: B,
@@ -56,7 +56,7 @@ impl<S, C, M, O, B> AdaptiveConcurrency<S, C, M, O, B> {
     pub(crate) fn new(
         inner: S,
         shared: Arc<Shared<O>>,
-        releaser: Releaser,
+        releaser: LocalReleaser,
         classify: C,
         mode: M,
         bypass: B,
@@ -103,7 +103,7 @@ impl<S: Clone, C: Clone, M: Clone, O, B: Clone> Clone for AdaptiveConcurrency<S,
 impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
     /// Takes a permit, or `None` when the limit is reached.
     #[inline]
-    fn admit(&self) -> Option<Permit> {
+    fn admit(&mut self) -> Option<Permit> {
         let core = &self.shared.core;
         let (in_flight, number) = core.try_acquire()?;
         self.shared.observer.on_event(&Event::Admitted {
@@ -117,7 +117,7 @@ impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
         } else {
             core.tag(Instant::now())
         };
-        Some(Permit::untimed(self.releaser.clone(), tag))
+        Some(Permit::untimed(self.releaser.next().clone(), tag))
     }
 
     /// The answer to a request over the limit. Out of line: it keeps the admitted path's code small, and the

@@ -7,7 +7,7 @@ use tower_layer::Layer;
 use super::state::{Config, Shared, MAX_PROBES};
 use super::window::{WindowKind, MAX_COUNT_WINDOW};
 use super::{CircuitBreaker, CircuitBreakerHandle};
-use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, LocalReleaser, Observer, Releaser};
 
 const NAME: &str = "circuit breaker";
 
@@ -98,7 +98,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for CircuitBreakerLayer<C, M, O> {
         CircuitBreaker::new(
             inner,
             self.shared.clone(),
-            self.releaser.clone(),
+            LocalReleaser::new(self.releaser.clone()),
             self.classify.clone(),
             self.mode.clone(),
             self.readiness,

@@ -8,7 +8,9 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::state::{Admit, Shared};
-use crate::core::{observer, Classify, Observer, Permit, RejectMode, Releaser, ResponseFuture};
+use crate::core::{
+    observer, Classify, LocalReleaser, Observer, Permit, RejectMode, ResponseFuture,
+};
 
 /// A circuit breaker in front of a service; made by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
@@ -16,7 +18,7 @@ use crate::core::{observer, Classify, Observer, Permit, RejectMode, Releaser, Re
 pub struct CircuitBreaker<S, C = crate::core::AnyOk, M = crate::core::ErrorMode, O = ()> {
     inner: S,
     shared: Arc<Shared<O>>,
-    releaser: Releaser,
+    releaser: LocalReleaser,
     classify: C,
     mode: M,
     readiness: bool,
@@ -28,7 +30,7 @@ impl<S, C, M, O> CircuitBreaker<S, C, M, O> {
     pub(crate) fn new(
         inner: S,
         shared: Arc<Shared<O>>,
-        releaser: Releaser,
+        releaser: LocalReleaser,
         classify: C,
         mode: M,
         readiness: bool,
@@ -109,9 +111,9 @@ where
             Admit::Tag(tag)
                 if self.shared.config.slow_call.is_none() && observer::is_noop::<O>() =>
             {
-                Some(Permit::untimed(self.releaser.clone(), tag))
+                Some(Permit::untimed(self.releaser.next().clone(), tag))
             }
-            Admit::Tag(tag) => Some(Permit::new(self.releaser.clone(), tag)),
+            Admit::Tag(tag) => Some(Permit::new(self.releaser.next().clone(), tag)),
             Admit::Bypass => None,
             Admit::Reject(rejection) => {
                 return ResponseFuture::rejected(rejection, self.mode.clone())

@@ -11,7 +11,7 @@ use tower_layer::Layer;
 use super::codec::TIMEOUT_MS_HEADER;
 use super::service::{DeadlineService, PropagateDeadline};
 use super::shared::{DeadlineHandle, Shared};
-use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, LocalReleaser, Observer, Releaser};
 
 /// The default safety margin [`PropagateDeadlineLayer`] takes off a budget before passing it on.
 pub const DEFAULT_MARGIN: Duration = Duration::from_millis(5);
@@ -121,7 +121,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for DeadlineLayer<C, M, O> {
         DeadlineService::new(
             inner,
             self.shared.clone(),
-            self.releaser.clone(),
+            LocalReleaser::new(self.releaser.clone()),
             self.classify.clone(),
             self.mode.clone(),
         )
@@ -346,7 +346,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for PropagateDeadlineLayer<C, M, O> {
         PropagateDeadline::new(
             inner,
             self.shared.clone(),
-            self.releaser.clone(),
+            LocalReleaser::new(self.releaser.clone()),
             self.classify.clone(),
             self.mode.clone(),
         )

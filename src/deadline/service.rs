@@ -17,7 +17,7 @@ use super::future::{PropagateFuture, ResponseFuture};
 use super::layer::{ClientConfig, ServerConfig};
 use super::mode::RejectInvalid;
 use super::shared::Shared;
-use crate::core::{Classify, Deadline, Observer, RejectMode, Releaser};
+use crate::core::{Classify, Deadline, LocalReleaser, Observer, RejectMode};
 
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
 
@@ -25,7 +25,7 @@ static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
 pub struct DeadlineService<S, C, M, O> {
     inner: S,
     shared: Arc<Shared<ServerConfig, O>>,
-    releaser: Releaser,
+    releaser: LocalReleaser,
     classify: C,
     mode: M,
 }
@@ -34,7 +34,7 @@ impl<S, C, M, O> DeadlineService<S, C, M, O> {
     pub(super) fn new(
         inner: S,
         shared: Arc<Shared<ServerConfig, O>>,
-        releaser: Releaser,
+        releaser: LocalReleaser,
         classify: C,
         mode: M,
     ) -> Self {
@@ -181,7 +181,7 @@ where
             }
         }
         self.shared.admitted();
-        let permit = self.shared.permit(&self.releaser, now);
+        let permit = self.shared.permit(self.releaser.next(), now);
         // `deadline` already takes the task-local one into account: no second look-up.
         let inner = deadline.scope_earliest(self.inner.call(request));
         ResponseFuture::running(
@@ -198,7 +198,7 @@ where
 pub struct PropagateDeadline<S, C, M, O> {
     inner: S,
     shared: Arc<Shared<ClientConfig, O>>,
-    releaser: Releaser,
+    releaser: LocalReleaser,
     classify: C,
     mode: M,
 }
@@ -207,7 +207,7 @@ impl<S, C, M, O> PropagateDeadline<S, C, M, O> {
     pub(super) fn new(
         inner: S,
         shared: Arc<Shared<ClientConfig, O>>,
-        releaser: Releaser,
+        releaser: LocalReleaser,
         classify: C,
         mode: M,
     ) -> Self {
@@ -324,7 +324,7 @@ where
         // Layers below (breaker, limiter) may shed a request that cannot finish in time.
         request.extensions_mut().insert(deadline);
         self.shared.admitted();
-        let permit = self.shared.permit(&self.releaser, now);
+        let permit = self.shared.permit(self.releaser.next(), now);
         let inner = deadline.scope(self.inner.call(request));
         PropagateFuture::running(
             inner,

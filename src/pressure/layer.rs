@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use crate::core::stripe::Counter;
-use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, LocalReleaser, Observer, Releaser};
 
 use super::service::{State, LAYER};
 use super::{Pressure, RuntimeMonitor};
@@ -306,7 +306,7 @@ impl<S, C: Clone, M: Clone, O, B: Clone> Layer<S> for PressureLayer<C, M, O, B> 
         Pressure::new(
             inner,
             self.state.clone(),
-            self.releaser.clone(),
+            LocalReleaser::new(self.releaser.clone()),
             self.classify.clone(),
             self.mode.clone(),
             self.bypass.clone(),

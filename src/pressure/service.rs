@@ -9,8 +9,8 @@ use tower_service::Service;
 use crate::core::observer::{self, is_noop};
 use crate::core::stripe::Counter;
 use crate::core::{
-    AnyOk, Classify, ErrorMode, Event, Observer, Outcome, Permit, Reason, RejectMode, Rejection,
-    Release, Releaser, ResponseFuture,
+    AnyOk, Classify, ErrorMode, Event, LocalReleaser, Observer, Outcome, Permit, Reason,
+    RejectMode, Rejection, Release, ResponseFuture,
 };
 
 use super::RuntimeMonitor;
@@ -49,7 +49,7 @@ where
 pub struct Pressure<S, C = AnyOk, M = ErrorMode, O = (), B = ()> {
     inner: S,
     state: Arc<State<O>>,
-    releaser: Releaser,
+    releaser: LocalReleaser,
     classify: C,
     mode: M,
     bypass: B,
@@ -78,7 +78,7 @@ impl<S, C, M, O, B> Pressure<S, C, M, O, B> {
     pub(crate) fn new(
         inner: S,
         state: Arc<State<O>>,
-        releaser: Releaser,
+        releaser: LocalReleaser,
         classify: C,
         mode: M,
         bypass: B,
@@ -147,10 +147,10 @@ where
         state.admitted.add(1);
         // In-flight and latency are only ever seen by the observer: `()` needs neither the sum nor a clock read.
         let permit = if is_noop::<O>() {
-            Permit::untimed(self.releaser.clone(), 0)
+            Permit::untimed(self.releaser.next().clone(), 0)
         } else {
             observer::admitted(&state.observer, LAYER, &state.in_flight);
-            Permit::new(self.releaser.clone(), 0)
+            Permit::new(self.releaser.next().clone(), 0)
         };
         ResponseFuture::admitted(
             self.inner.call(request),

@@ -6,7 +6,7 @@ use tower_layer::Layer;
 
 use super::shared::{Config, Shared};
 use super::{Queue, QueueHandle, Uniform};
-use crate::core::{AnyOk, ConfigError, ErrorMode, LimitSource, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, LimitSource, LocalReleaser, Observer, Releaser};
 
 const NAME: &str = "queue";
 
@@ -58,7 +58,7 @@ impl<S, L, C: Clone, M: Clone, O, P: Clone> Layer<S> for QueueLayer<L, C, M, O, 
         Queue::new(
             inner,
             self.shared.clone(),
-            self.releaser.clone(),
+            LocalReleaser::new(self.releaser.clone()),
             self.classify.clone(),
             self.mode.clone(),
             self.prioritize.clone(),

@@ -8,7 +8,7 @@ use super::future::{ResponseFuture, Waiter};
 use super::shared::{NotNow, Shared};
 use super::{Prioritize, QueueHandle, Uniform};
 use crate::core::{
-    AnyOk, Classify, ErrorMode, LimitSource, Observer, RejectMode, Rejection, Releaser,
+    AnyOk, Classify, ErrorMode, LimitSource, LocalReleaser, Observer, RejectMode, Rejection,
 };
 
 /// The queue-depth shedder around a service `S`; built by [`QueueLayer`](super::QueueLayer).
@@ -19,7 +19,7 @@ use crate::core::{
 pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
     inner: S,
     shared: Arc<Shared<L, O>>,
-    releaser: Releaser,
+    releaser: LocalReleaser,
     classify: C,
     mode: M,
     prioritize: P,
@@ -29,7 +29,7 @@ impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
     pub(crate) fn new(
         inner: S,
         shared: Arc<Shared<L, O>>,
-        releaser: Releaser,
+        releaser: LocalReleaser,
         classify: C,
         mode: M,
         prioritize: P,
@@ -103,7 +103,7 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let priority = self.prioritize.priority(&request);
         let deadline = self.prioritize.deadline(&request);
-        match self.shared.admit(&self.releaser, priority, deadline) {
+        match self.shared.admit(self.releaser.next(), priority, deadline) {
             Ok(permit) => ResponseFuture::called(crate::core::ResponseFuture::admitted(
                 self.inner.call(request),
                 Some(permit),
@@ -137,7 +137,8 @@ where
             NotNow::Queued { index, wake_at } => {
                 // The waiter owns the queue node from here on: if cloning the service below panics, dropping it
                 // gives the place (or a slot just handed to it) back.
-                let waiter = Waiter::new(self.shared.clone(), self.releaser.clone(), index);
+                let waiter =
+                    Waiter::new(self.shared.clone(), self.releaser.current().clone(), index);
                 // The service we polled ready goes with the request; a fresh clone stays for the next one.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
