@@ -147,7 +147,7 @@ fn main() {
     }
 
     let limit = find(&contention, name::TOWER_LIMIT).map(|t| 1e3 / t);
-    println!("\n### Contention, interleaved: 2 tasks on 2 worker threads sharing one service (fastest round)\n");
+    println!("\n### Contention, interleaved: 2 threads, one task each, sharing one service (fastest round)\n");
     println!("| stack | million requests / s | ÷ tower ConcurrencyLimit | goal (≥ 1.00x) |");
     println!("|---|---:|---:|---|");
     for &(n, t) in &contention {

@@ -216,9 +216,7 @@ mod report {
             .collect();
         if !contention.is_empty() {
             let limit = find(&contention, name::TOWER_LIMIT);
-            println!(
-                "\n### Contention: 2 tasks on 2 worker threads sharing one service (median)\n"
-            );
+            println!("\n### Contention: 2 threads, one task each, sharing one service (median)\n");
             println!(
                 "| stack | million requests / s | ÷ tower ConcurrencyLimit | goal (≥ 1.00x) |"
             );
