@@ -100,15 +100,39 @@ fn slot_weight(slot: u8) -> u64 {
 #[derive(Debug)]
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU8]>,
-    next: Padded<AtomicU64>,
+    cursor: Padded<Cursor>,
     packed: Padded<AtomicU64>,
+}
+
+/// The ring's write position, and how many writers are between taking a slot and adding their difference to
+/// the counts: on one cache line, which every writer takes for writing anyway.
+#[derive(Debug, Default)]
+struct Cursor {
+    next: AtomicU64,
+    writing: AtomicU64,
+}
+
+/// Marks a writer as in progress until dropped.
+struct Writing<'a>(&'a AtomicU64);
+
+impl<'a> Writing<'a> {
+    fn start(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Writing(count)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl CountWindow {
     fn new(size: usize) -> Self {
         CountWindow {
             slots: (0..size).map(|_| AtomicU8::new(SLOT_EMPTY)).collect(),
-            next: Padded(AtomicU64::new(0)),
+            cursor: Padded(Cursor::default()),
             packed: Padded(AtomicU64::new(0)),
         }
     }
@@ -117,6 +141,7 @@ impl CountWindow {
     /// first, a field is briefly below zero (the borrow shows as a field larger than the window). The counts are
     /// right again as soon as both differences have landed, so such a reading is reported as `None` and the
     /// caller skips that one evaluation rather than act on it.
+    #[inline]
     fn record(&self, failure: bool, slow: bool) -> Option<Counts> {
         let mut slot = SLOT_CALL;
         if failure {
@@ -129,13 +154,27 @@ impl CountWindow {
             // A window full of plain successes is left exactly as it is by one more: write nothing, not even the
             // cursor. Which slot the next outcome lands in does not matter while all slots are alike, so the
             // window still holds the last N outcomes, and a failure still leaves it N calls after it came. In a
-            // healthy steady state this makes recording a read of a line nobody writes.
-            let packed = self.packed.load(Ordering::Acquire);
-            if packed == self.slots.len() as u64 {
+            // healthy steady state this makes recording a read of two lines nobody writes.
+            //
+            // The counts alone can read "all successes" while a failure is being written (its slot taken, its
+            // difference not yet added, and an older failure evicted meanwhile), so no writer may be in progress.
+            // A writer that starts after the first read comes after this success; one that completes between
+            // the two reads is the same race two writers `N` calls apart already have: one outcome lands on
+            // the other's turn, for one call.
+            let packed = self.packed.load(Ordering::SeqCst);
+            if packed == self.slots.len() as u64 && self.cursor.writing.load(Ordering::SeqCst) == 0
+            {
                 return self.decode(packed);
             }
         }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len() as u64;
+        self.write(slot)
+    }
+
+    /// [`CountWindow::record`] when the outcome has to go into the ring.
+    #[inline(never)]
+    fn write(&self, slot: u8) -> Option<Counts> {
+        let _writing = Writing::start(&self.cursor.writing);
+        let index = self.cursor.next.fetch_add(1, Ordering::Relaxed) % self.slots.len() as u64;
         let cell = &self.slots[index as usize];
         // A steady stream of one outcome finds its own value in the slot: leave it, and write nothing. (A writer N
         // calls away racing us for this slot is the case `record` already describes: whichever lands last wins.)
@@ -315,12 +354,12 @@ mod tests {
         for _ in 0..n {
             w.record(false, false);
         }
-        let cursor = w.next.load(Ordering::Relaxed);
+        let cursor = w.cursor.next.load(Ordering::Relaxed);
         for _ in 0..10 {
             w.record(false, false);
         }
         assert_eq!(
-            w.next.load(Ordering::Relaxed),
+            w.cursor.next.load(Ordering::Relaxed),
             cursor,
             "a success into a full healthy window moves nothing"
         );
@@ -348,6 +387,34 @@ mod tests {
         w.record(false, false);
         w.record(false, false);
         assert_eq!(w.counts().map(|c| c.calls), Some(2));
+    }
+
+    #[test]
+    fn successes_are_counted_while_a_failure_is_being_written() {
+        // A failure has taken its slot but not yet added its difference (the state a preempted writer leaves),
+        // and a success has meanwhile evicted an older failure, so the counts read "all successes".
+        let w = CountWindow::new(2);
+        w.record(false, false);
+        w.record(true, false);
+        let stalled = Writing::start(&w.cursor.writing);
+        let index = w.cursor.next.fetch_add(1, Ordering::Relaxed) % 2;
+        let old = w.slots[index as usize].swap(SLOT_CALL | SLOT_FAILURE, Ordering::AcqRel);
+        assert_eq!(old, SLOT_CALL);
+        w.record(false, false);
+        assert_eq!(w.counts().map(|c| (c.calls, c.failures)), Some((2, 0)));
+        // Successes keep moving the ring while the writer is stalled, so they push its failure out in turn...
+        for _ in 0..1_000 {
+            w.record(false, false);
+        }
+        // ...and once its difference lands, the window holds the last two outcomes: successes.
+        let delta = slot_weight(SLOT_CALL | SLOT_FAILURE).wrapping_sub(slot_weight(old));
+        w.packed.fetch_add(delta, Ordering::AcqRel);
+        drop(stalled);
+        assert_eq!(w.counts().map(|c| (c.calls, c.failures)), Some((2, 0)));
+        assert!(w
+            .slots
+            .iter()
+            .all(|s| s.load(Ordering::Relaxed) == SLOT_CALL));
     }
 
     #[test]
