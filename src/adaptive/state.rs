@@ -178,10 +178,12 @@ impl Core {
         mask == 0 || ((number as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32 & mask == 0
     }
 
-    /// The admission tag: nanoseconds since the epoch, so that release can tell the time without a clock read.
+    /// The tag of a request timed at `now`: nanoseconds since the epoch, kept below [`UNTIMED`] (146 years in), so
+    /// that it fits a permit's tag and never reads as untimed. Its release reads the clock once and works out
+    /// both the latency and the window's time from the two.
     #[inline]
     pub(crate) fn tag(&self, now: Instant) -> u64 {
-        nanos(now.saturating_duration_since(self.epoch))
+        nanos(now.saturating_duration_since(self.epoch)).min(UNTIMED - 1)
     }
 
     /// Which admitted requests to time, for a layer without an observer (an observer is told every request's

@@ -60,7 +60,8 @@ impl LocalReleaser {
         LocalReleaser { releaser, calls: 0 }
     }
 
-    /// The releaser for the next permit: call once per admitted request.
+    /// The releaser for the next permit: call once per request (the queue calls it before it knows whether it
+    /// admits, queues or refuses; any count of requests will do to tell a long-lived instance).
     #[inline]
     pub(crate) fn next(&mut self) -> &Releaser {
         if self.calls < PRIVATE_AFTER {
@@ -138,8 +139,7 @@ fn stamp(t: Instant) -> u64 {
 /// | dropped while the thread unwinds from a panic (inner service panicked) | [`Outcome::Failure`] |
 ///
 /// A timed permit reads the clock at admission and when it finishes, and reports the latency to the
-/// microsecond (modulo 2^38 µs, about 3.2 days: a request held longer reports the remainder). An untimed one
-/// reads no clock. Neither allocates: the owner is a [`Releaser`] the layer already holds. A permit is two words,
+/// microsecond, for requests of up to about 1.6 days (see [`Permit::elapsed`]). An untimed one reads no clock. Neither allocates: the owner is a [`Releaser`] the layer already holds. A permit is two words,
 /// and so is an `Option<Permit>`.
 pub struct Permit {
     owner: Releaser,
@@ -184,13 +184,19 @@ impl Permit {
         }
     }
 
-    /// How long ago the request was admitted (zero for an untimed permit, which never read the clock).
+    /// How long ago the request was admitted, to the microsecond: zero for an untimed permit (which never read
+    /// the clock) and for an admission instant after now. Good for up to 2^37 µs (about 1.6 days); the stamps
+    /// are kept modulo 2^38 µs, and the upper half of that range reads as "before the admission".
     pub fn elapsed(&self) -> Duration {
         if self.word & TIMED == 0 {
             return Duration::ZERO;
         }
         let at = (self.word >> TIME_SHIFT) & TIME_MASK;
-        Duration::from_micros(stamp(Instant::now()).wrapping_sub(at) & TIME_MASK)
+        let micros = stamp(Instant::now()).wrapping_sub(at) & TIME_MASK;
+        if micros > TIME_MASK >> 1 {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(micros)
     }
 
     /// The tag given at admission.
@@ -323,6 +329,13 @@ mod tests {
             Permit::new(owner.clone(), MAX_TIMED_TAG).tag(),
             MAX_TIMED_TAG
         );
-        assert_eq!(Permit::untimed(owner, 0).elapsed(), Duration::ZERO);
+        assert_eq!(Permit::untimed(owner.clone(), 0).elapsed(), Duration::ZERO);
+        // An admission instant after now (another runtime's paused clock, or a caller's own instant) reads as
+        // zero, not as days.
+        let later = Instant::now() + Duration::from_millis(5);
+        assert_eq!(
+            Permit::admitted_at(owner, 0, later).elapsed(),
+            Duration::ZERO
+        );
     }
 }
