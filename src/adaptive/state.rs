@@ -190,11 +190,12 @@ impl Core {
     /// latency, so with one every request is timed): one in `mask + 1`, picked by [`Core::timed`].
     ///
     /// Reading the clock twice per request is the largest part of this layer's cost. A window's mean latency
-    /// needs a few hundred samples, not every request of a busy service: once a window holds more than
-    /// `2 × max(1024, min_samples)` samples, the next one times half, a quarter, ... down to one request in
-    /// 64, so that every window keeps at least about that many timed samples. Every finished request is still
-    /// counted (the window's `samples`, drops, in-flight), and the mean and minimum latency are those of the timed
-    /// ones; at lower rates (the usual case, and every simulator scenario) every request is timed.
+    /// needs a few hundred samples, not every request of a busy service: once a window holds
+    /// `4 × max(1024, min_samples)` samples, the next one times half, a quarter, ... down to one request in
+    /// 64, so that every window keeps at least about `2 × max(1024, min_samples)` timed samples. Every finished
+    /// request is still counted (the window's `samples`, drops, in-flight), and the mean and minimum latency are
+    /// those of the timed ones; at lower rates (the usual case, and every simulator scenario) every request is
+    /// timed.
     #[inline]
     pub(crate) fn timing_mask(&self) -> u32 {
         self.timing_mask.load(Ordering::Relaxed)
@@ -342,7 +343,7 @@ const TIMED_TARGET: u64 = 1024;
 const MAX_TIMING_SHIFT: u32 = 6;
 
 /// The timing mask for the next window, from the samples the last one held: every request is timed until a
-/// window holds `2 × target` samples, then one in 2, 4, ... 64, so that a window keeps about `2 × target` timed
+/// window holds `4 × target` samples, then one in 2, 4, ... 64, so that a window keeps about `2 × target` timed
 /// samples or more (and still `target` if the load halves).
 fn timing_mask(samples: u64, min_samples: u64) -> u32 {
     let target = TIMED_TARGET.max(min_samples);
