@@ -262,11 +262,6 @@ struct Slots {
 }
 
 /// The shared state of one queue layer.
-///
-/// `repr(C)`, slots first: every request also adds to and subtracts from the `Arc`'s count, which sits just
-/// before them, so under contention the two threads pass one cache line back and forth rather than two. The
-/// fields the fast path reads follow.
-#[repr(C)]
 pub(crate) struct Shared<L, O> {
     /// Written by every admission and release.
     slots: Slots,
