@@ -1,5 +1,4 @@
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -8,14 +7,13 @@ use super::algorithm::{Algorithm, Knee};
 use super::handle::AdaptiveHandle;
 use super::service::{AdaptiveConcurrency, NoBypass};
 use super::state::{Config, Core, Shared};
-use crate::core::{AnyOk, ConfigError, ErrorMode, LocalReleaser, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Owner};
 
 /// Applies an adaptive concurrency limit to a service. All services made by one layer share one limit.
 ///
 /// Build it with [`AdaptiveConcurrencyLayer::builder`].
 pub struct AdaptiveConcurrencyLayer<C = AnyOk, M = ErrorMode, O = (), B = NoBypass> {
-    shared: Arc<Shared<O>>,
-    releaser: Releaser,
+    shared: Owner<Shared<O>>,
     classify: C,
     mode: M,
     bypass: B,
@@ -70,7 +68,7 @@ where
 {
     /// A handle on this layer's limiter, shared by every service it makes.
     pub fn handle(&self) -> AdaptiveHandle {
-        AdaptiveHandle::new(self.shared.clone())
+        AdaptiveHandle::new(self.shared.arc().clone())
     }
 }
 
@@ -80,8 +78,7 @@ impl<S, C: Clone, M: Clone, O, B: Clone> Layer<S> for AdaptiveConcurrencyLayer<C
     fn layer(&self, inner: S) -> Self::Service {
         AdaptiveConcurrency::new(
             inner,
-            Arc::clone(&self.shared),
-            LocalReleaser::new(self.releaser.clone()),
+            self.shared.instance(),
             self.classify.clone(),
             self.mode.clone(),
             self.bypass.clone(),
@@ -92,8 +89,7 @@ impl<S, C: Clone, M: Clone, O, B: Clone> Layer<S> for AdaptiveConcurrencyLayer<C
 impl<C: Clone, M: Clone, O, B: Clone> Clone for AdaptiveConcurrencyLayer<C, M, O, B> {
     fn clone(&self) -> Self {
         AdaptiveConcurrencyLayer {
-            shared: Arc::clone(&self.shared),
-            releaser: self.releaser.clone(),
+            shared: self.shared.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),
@@ -254,13 +250,11 @@ impl<C, M, O, B> AdaptiveConcurrencyBuilder<C, M, O, B> {
         if !crate::core::observer::is_noop::<O>() {
             core.time_every_request();
         }
-        let shared = Arc::new(Shared {
-            core,
-            observer: self.observer,
-        });
         Ok(AdaptiveConcurrencyLayer {
-            releaser: Releaser::new(shared.clone()),
-            shared,
+            shared: Owner::new(Shared {
+                core,
+                observer: self.observer,
+            }),
             classify: self.classify,
             mode: self.mode,
             bypass: self.bypass,

@@ -1,5 +1,4 @@
 use std::fmt;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
@@ -7,8 +6,8 @@ use tower_service::Service;
 
 use super::state::{Shared, UNTIMED};
 use crate::core::{
-    observer, AnyOk, Classify, ErrorMode, Event, LocalReleaser, Observer, Permit, Reason,
-    RejectMode, Rejection, ResponseFuture,
+    observer, AnyOk, Classify, ErrorMode, Event, Instance, Observer, Permit, Reason, RejectMode,
+    Rejection, ResponseFuture,
 };
 
 /// Decides which requests skip the limiter (health checks, metrics scrapes). Implemented by [`NoBypass`] and
@@ -45,8 +44,7 @@ where
 /// Clones share one limit and one in-flight count.
 pub struct AdaptiveConcurrency<S, C = AnyOk, M = ErrorMode, O = (), B = NoBypass> {
     inner: S,
-    shared: Arc<Shared<O>>,
-    releaser: LocalReleaser,
+    shared: Instance<Shared<O>>,
     classify: C,
     mode: M,
     bypass: B,
@@ -55,8 +53,7 @@ pub struct AdaptiveConcurrency<S, C = AnyOk, M = ErrorMode, O = (), B = NoBypass
 impl<S, C, M, O, B> AdaptiveConcurrency<S, C, M, O, B> {
     pub(crate) fn new(
         inner: S,
-        shared: Arc<Shared<O>>,
-        releaser: LocalReleaser,
+        shared: Instance<Shared<O>>,
         classify: C,
         mode: M,
         bypass: B,
@@ -64,7 +61,6 @@ impl<S, C, M, O, B> AdaptiveConcurrency<S, C, M, O, B> {
         AdaptiveConcurrency {
             inner,
             shared,
-            releaser,
             classify,
             mode,
             bypass,
@@ -91,8 +87,7 @@ impl<S: Clone, C: Clone, M: Clone, O, B: Clone> Clone for AdaptiveConcurrency<S,
     fn clone(&self) -> Self {
         AdaptiveConcurrency {
             inner: self.inner.clone(),
-            shared: Arc::clone(&self.shared),
-            releaser: self.releaser.clone(),
+            shared: self.shared.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),
@@ -104,9 +99,10 @@ impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
     /// Takes a permit, or `None` when the limit is reached.
     #[inline]
     fn admit(&mut self) -> Option<Permit> {
-        let core = &self.shared.core;
+        let (shared, releaser) = self.shared.next();
+        let core = &shared.core;
         let (in_flight, number) = core.try_acquire()?;
-        self.shared.observer.on_event(&Event::Admitted {
+        shared.observer.on_event(&Event::Admitted {
             layer: "adaptive",
             in_flight,
         });
@@ -117,7 +113,7 @@ impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
         } else {
             core.tag(Instant::now())
         };
-        Some(Permit::untimed(self.releaser.next().clone(), tag))
+        Some(Permit::untimed(releaser.clone(), tag))
     }
 
     /// The answer to a request over the limit. Out of line: it keeps the admitted path's code small, and the

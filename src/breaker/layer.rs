@@ -1,5 +1,4 @@
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -7,7 +6,7 @@ use tower_layer::Layer;
 use super::state::{Config, Shared, MAX_PROBES};
 use super::window::{WindowKind, MAX_COUNT_WINDOW};
 use super::{CircuitBreaker, CircuitBreakerHandle};
-use crate::core::{AnyOk, ConfigError, ErrorMode, LocalReleaser, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Owner};
 
 const NAME: &str = "circuit breaker";
 
@@ -19,8 +18,7 @@ const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
 ///
 /// Built with [`CircuitBreakerLayer::builder`].
 pub struct CircuitBreakerLayer<C = AnyOk, M = ErrorMode, O = ()> {
-    shared: Arc<Shared<O>>,
-    releaser: Releaser,
+    shared: Owner<Shared<O>>,
     classify: C,
     mode: M,
     readiness: bool,
@@ -30,7 +28,6 @@ impl<C: Clone, M: Clone, O> Clone for CircuitBreakerLayer<C, M, O> {
     fn clone(&self) -> Self {
         CircuitBreakerLayer {
             shared: self.shared.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             readiness: self.readiness,
@@ -87,7 +84,7 @@ impl CircuitBreakerLayer {
 impl<C, M, O: Observer> CircuitBreakerLayer<C, M, O> {
     /// A handle on this layer's breaker: state, snapshot, and operator controls.
     pub fn handle(&self) -> CircuitBreakerHandle<O> {
-        CircuitBreakerHandle::new(self.shared.clone())
+        CircuitBreakerHandle::new(self.shared.arc().clone())
     }
 }
 
@@ -97,8 +94,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for CircuitBreakerLayer<C, M, O> {
     fn layer(&self, inner: S) -> Self::Service {
         CircuitBreaker::new(
             inner,
-            self.shared.clone(),
-            LocalReleaser::new(self.releaser.clone()),
+            self.shared.instance(),
             self.classify.clone(),
             self.mode.clone(),
             self.readiness,
@@ -317,10 +313,8 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
         O: Observer,
     {
         let config = self.settings.validate()?;
-        let shared = Arc::new(Shared::new(config, self.observer));
         Ok(CircuitBreakerLayer {
-            releaser: Releaser::new(shared.clone()),
-            shared,
+            shared: Owner::new(Shared::new(config, self.observer)),
             classify: self.classify,
             mode: self.mode,
             readiness: self.settings.readiness,

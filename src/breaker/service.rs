@@ -1,24 +1,20 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::state::{Admit, Shared};
-use crate::core::{
-    observer, Classify, LocalReleaser, Observer, Permit, RejectMode, ResponseFuture,
-};
+use crate::core::{observer, Classify, Instance, Observer, Permit, RejectMode, ResponseFuture};
 
 /// A circuit breaker in front of a service; made by [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
 /// Admits or rejects in `call`. In readiness mode `poll_ready` also reports not-ready while the breaker is open.
 pub struct CircuitBreaker<S, C = crate::core::AnyOk, M = crate::core::ErrorMode, O = ()> {
     inner: S,
-    shared: Arc<Shared<O>>,
-    releaser: LocalReleaser,
+    shared: Instance<Shared<O>>,
     classify: C,
     mode: M,
     readiness: bool,
@@ -29,8 +25,7 @@ pub struct CircuitBreaker<S, C = crate::core::AnyOk, M = crate::core::ErrorMode,
 impl<S, C, M, O> CircuitBreaker<S, C, M, O> {
     pub(crate) fn new(
         inner: S,
-        shared: Arc<Shared<O>>,
-        releaser: LocalReleaser,
+        shared: Instance<Shared<O>>,
         classify: C,
         mode: M,
         readiness: bool,
@@ -38,7 +33,6 @@ impl<S, C, M, O> CircuitBreaker<S, C, M, O> {
         CircuitBreaker {
             inner,
             shared,
-            releaser,
             classify,
             mode,
             readiness,
@@ -58,7 +52,6 @@ impl<S: Clone, C: Clone, M: Clone, O> Clone for CircuitBreaker<S, C, M, O> {
         CircuitBreaker::new(
             self.inner.clone(),
             self.shared.clone(),
-            self.releaser.clone(),
             self.classify.clone(),
             self.mode.clone(),
             self.readiness,
@@ -106,14 +99,13 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let permit = match self.shared.admit() {
+        let (shared, releaser) = self.shared.next();
+        let permit = match shared.admit() {
             // Latency is needed by the slow-call rule and by an observer, by nothing else.
-            Admit::Tag(tag)
-                if self.shared.config.slow_call.is_none() && observer::is_noop::<O>() =>
-            {
-                Some(Permit::untimed(self.releaser.next().clone(), tag))
+            Admit::Tag(tag) if shared.config.slow_call.is_none() && observer::is_noop::<O>() => {
+                Some(Permit::untimed(releaser.clone(), tag))
             }
-            Admit::Tag(tag) => Some(Permit::new(self.releaser.next().clone(), tag)),
+            Admit::Tag(tag) => Some(Permit::new(releaser.clone(), tag)),
             Admit::Bypass => None,
             Admit::Reject(rejection) => {
                 return ResponseFuture::rejected(rejection, self.mode.clone())

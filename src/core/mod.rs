@@ -41,7 +41,7 @@ pub use self::hint::WithRetryAfter;
 pub use self::limit::LimitSource;
 pub use self::observer::{CircuitState, Event, Observer, TracingObserver};
 pub use self::outcome::Outcome;
-pub(crate) use self::permit::LocalReleaser;
+pub(crate) use self::permit::{Instance, Owner};
 pub use self::permit::{Permit, Release, Releaser};
 pub use self::rejection::{
     retry_after_millis, retry_after_secs, ErrorMode, Reason, RejectMode, Rejection,

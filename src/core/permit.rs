@@ -38,8 +38,59 @@ impl Releaser {
     }
 }
 
-/// A service instance's [`Releaser`]: the layer's own at first, then, from the instance's
-/// [`PRIVATE_AFTER`]-th request on, one of its own.
+/// A layer's shared state and the [`Releaser`] its permits release into, as the layer holds them (derefs to
+/// the state). Each service the layer makes gets an [`Instance`] of it.
+pub(crate) struct Owner<T> {
+    state: Arc<T>,
+    releaser: Releaser,
+}
+
+impl<T: Release> Owner<T> {
+    /// Shares `state` and builds its releaser: one allocation each, once per layer.
+    pub(crate) fn new(state: T) -> Self {
+        let state = Arc::new(state);
+        Owner {
+            releaser: Releaser::new(state.clone()),
+            state,
+        }
+    }
+}
+
+impl<T> Owner<T> {
+    /// The shared state's `Arc`, for handles.
+    pub(crate) fn arc(&self) -> &Arc<T> {
+        &self.state
+    }
+
+    /// What one service instance holds.
+    pub(crate) fn instance(&self) -> Instance<T> {
+        Instance {
+            state: self.state.clone(),
+            releaser: self.releaser.clone(),
+            calls: 0,
+        }
+    }
+}
+
+impl<T> Clone for Owner<T> {
+    fn clone(&self) -> Self {
+        Owner {
+            state: self.state.clone(),
+            releaser: self.releaser.clone(),
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Owner<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.state
+    }
+}
+
+/// One service instance's share of a layer's [`Owner`] (derefs to the state): the state, and the [`Releaser`]
+/// for its permits, which is the layer's at first and, from the instance's [`PRIVATE_AFTER`]-th request on,
+/// one of its own.
 ///
 /// Every permit writes its releaser's reference count twice. With one releaser per layer, two threads serving
 /// requests through the same layer pass that count's cache line back and forth on every request, even when
@@ -47,7 +98,8 @@ impl Releaser {
 /// hyper and tonic) is driven by one task at a time, so a releaser of its own keeps the count in that thread's
 /// cache. It costs one allocation per instance, at its [`PRIVATE_AFTER`]-th request, and nothing per request;
 /// instances cloned for a single request (axum clones a route's service per request) never reach it.
-pub(crate) struct LocalReleaser {
+pub(crate) struct Instance<T> {
+    state: Arc<T>,
     releaser: Releaser,
     calls: u32,
 }
@@ -55,42 +107,58 @@ pub(crate) struct LocalReleaser {
 /// The number of requests after which a service instance gets a [`Releaser`] of its own.
 pub(crate) const PRIVATE_AFTER: u32 = 64;
 
-impl LocalReleaser {
-    pub(crate) fn new(releaser: Releaser) -> Self {
-        LocalReleaser { releaser, calls: 0 }
+impl<T> Instance<T> {
+    /// The shared state's `Arc`, for handles and for what outlives the call (a queued request's place).
+    pub(crate) fn arc(&self) -> &Arc<T> {
+        &self.state
     }
 
-    /// The releaser for the next permit: call once per request (the queue calls it before it knows whether it
-    /// admits, queues or refuses; any count of requests will do to tell a long-lived instance).
+    /// The state, and the releaser for the next permit: call once per request (the queue calls it before it
+    /// knows whether it admits, queues or refuses; any count of requests will do to tell a long-lived instance).
     #[inline]
-    pub(crate) fn next(&mut self) -> &Releaser {
+    pub(crate) fn next(&mut self) -> (&T, &Releaser) {
         if self.calls < PRIVATE_AFTER {
             self.calls += 1;
             if self.calls == PRIVATE_AFTER {
                 self.releaser = Releaser::new(self.releaser.0 .0.clone());
             }
         }
-        &self.releaser
+        (&self.state, &self.releaser)
     }
 
     /// The releaser the next permit would get, without counting a request.
-    pub(crate) fn current(&self) -> &Releaser {
+    pub(crate) fn releaser(&self) -> &Releaser {
         &self.releaser
     }
 }
 
 // A clone starts over: it may be an instance made for one request.
-impl Clone for LocalReleaser {
+impl<T> Clone for Instance<T> {
     fn clone(&self) -> Self {
-        LocalReleaser::new(self.releaser.clone())
+        Instance {
+            state: self.state.clone(),
+            releaser: self.releaser.clone(),
+            calls: 0,
+        }
     }
 }
 
-impl fmt::Debug for LocalReleaser {
+impl<T: fmt::Debug> fmt::Debug for Owner<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalReleaser")
-            .field("private", &(self.calls >= PRIVATE_AFTER))
-            .finish()
+        self.state.fmt(f)
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Instance<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.state.fmt(f)
+    }
+}
+
+impl<T> std::ops::Deref for Instance<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.state
     }
 }
 
@@ -285,33 +353,31 @@ mod tests {
                 self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        let owner = Arc::new(Count(0.into()));
-        let shared = Releaser::new(owner.clone());
-        let mut local = LocalReleaser::new(shared.clone());
+        let owner = Owner::new(Count(0.into()));
+        let shared = owner.releaser.clone();
+        let mut local = owner.instance();
         let same = |a: &Releaser, b: &Releaser| Arc::ptr_eq(&a.0, &b.0);
         for _ in 1..PRIVATE_AFTER {
-            assert!(same(local.next(), &shared));
+            assert!(same(local.next().1, &shared));
         }
-        let own = local.next().clone();
+        let own = local.next().1.clone();
         assert!(
             !same(&own, &shared),
             "the {PRIVATE_AFTER}th request gets a releaser of its own"
         );
         for _ in 0..10 {
-            assert!(same(local.next(), &own), "made once");
+            assert!(same(local.next().1, &own), "made once");
         }
         let mut clone = local.clone();
-        assert!(same(clone.current(), &own) && same(clone.next(), &own));
+        assert!(same(clone.releaser(), &own) && same(clone.next().1, &own));
         // Both release into the one owner, which the private releaser keeps alive.
-        drop(shared);
+        let state = owner.arc().clone();
+        drop((owner, shared));
         Permit::untimed(own.clone(), 0).complete(Outcome::Success);
-        drop(Permit::untimed(local.next().clone(), 0));
-        assert_eq!(owner.0.load(std::sync::atomic::Ordering::Relaxed), 2);
-        assert_eq!(
-            Arc::strong_count(&owner),
-            2,
-            "the test's and the private releaser's"
-        );
+        drop(Permit::untimed(local.next().1.clone(), 0));
+        assert_eq!(state.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        drop((local, clone, own));
+        assert_eq!(Arc::strong_count(&state), 1, "nothing else holds the state");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -11,7 +10,7 @@ use tower_layer::Layer;
 use super::codec::TIMEOUT_MS_HEADER;
 use super::service::{DeadlineService, PropagateDeadline};
 use super::shared::{DeadlineHandle, Shared};
-use crate::core::{AnyOk, ConfigError, ErrorMode, LocalReleaser, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Owner};
 
 /// The default safety margin [`PropagateDeadlineLayer`] takes off a budget before passing it on.
 pub const DEFAULT_MARGIN: Duration = Duration::from_millis(5);
@@ -63,8 +62,7 @@ fn header_name(
 ///
 /// See the [module docs](super) for the semantics. Built with [`DeadlineLayer::builder`].
 pub struct DeadlineLayer<C = AnyOk, M = ErrorMode, O = ()> {
-    shared: Arc<Shared<ServerConfig, O>>,
-    releaser: Releaser,
+    shared: Owner<Shared<ServerConfig, O>>,
     classify: C,
     mode: M,
 }
@@ -91,7 +89,7 @@ impl DeadlineLayer {
 impl<C, M, O: Observer> DeadlineLayer<C, M, O> {
     /// A handle on the figures shared by every service this layer makes.
     pub fn handle(&self) -> DeadlineHandle {
-        DeadlineHandle::new(self.shared.clone())
+        DeadlineHandle::new(self.shared.arc().clone())
     }
 }
 
@@ -99,7 +97,6 @@ impl<C: Clone, M: Clone, O> Clone for DeadlineLayer<C, M, O> {
     fn clone(&self) -> Self {
         DeadlineLayer {
             shared: self.shared.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
         }
@@ -120,8 +117,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for DeadlineLayer<C, M, O> {
     fn layer(&self, inner: S) -> Self::Service {
         DeadlineService::new(
             inner,
-            self.shared.clone(),
-            LocalReleaser::new(self.releaser.clone()),
+            self.shared.instance(),
             self.classify.clone(),
             self.mode.clone(),
         )
@@ -275,10 +271,8 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
             timeout_header: header_name(LAYER, c.timeout_header)?,
             strict: c.strict,
         };
-        let shared = Arc::new(Shared::new(LAYER, config, self.observer));
         Ok(DeadlineLayer {
-            releaser: Releaser::new(shared.clone()),
-            shared,
+            shared: Owner::new(Shared::new(LAYER, config, self.observer)),
             classify: self.classify,
             mode: self.mode,
         })
@@ -290,8 +284,7 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
 ///
 /// See the [module docs](super) for the semantics. Built with [`PropagateDeadlineLayer::builder`].
 pub struct PropagateDeadlineLayer<C = AnyOk, M = ErrorMode, O = ()> {
-    shared: Arc<Shared<ClientConfig, O>>,
-    releaser: Releaser,
+    shared: Owner<Shared<ClientConfig, O>>,
     classify: C,
     mode: M,
 }
@@ -316,7 +309,7 @@ impl PropagateDeadlineLayer {
 impl<C, M, O: Observer> PropagateDeadlineLayer<C, M, O> {
     /// A handle on the figures shared by every service this layer makes.
     pub fn handle(&self) -> DeadlineHandle {
-        DeadlineHandle::new(self.shared.clone())
+        DeadlineHandle::new(self.shared.arc().clone())
     }
 }
 
@@ -324,7 +317,6 @@ impl<C: Clone, M: Clone, O> Clone for PropagateDeadlineLayer<C, M, O> {
     fn clone(&self) -> Self {
         PropagateDeadlineLayer {
             shared: self.shared.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
         }
@@ -345,8 +337,7 @@ impl<S, C: Clone, M: Clone, O> Layer<S> for PropagateDeadlineLayer<C, M, O> {
     fn layer(&self, inner: S) -> Self::Service {
         PropagateDeadline::new(
             inner,
-            self.shared.clone(),
-            LocalReleaser::new(self.releaser.clone()),
+            self.shared.instance(),
             self.classify.clone(),
             self.mode.clone(),
         )
@@ -465,10 +456,8 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
             write_grpc_timeout: c.write_grpc_timeout,
             timeout_header: header_name(LAYER, c.timeout_header)?,
         };
-        let shared = Arc::new(Shared::new(LAYER, config, self.observer));
         Ok(PropagateDeadlineLayer {
-            releaser: Releaser::new(shared.clone()),
-            shared,
+            shared: Owner::new(Shared::new(LAYER, config, self.observer)),
             classify: self.classify,
             mode: self.mode,
         })

@@ -1,7 +1,6 @@
 //! The services.
 
 use std::fmt;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,15 +16,14 @@ use super::future::{PropagateFuture, ResponseFuture};
 use super::layer::{ClientConfig, ServerConfig};
 use super::mode::RejectInvalid;
 use super::shared::Shared;
-use crate::core::{Classify, Deadline, LocalReleaser, Observer, RejectMode};
+use crate::core::{Classify, Deadline, Instance, Observer, RejectMode};
 
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
 
 /// The service made by [`DeadlineLayer`](super::DeadlineLayer).
 pub struct DeadlineService<S, C, M, O> {
     inner: S,
-    shared: Arc<Shared<ServerConfig, O>>,
-    releaser: LocalReleaser,
+    shared: Instance<Shared<ServerConfig, O>>,
     classify: C,
     mode: M,
 }
@@ -33,15 +31,13 @@ pub struct DeadlineService<S, C, M, O> {
 impl<S, C, M, O> DeadlineService<S, C, M, O> {
     pub(super) fn new(
         inner: S,
-        shared: Arc<Shared<ServerConfig, O>>,
-        releaser: LocalReleaser,
+        shared: Instance<Shared<ServerConfig, O>>,
         classify: C,
         mode: M,
     ) -> Self {
         DeadlineService {
             inner,
             shared,
-            releaser,
             classify,
             mode,
         }
@@ -58,7 +54,6 @@ impl<S: Clone, C: Clone, M: Clone, O> Clone for DeadlineService<S, C, M, O> {
         DeadlineService {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
         }
@@ -180,8 +175,9 @@ where
                 request.extensions_mut().insert(deadline);
             }
         }
-        self.shared.admitted();
-        let permit = self.shared.permit(self.releaser.next(), now);
+        let (shared, releaser) = self.shared.next();
+        shared.admitted();
+        let permit = shared.permit(releaser, now);
         // `deadline` already takes the task-local one into account: no second look-up.
         let inner = deadline.scope_earliest(self.inner.call(request));
         ResponseFuture::running(
@@ -197,8 +193,7 @@ where
 /// The service made by [`PropagateDeadlineLayer`](super::PropagateDeadlineLayer).
 pub struct PropagateDeadline<S, C, M, O> {
     inner: S,
-    shared: Arc<Shared<ClientConfig, O>>,
-    releaser: LocalReleaser,
+    shared: Instance<Shared<ClientConfig, O>>,
     classify: C,
     mode: M,
 }
@@ -206,15 +201,13 @@ pub struct PropagateDeadline<S, C, M, O> {
 impl<S, C, M, O> PropagateDeadline<S, C, M, O> {
     pub(super) fn new(
         inner: S,
-        shared: Arc<Shared<ClientConfig, O>>,
-        releaser: LocalReleaser,
+        shared: Instance<Shared<ClientConfig, O>>,
         classify: C,
         mode: M,
     ) -> Self {
         PropagateDeadline {
             inner,
             shared,
-            releaser,
             classify,
             mode,
         }
@@ -231,7 +224,6 @@ impl<S: Clone, C: Clone, M: Clone, O> Clone for PropagateDeadline<S, C, M, O> {
         PropagateDeadline {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
         }
@@ -323,8 +315,9 @@ where
         let sent = write_timeout(request.headers_mut(), &self.shared.config, budget);
         // Layers below (breaker, limiter) may shed a request that cannot finish in time.
         request.extensions_mut().insert(deadline);
-        self.shared.admitted();
-        let permit = self.shared.permit(self.releaser.next(), now);
+        let (shared, releaser) = self.shared.next();
+        shared.admitted();
+        let permit = shared.permit(releaser, now);
         let inner = deadline.scope(self.inner.call(request));
         PropagateFuture::running(
             inner,

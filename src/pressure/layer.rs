@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use crate::core::stripe::Counter;
-use crate::core::{AnyOk, ConfigError, ErrorMode, LocalReleaser, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Owner};
 
 use super::service::{State, LAYER};
 use super::{Pressure, RuntimeMonitor};
@@ -16,8 +16,7 @@ use super::{Pressure, RuntimeMonitor};
 ///
 /// Every service made by one layer shares its counters (and all read the same monitor).
 pub struct PressureLayer<C = AnyOk, M = ErrorMode, O = (), B = ()> {
-    state: Arc<State<O>>,
-    releaser: Releaser,
+    state: Owner<State<O>>,
     classify: C,
     mode: M,
     bypass: B,
@@ -100,7 +99,7 @@ impl<C, M, O, B> PressureLayer<C, M, O, B> {
         O: Send + Sync + 'static,
     {
         PressureHandle {
-            state: self.state.clone(),
+            state: self.state.arc().clone(),
         }
     }
 }
@@ -280,7 +279,7 @@ impl<C, M, O, B> PressureLayerBuilder<C, M, O, B> {
                 "has no threshold (max_lag, max_alive_tasks or max_probe), so the layer would never shed",
             ));
         }
-        let state = Arc::new(State {
+        let state = Owner::new(State {
             monitor: self.monitor,
             retry_after: (!self.retry_after.is_zero()).then_some(self.retry_after),
             observer: self.observer,
@@ -290,7 +289,6 @@ impl<C, M, O, B> PressureLayerBuilder<C, M, O, B> {
             bypassed: AtomicU64::new(0),
         });
         Ok(PressureLayer {
-            releaser: Releaser::new(state.clone()),
             state,
             classify: self.classify,
             mode: self.mode,
@@ -305,8 +303,7 @@ impl<S, C: Clone, M: Clone, O, B: Clone> Layer<S> for PressureLayer<C, M, O, B> 
     fn layer(&self, inner: S) -> Self::Service {
         Pressure::new(
             inner,
-            self.state.clone(),
-            LocalReleaser::new(self.releaser.clone()),
+            self.state.instance(),
             self.classify.clone(),
             self.mode.clone(),
             self.bypass.clone(),
@@ -318,7 +315,6 @@ impl<C: Clone, M: Clone, O, B: Clone> Clone for PressureLayer<C, M, O, B> {
     fn clone(&self) -> Self {
         PressureLayer {
             state: self.state.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),

@@ -1,6 +1,5 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -9,8 +8,8 @@ use tower_service::Service;
 use crate::core::observer::{self, is_noop};
 use crate::core::stripe::Counter;
 use crate::core::{
-    AnyOk, Classify, ErrorMode, Event, LocalReleaser, Observer, Outcome, Permit, Reason,
-    RejectMode, Rejection, Release, ResponseFuture,
+    AnyOk, Classify, ErrorMode, Event, Instance, Observer, Outcome, Permit, Reason, RejectMode,
+    Rejection, Release, ResponseFuture,
 };
 
 use super::RuntimeMonitor;
@@ -48,8 +47,7 @@ where
 /// Built by [`PressureLayer`](super::PressureLayer). Clones share their counters.
 pub struct Pressure<S, C = AnyOk, M = ErrorMode, O = (), B = ()> {
     inner: S,
-    state: Arc<State<O>>,
-    releaser: LocalReleaser,
+    state: Instance<State<O>>,
     classify: C,
     mode: M,
     bypass: B,
@@ -77,8 +75,7 @@ impl<O: Observer> Release for State<O> {
 impl<S, C, M, O, B> Pressure<S, C, M, O, B> {
     pub(crate) fn new(
         inner: S,
-        state: Arc<State<O>>,
-        releaser: LocalReleaser,
+        state: Instance<State<O>>,
         classify: C,
         mode: M,
         bypass: B,
@@ -86,7 +83,6 @@ impl<S, C, M, O, B> Pressure<S, C, M, O, B> {
         Pressure {
             inner,
             state,
-            releaser,
             classify,
             mode,
             bypass,
@@ -143,14 +139,15 @@ where
             let rejection = Rejection::new(Reason::Overloaded).with_retry_after(state.retry_after);
             return ResponseFuture::rejected(rejection, self.mode.clone());
         }
+        let (state, releaser) = self.state.next();
         state.in_flight.add(1);
         state.admitted.add(1);
         // In-flight and latency are only ever seen by the observer: `()` needs neither the sum nor a clock read.
         let permit = if is_noop::<O>() {
-            Permit::untimed(self.releaser.next().clone(), 0)
+            Permit::untimed(releaser.clone(), 0)
         } else {
             observer::admitted(&state.observer, LAYER, &state.in_flight);
-            Permit::new(self.releaser.next().clone(), 0)
+            Permit::new(releaser.clone(), 0)
         };
         ResponseFuture::admitted(
             self.inner.call(request),
@@ -166,7 +163,6 @@ impl<S: Clone, C: Clone, M: Clone, O, B: Clone> Clone for Pressure<S, C, M, O, B
         Pressure {
             inner: self.inner.clone(),
             state: self.state.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),

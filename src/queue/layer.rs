@@ -1,12 +1,11 @@
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
 
 use super::shared::{Config, Shared};
 use super::{Queue, QueueHandle, Uniform};
-use crate::core::{AnyOk, ConfigError, ErrorMode, LimitSource, LocalReleaser, Observer, Releaser};
+use crate::core::{AnyOk, ConfigError, ErrorMode, LimitSource, Observer, Owner};
 
 const NAME: &str = "queue";
 
@@ -14,8 +13,7 @@ const NAME: &str = "queue";
 ///
 /// Every service this layer builds shares the one limit and queue of the layer.
 pub struct QueueLayer<L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
-    shared: Arc<Shared<L, O>>,
-    releaser: Releaser,
+    shared: Owner<Shared<L, O>>,
     classify: C,
     mode: M,
     prioritize: P,
@@ -47,7 +45,7 @@ impl QueueLayer {
 impl<L: LimitSource, C, M, O: Observer, P> QueueLayer<L, C, M, O, P> {
     /// A cheap, cloneable handle on the layer's shared state.
     pub fn handle(&self) -> QueueHandle {
-        QueueHandle::new(self.shared.clone())
+        QueueHandle::new(self.shared.arc().clone())
     }
 }
 
@@ -57,8 +55,7 @@ impl<S, L, C: Clone, M: Clone, O, P: Clone> Layer<S> for QueueLayer<L, C, M, O, 
     fn layer(&self, inner: S) -> Self::Service {
         Queue::new(
             inner,
-            self.shared.clone(),
-            LocalReleaser::new(self.releaser.clone()),
+            self.shared.instance(),
             self.classify.clone(),
             self.mode.clone(),
             self.prioritize.clone(),
@@ -70,7 +67,6 @@ impl<L, C: Clone, M: Clone, O, P: Clone> Clone for QueueLayer<L, C, M, O, P> {
     fn clone(&self) -> Self {
         QueueLayer {
             shared: self.shared.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             prioritize: self.prioritize.clone(),
@@ -357,10 +353,8 @@ impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
             lifo: s.lifo,
             critical_reserve: s.critical_reserve,
         };
-        let shared = Arc::new(Shared::new(limit, self.observer, config));
         Ok(QueueLayer {
-            releaser: Releaser::new(shared.clone()),
-            shared,
+            shared: Owner::new(Shared::new(limit, self.observer, config)),
             classify: self.classify,
             mode: self.mode,
             prioritize: self.prioritize,

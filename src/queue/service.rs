@@ -1,5 +1,4 @@
 use std::fmt;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tower_service::Service;
@@ -8,7 +7,7 @@ use super::future::{ResponseFuture, Waiter};
 use super::shared::{NotNow, Shared};
 use super::{Prioritize, QueueHandle, Uniform};
 use crate::core::{
-    AnyOk, Classify, ErrorMode, LimitSource, LocalReleaser, Observer, RejectMode, Rejection,
+    AnyOk, Classify, ErrorMode, Instance, LimitSource, Observer, RejectMode, Rejection,
 };
 
 /// The queue-depth shedder around a service `S`; built by [`QueueLayer`](super::QueueLayer).
@@ -18,8 +17,7 @@ use crate::core::{
 /// call.
 pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
     inner: S,
-    shared: Arc<Shared<L, O>>,
-    releaser: LocalReleaser,
+    shared: Instance<Shared<L, O>>,
     classify: C,
     mode: M,
     prioritize: P,
@@ -28,8 +26,7 @@ pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
 impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
     pub(crate) fn new(
         inner: S,
-        shared: Arc<Shared<L, O>>,
-        releaser: LocalReleaser,
+        shared: Instance<Shared<L, O>>,
         classify: C,
         mode: M,
         prioritize: P,
@@ -37,7 +34,6 @@ impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
         Queue {
             inner,
             shared,
-            releaser,
             classify,
             mode,
             prioritize,
@@ -55,7 +51,7 @@ impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
         L: LimitSource,
         O: Observer,
     {
-        QueueHandle::new(self.shared.clone())
+        QueueHandle::new(self.shared.arc().clone())
     }
 }
 
@@ -64,7 +60,6 @@ impl<S: Clone, L, C: Clone, M: Clone, O, P: Clone> Clone for Queue<S, L, C, M, O
         Queue {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            releaser: self.releaser.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             prioritize: self.prioritize.clone(),
@@ -103,7 +98,8 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let priority = self.prioritize.priority(&request);
         let deadline = self.prioritize.deadline(&request);
-        match self.shared.admit(self.releaser.next(), priority, deadline) {
+        let (shared, releaser) = self.shared.next();
+        match shared.admit(releaser, priority, deadline) {
             Ok(permit) => ResponseFuture::called(crate::core::ResponseFuture::admitted(
                 self.inner.call(request),
                 Some(permit),
@@ -137,8 +133,11 @@ where
             NotNow::Queued { index, wake_at } => {
                 // The waiter owns the queue node from here on: if cloning the service below panics, dropping it
                 // gives the place (or a slot just handed to it) back.
-                let waiter =
-                    Waiter::new(self.shared.clone(), self.releaser.current().clone(), index);
+                let waiter = Waiter::new(
+                    self.shared.arc().clone(),
+                    self.shared.releaser().clone(),
+                    index,
+                );
                 // The service we polled ready goes with the request; a fresh clone stays for the next one.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
