@@ -207,8 +207,9 @@ fn stamp(t: Instant) -> u64 {
 /// | dropped while the thread unwinds from a panic (inner service panicked) | [`Outcome::Failure`] |
 ///
 /// A timed permit reads the clock at admission and when it finishes, and reports the latency to the
-/// microsecond, for requests of up to about 1.6 days (see [`Permit::elapsed`]). An untimed one reads no clock. Neither allocates: the owner is a [`Releaser`] the layer already holds. A permit is two words,
-/// and so is an `Option<Permit>`.
+/// microsecond, for requests of up to about 1.6 days (see [`Permit::elapsed`]). An untimed one reads no clock.
+/// Neither allocates: the owner is a [`Releaser`] the layer already holds. A permit is two words, and so is an
+/// `Option<Permit>`.
 pub struct Permit {
     owner: Releaser,
     word: u64,
