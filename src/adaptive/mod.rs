@@ -18,10 +18,14 @@
 //! - Clones share one limit and one in-flight count (one `Arc` per layer).
 //! - The permit is held until the response is really done (for HTTP until the body ends), and released exactly
 //!   once on every path, panics and dropped futures included.
-//! - The hot path is one compare-and-swap on admission and one atomic add on completion (in flight is admitted
-//!   minus released, and a window's completions are the growth of the released count), plus a few adds into a
-//!   per-thread stripe for the requests that are timed; the algorithm runs once per window, by whichever request
-//!   closes it, under a try-lock nobody waits for. See "Cost" below for when the clock is read.
+//! - The hot path touches only the calling thread's own cache line while in flight stays below half the limit
+//!   (with a limit of 256 or more): each thread takes admission tokens from the shared count a few at a time
+//!   and gives finished requests' tokens back to its own stripe. From half the limit on, and always under a
+//!   smaller limit, it is one compare-and-swap on the shared count on admission and one atomic add on
+//!   completion, so the limit holds exactly: before any request is refused, every parked token goes back. A
+//!   window's completions are summed from the stripes, as are the timed requests' samples; the algorithm runs
+//!   once per window, by whichever request closes it, under a try-lock nobody waits for. See "Cost" below for
+//!   when the clock is read.
 //! - The limit is observable and tunable live through an [`AdaptiveHandle`], which also serves as the queue
 //!   layer's [`LimitSource`](crate::core::LimitSource).
 //!

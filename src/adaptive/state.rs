@@ -1,13 +1,13 @@
 //! The state one layer instance shares with all its services and handles.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::algorithm::{Algorithm, Window, LAYER};
-use crate::core::stripe::{Striped, Totals};
+use crate::core::stripe::{Stripe, Striped, Totals};
 use crate::core::{observer, ConfigError, Event, Observer, Outcome, Release};
 
 /// The algorithm and its fractional estimate: touched by one updater at a time.
@@ -22,12 +22,14 @@ pub(crate) struct Updater {
 pub(crate) struct Core {
     pub(crate) epoch: Instant,
     pub(crate) limit: AtomicUsize,
-    /// Requests admitted and finished so far (both wrap): in flight is their difference, and a window's
-    /// completions are the growth of `released`, so that no finishing request has a counter of its own to add to.
+    /// Admission tokens taken from and given back to the shared count so far (both wrap). Their difference is
+    /// the requests in flight plus the tokens parked in the threads' stripes (see [`Core::try_acquire`]).
     admitted: AtomicUsize,
     released: AtomicUsize,
-    /// `released` when the current window opened; written only by the updater.
-    released_base: AtomicUsize,
+    /// Set when a stripe may hold parked tokens; cleared by [`Core::sweep`], which gives them all back.
+    parked_hint: AtomicBool,
+    /// The stripes' completed sum when the current window opened; written only by the updater.
+    completed_base: AtomicU64,
     /// One request in `timing_mask + 1` is timed (see [`Core::timing_mask`]); 0 while every request is.
     timing_mask: AtomicU32,
     /// Whether timing may be thinned out at all: not when an observer is told every latency.
@@ -103,7 +105,8 @@ impl Core {
             limit: AtomicUsize::new(config.initial),
             admitted: AtomicUsize::new(0),
             released: AtomicUsize::new(0),
-            released_base: AtomicUsize::new(0),
+            parked_hint: AtomicBool::new(false),
+            completed_base: AtomicU64::new(0),
             timing_mask: AtomicU32::new(0),
             thin_timing: true,
             min_limit: AtomicUsize::new(config.min),
@@ -123,49 +126,175 @@ impl Core {
         })
     }
 
-    /// Requests holding a permit now.
+    /// Requests holding a permit now: tokens out of the shared count, less those parked in stripes.
     pub(crate) fn in_flight(&self) -> usize {
+        // The shared count first, then the stripes: a token that moves between them in the meantime (parked or
+        // unparked, taken or given back) can only make the figure read high, never low.
+        let outstanding = self.outstanding();
+        outstanding.saturating_sub(self.window.parked())
+    }
+
+    /// Tokens out of the shared count: requests in flight plus tokens parked in stripes.
+    #[inline]
+    fn outstanding(&self) -> usize {
         // Released first: it never passes the admissions read after it.
         let released = self.released.load(Ordering::Acquire);
         let admitted = self.admitted.load(Ordering::Acquire);
         usize::try_from(admitted.wrapping_sub(released) as isize).unwrap_or(0)
     }
 
-    /// Tries to admit one request: `Some((in_flight, number))` (in flight including it, and its admission
-    /// number, counted from 0), or `None` at the limit.
+    /// Tries to admit one request on this thread: `Some((in_flight, stripe))` (in flight including it, and this
+    /// thread's stripe), or `None` at the limit.
+    ///
+    /// # Parked tokens
+    ///
+    /// The shared count is one cache line that every admission and every release would otherwise write, and
+    /// with two threads its transfer between cores is most of this layer's cost. So while in flight stays far
+    /// below the limit (at most half of it, and only with a limit of at least [`PARK_FROM`]), a thread takes
+    /// tokens in small batches and keeps the rest of each batch in its own stripe, and a request finishing there
+    /// gives its token back to the stripe. In that state admission and release touch only the thread's own
+    /// cache line, and the shared count is only read.
+    ///
+    /// The limit stays exact: tokens are only parked while in flight plus every parked token stays at most half
+    /// the limit, at most `2 × batch` per stripe (a sixteenth of the limit in all), and before any request is
+    /// refused at the limit, or in flight passes half of it, every parked token is given back. With one thread
+    /// (the simulator) admissions, refusals and the in-flight figures are exactly those of a single shared count.
     #[inline]
-    pub(crate) fn try_acquire(&self) -> Option<(usize, usize)> {
+    pub(crate) fn try_acquire(&self) -> Option<(usize, &Stripe)> {
+        let stripe = self.window.mine();
+        let mut parked = stripe.parked.load(Ordering::Relaxed);
+        while parked > 0 {
+            match stripe.parked.compare_exchange_weak(
+                parked,
+                parked - 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    // In flight: the shared count's tokens less this stripe's (exact with one thread; with several,
+                    // at most the other stripes' parked tokens high).
+                    let in_flight = self.outstanding().saturating_sub(parked - 1);
+                    self.note_in_flight(in_flight);
+                    return Some((in_flight, stripe));
+                }
+                Err(now) => parked = now,
+            }
+        }
+        self.acquire_shared(stripe)
+    }
+
+    /// Admission through the shared count: one token, or a batch whose rest is parked in `stripe`.
+    #[inline(never)]
+    fn acquire_shared<'a>(&'a self, stripe: &'a Stripe) -> Option<(usize, &'a Stripe)> {
+        let mut swept = false;
         let limit = self.limit.load(Ordering::Acquire);
         let mut admitted = self.admitted.load(Ordering::Relaxed);
-        let (before, number) = loop {
+        loop {
             let released = self.released.load(Ordering::Acquire);
             // Negative when requests admitted after our read have finished since: read again.
             let Ok(before) = usize::try_from(admitted.wrapping_sub(released) as isize) else {
                 admitted = self.admitted.load(Ordering::Relaxed);
                 continue;
             };
+            // Tokens parked in other stripes make `before` high: give them back before refusing anybody, and
+            // before in flight passes half the limit (from there on every token goes through the shared count).
+            if (before >= limit || before * 2 > limit)
+                && !swept
+                && self.parked_hint.load(Ordering::SeqCst)
+            {
+                self.sweep();
+                swept = true;
+                admitted = self.admitted.load(Ordering::Relaxed);
+                continue;
+            }
             if before >= limit {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
+            let batch = batch(limit);
+            let take = if batch > 1 && (before + batch) * 2 <= limit {
+                batch
+            } else {
+                1
+            };
             // Succeeds only if nobody was admitted since our read: then everything counted in `released` was
             // admitted before it, and `before` is at least the true count, never below it.
             match self.admitted.compare_exchange_weak(
                 admitted,
-                admitted.wrapping_add(1),
+                admitted.wrapping_add(take),
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => break (before, admitted),
+                Ok(_) => {
+                    if take > 1 {
+                        self.park(stripe, take - 1);
+                    }
+                    let in_flight = before + 1;
+                    self.note_in_flight(in_flight);
+                    return Some((in_flight, stripe));
+                }
                 Err(now) => admitted = now,
             }
-        };
-        let in_flight = before + 1;
+        }
+    }
+
+    /// Keeps `n` tokens in `stripe`, and says so to whoever may have to give them back.
+    #[inline]
+    fn park(&self, stripe: &Stripe, n: usize) {
+        stripe.parked.fetch_add(n, Ordering::SeqCst);
+        // Sequentially consistent with the sweep's clear-then-take: either the sweep takes these tokens, or this
+        // load comes after its clear and sets the hint again.
+        if !self.parked_hint.load(Ordering::SeqCst) {
+            self.parked_hint.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Gives every parked token back to the shared count.
+    #[cold]
+    fn sweep(&self) {
+        self.parked_hint.store(false, Ordering::SeqCst);
+        let mut tokens = 0usize;
+        for stripe in self.window.all() {
+            if stripe.parked.load(Ordering::Relaxed) > 0 {
+                tokens += stripe.parked.swap(0, Ordering::SeqCst);
+            }
+        }
+        if tokens > 0 {
+            self.released.fetch_add(tokens, Ordering::AcqRel);
+        }
+    }
+
+    /// A finished request's token: back into its thread's stripe while in flight is far below the limit and the
+    /// stripe holds few, else back to the shared count.
+    #[inline]
+    fn give_back(&self, stripe: &Stripe) {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let batch = batch(limit);
+        if batch > 1
+            && stripe.parked.load(Ordering::Relaxed) < 2 * batch
+            && self.outstanding() * 2 <= limit
+        {
+            self.park(stripe, 1);
+        } else {
+            self.released.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Raises the window's maximum in flight to `in_flight`.
+    #[inline]
+    fn note_in_flight(&self, in_flight: usize) {
         // The maximum changes rarely within a window: read before writing, so the common case writes nothing.
         if in_flight > self.max_in_flight.load(Ordering::Relaxed) {
             self.max_in_flight.fetch_max(in_flight, Ordering::Relaxed);
         }
-        Some((in_flight, number))
+    }
+
+    /// Whether to time the request just admitted on `stripe` (see [`Core::timed`]); its admission number is
+    /// counted per thread, and only while timing is thinned out.
+    #[inline]
+    pub(crate) fn timed_on(&self, stripe: &Stripe) -> bool {
+        self.timing_mask() == 0
+            || self.timed(stripe.admits.fetch_add(1, Ordering::Relaxed) as usize)
     }
 
     /// Whether to time the request admitted as `number`: one in `timing_mask + 1`, picked by hashing the
@@ -214,18 +343,23 @@ impl Core {
     /// Records a finished request (it no longer counts in flight); returns the new limit when this request
     /// closed a window that changed it.
     fn record(&self, outcome: Outcome, latency: Duration, tag: u64) -> Option<usize> {
-        // Counted among the window's completions by this add alone; only the rarer outcomes (ignored, dropped)
-        // and timed samples are written anywhere else.
-        self.released.fetch_add(1, Ordering::AcqRel);
+        // Counted among the window's completions in this thread's stripe; the token goes back there too while
+        // in flight is far below the limit. Only the rarer outcomes (ignored, dropped) and timed samples are
+        // written anywhere else.
+        let stripe = self.window.mine();
+        stripe.completed.fetch_add(1, Ordering::AcqRel);
+        self.give_back(stripe);
         let timed = tag != UNTIMED;
         let latency = nanos(latency);
         match outcome {
             Outcome::Ignored => {
-                self.window.ignored();
+                stripe.ignored.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
-            Outcome::Dropped => self.window.dropped(),
-            Outcome::Success | Outcome::Failure if timed => self.window.sample(latency),
+            Outcome::Dropped => {
+                stripe.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Success | Outcome::Failure if timed => stripe.sample(latency),
             Outcome::Success | Outcome::Failure => {}
         }
         if !timed {
@@ -263,11 +397,11 @@ impl Core {
         count >= self.min_samples && (t.timed > 0 || samples == 0)
     }
 
-    /// Requests finished since the current window opened (every outcome), and the released count that says so.
-    fn completions(&self) -> (u64, usize) {
-        let released = self.released.load(Ordering::Acquire);
-        let since = released.wrapping_sub(self.released_base.load(Ordering::Relaxed));
-        (since as u64, released)
+    /// Requests finished since the current window opened (every outcome), and the completed count that says so.
+    fn completions(&self) -> (u64, u64) {
+        let completed = self.window.completed();
+        let since = completed.wrapping_sub(self.completed_base.load(Ordering::Relaxed));
+        (since, completed)
     }
 
     fn close_window(&self, updater: &mut Updater, now: u64) -> Option<usize> {
@@ -276,8 +410,8 @@ impl Core {
         // completions and, if it was dropped or ignored, in the next window's stripes; the next window's
         // completions start from this reading, so nothing is lost or counted twice overall.
         // Only the updater (we hold its lock) moves the base, so reading it and then storing is no race.
-        let (completions, released) = self.completions();
-        self.released_base.store(released, Ordering::Relaxed);
+        let (completions, completed) = self.completions();
+        self.completed_base.store(completed, Ordering::Relaxed);
         let Totals {
             timed,
             ignored,
@@ -329,12 +463,31 @@ impl Core {
         updater.estimate = updater.estimate.clamp(min as f64, max as f64);
         let limit = (updater.estimate as usize).clamp(min, max).max(1);
         let old = self.limit.swap(limit, Ordering::AcqRel);
+        if limit < old && self.parked_hint.load(Ordering::SeqCst) {
+            // Tokens parked under the old limit may be too many for the new one.
+            self.sweep();
+        }
         (old != limit).then_some(limit)
     }
 }
 
 /// The tag of a permit that was not timed: no admission instant, no latency.
 pub(crate) const UNTIMED: u64 = crate::core::Permit::MAX_UNTIMED_TAG;
+
+/// The smallest limit under which threads park tokens (see [`Core::try_acquire`]).
+pub(crate) const PARK_FROM: usize = 256;
+
+/// How many tokens a thread takes from the shared count at once under `limit`: 1 below [`PARK_FROM`], then a
+/// 128th of the limit, at most 16. A stripe parks at most twice that, so the eight stripes park at most a
+/// sixteenth of the limit.
+#[inline]
+fn batch(limit: usize) -> usize {
+    if limit < PARK_FROM {
+        1
+    } else {
+        (limit / 128).min(16)
+    }
+}
 
 /// Timed samples a window should hold before timing is thinned out; more add nothing to a window's mean.
 const TIMED_TARGET: u64 = 1024;
@@ -640,5 +793,220 @@ mod tests {
         );
         core.record(Outcome::Success, Duration::from_millis(10), 400 * ms);
         assert_eq!(core.windows.load(Ordering::Relaxed), 2);
+    }
+
+    /// A core whose limit stays at `limit` (no window closes in a test).
+    fn fixed(limit: usize) -> Core {
+        Core::new(Config {
+            initial: limit,
+            min: 1,
+            max: limit,
+            min_samples: 1,
+            window: Duration::from_secs(3600),
+            algorithm: Box::new(Aimd::new()),
+        })
+        .unwrap()
+    }
+
+    fn finish(core: &Core) {
+        core.record(Outcome::Success, Duration::ZERO, UNTIMED);
+    }
+
+    /// Runs `f` on a thread whose stripe is not this thread's.
+    fn on_another_stripe(core: &std::sync::Arc<Core>, f: fn(&Core)) {
+        let here = crate::core::stripe::index();
+        for _ in 0..crate::core::stripe::STRIPES {
+            let core = core.clone();
+            let ran = std::thread::spawn(move || {
+                let other = crate::core::stripe::index() != here;
+                if other {
+                    f(&core);
+                }
+                other
+            })
+            .join()
+            .unwrap();
+            if ran {
+                return;
+            }
+        }
+        panic!("no thread on another stripe");
+    }
+
+    #[test]
+    fn far_below_the_limit_a_thread_parks_tokens_and_in_flight_stays_exact() {
+        let core = fixed(1000);
+        assert_eq!(batch(1000), 7);
+        let mut held = 0;
+        for round in 0..50 {
+            for _ in 0..5 {
+                let (in_flight, _) = core.try_acquire().unwrap();
+                held += 1;
+                assert_eq!(in_flight, held, "round {round}");
+                assert_eq!(core.in_flight(), held);
+            }
+            for _ in 0..3 {
+                finish(&core);
+                held -= 1;
+                assert_eq!(core.in_flight(), held);
+            }
+        }
+        assert_eq!(held, 100);
+        assert!(core.window.parked() > 0, "tokens are parked");
+        assert!(core.window.parked() <= 2 * batch(1000));
+        // The last round reached 98 + 5.
+        assert_eq!(core.max_in_flight.load(Ordering::Relaxed), 103);
+        for _ in 0..held {
+            finish(&core);
+        }
+        assert_eq!(core.in_flight(), 0);
+        // What is parked is all that is out of the shared count.
+        assert_eq!(core.outstanding(), core.window.parked());
+    }
+
+    #[test]
+    fn a_small_limit_parks_nothing() {
+        let core = fixed(PARK_FROM - 1);
+        for _ in 0..100 {
+            core.try_acquire().unwrap();
+            finish(&core);
+        }
+        assert_eq!(core.window.parked(), 0);
+        assert!(!core.parked_hint.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn tokens_parked_on_another_thread_never_cost_an_admission_at_the_limit() {
+        let core = std::sync::Arc::new(fixed(1000));
+        // Another thread admits and finishes requests far below the limit, and leaves tokens parked in its stripe.
+        on_another_stripe(&core, |core| {
+            for _ in 0..100 {
+                core.try_acquire().unwrap();
+                finish(core);
+            }
+            assert!(core.window.mine().parked.load(Ordering::Relaxed) > 0);
+        });
+        assert!(core.window.parked() > 0);
+        assert_eq!(core.in_flight(), 0);
+        // All 1000 requests are admitted here, and the 1001st refused.
+        for n in 1..=1000 {
+            let (in_flight, _) = core
+                .try_acquire()
+                .unwrap_or_else(|| panic!("request {n} refused below the limit"));
+            // The admission's own figure counts the other stripe's parked tokens while in flight is below half
+            // the limit (it is only the window's maximum, and no higher than half the limit); past that it is
+            // exact. The handle's figure always is.
+            if n * 2 > 1000 {
+                assert_eq!(in_flight, n);
+            } else {
+                assert!((n..=n + 2 * batch(1000)).contains(&in_flight));
+            }
+            assert_eq!(core.in_flight(), n);
+        }
+        assert!(core.try_acquire().is_none());
+        assert_eq!(core.window.parked(), 0, "given back before refusing");
+        assert_eq!(core.in_flight(), 1000);
+        assert_eq!(core.max_in_flight.load(Ordering::Relaxed), 1000);
+        for _ in 0..1000 {
+            finish(&core);
+        }
+        assert_eq!(core.in_flight(), 0);
+    }
+
+    #[test]
+    fn passing_half_the_limit_gives_parked_tokens_back() {
+        let core = std::sync::Arc::new(fixed(1000));
+        on_another_stripe(&core, |core| {
+            for _ in 0..100 {
+                core.try_acquire().unwrap();
+                finish(core);
+            }
+        });
+        let parked = core.window.parked();
+        assert!(parked > 0);
+        // Here, in flight climbs past half the limit: the other stripe's tokens go back, and the maximum in flight
+        // the window sees is exact, not raised by them.
+        for _ in 0..501 {
+            core.try_acquire().unwrap();
+        }
+        assert_eq!(core.window.parked(), 0);
+        assert_eq!(core.max_in_flight.load(Ordering::Relaxed), 501);
+        assert_eq!(core.in_flight(), 501);
+    }
+
+    #[test]
+    fn a_lower_limit_takes_parked_tokens_back() {
+        let core = fixed(1000);
+        for _ in 0..10 {
+            core.try_acquire().unwrap();
+        }
+        assert!(core.window.parked() > 0);
+        core.max_limit.store(300, Ordering::Relaxed);
+        let changed = core.apply_estimate(&mut core.lock_updater());
+        assert_eq!(changed, Some(300));
+        assert_eq!(core.window.parked(), 0);
+        assert_eq!(core.in_flight(), 10);
+    }
+
+    #[test]
+    fn threads_sharing_a_limit_never_hold_more_than_it() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        const LIMIT: usize = 300;
+        let core = Arc::new(fixed(LIMIT));
+        let held = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (core, held, peak, refused) =
+                    (core.clone(), held.clone(), peak.clone(), refused.clone());
+                std::thread::spawn(move || {
+                    // Each thread heads for 150 requests held, then for 10, and so on, wandering on the way, so
+                    // that the four of them cross half the limit and reach it again and again.
+                    let mut mine = 0usize;
+                    let mut x = (t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    for i in 0..200_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let target = if (i / 5_000) % 2 == 0 { 150 } else { 10 };
+                        let up = (mine < target) == (x % 4 != 0);
+                        if up {
+                            if core.try_acquire().is_some() {
+                                mine += 1;
+                                let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+                                peak.fetch_max(now, Ordering::SeqCst);
+                                assert!(
+                                    now <= LIMIT,
+                                    "{now} requests held under a limit of {LIMIT}"
+                                );
+                            } else {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                        } else if mine > 0 {
+                            mine -= 1;
+                            held.fetch_sub(1, Ordering::SeqCst);
+                            finish(&core);
+                        }
+                    }
+                    for _ in 0..mine {
+                        held.fetch_sub(1, Ordering::SeqCst);
+                        finish(&core);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(held.load(Ordering::SeqCst), 0);
+        assert_eq!(core.in_flight(), 0);
+        assert_eq!(core.outstanding(), core.window.parked());
+        assert!(
+            refused.load(Ordering::Relaxed) > 0,
+            "the threads reached the limit"
+        );
+        assert_eq!(peak.load(Ordering::SeqCst), LIMIT);
     }
 }

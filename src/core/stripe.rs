@@ -24,7 +24,7 @@ pub(crate) fn index() -> usize {
     INDEX.try_with(|i| *i).unwrap_or(0)
 }
 
-/// One thread's share of a window's figures, alone on its cache lines.
+/// One thread's share of a window's figures, and of a limiter's admission tokens, alone on its cache lines.
 #[derive(Debug)]
 #[repr(align(128))]
 pub(crate) struct Stripe {
@@ -33,6 +33,12 @@ pub(crate) struct Stripe {
     pub(crate) dropped: AtomicU64,
     pub(crate) latency_sum: AtomicU64,
     pub(crate) latency_min: AtomicU64,
+    /// Requests finished on this thread, ever (wraps): the window's completions are the growth of the sum.
+    pub(crate) completed: AtomicU64,
+    /// Admission tokens this thread holds for its next requests: taken from the shared count, not in use.
+    pub(crate) parked: AtomicUsize,
+    /// Requests admitted on this thread while timing is thinned out: their admission numbers.
+    pub(crate) admits: AtomicU64,
 }
 
 /// One window's figures, summed over the stripes.
@@ -67,7 +73,20 @@ impl Stripe {
             dropped: AtomicU64::new(0),
             latency_sum: AtomicU64::new(0),
             latency_min: AtomicU64::new(u64::MAX),
+            completed: AtomicU64::new(0),
+            parked: AtomicUsize::new(0),
+            admits: AtomicU64::new(0),
         }
+    }
+
+    /// Adds a latency sample (a success or a failure) to this stripe.
+    #[inline]
+    pub(crate) fn sample(&self, latency: u64) {
+        self.latency_sum.fetch_add(latency, Ordering::Relaxed);
+        if latency < self.latency_min.load(Ordering::Relaxed) {
+            self.latency_min.fetch_min(latency, Ordering::Relaxed);
+        }
+        self.timed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -86,32 +105,30 @@ impl Default for Striped {
 }
 
 impl Striped {
+    /// This thread's stripe.
     #[inline]
-    fn mine(&self) -> &Stripe {
+    pub(crate) fn mine(&self) -> &Stripe {
         &self.stripes[index()]
     }
 
-    /// Adds a latency sample (a success or a failure).
-    #[inline]
-    pub(crate) fn sample(&self, latency: u64) {
-        let s = self.mine();
-        s.latency_sum.fetch_add(latency, Ordering::Relaxed);
-        if latency < s.latency_min.load(Ordering::Relaxed) {
-            s.latency_min.fetch_min(latency, Ordering::Relaxed);
-        }
-        s.timed.fetch_add(1, Ordering::Relaxed);
+    /// Every stripe.
+    pub(crate) fn all(&self) -> &[Stripe; STRIPES] {
+        &self.stripes
     }
 
-    /// Adds a request that finished as ignored.
-    #[inline]
-    pub(crate) fn ignored(&self) {
-        self.mine().ignored.fetch_add(1, Ordering::Relaxed);
+    /// Requests finished so far on every thread (wraps; see [`Stripe::completed`]).
+    pub(crate) fn completed(&self) -> u64 {
+        self.stripes.iter().fold(0u64, |sum, s| {
+            sum.wrapping_add(s.completed.load(Ordering::Acquire))
+        })
     }
 
-    /// Adds a dropped request (an overload signal without a useful latency).
-    #[inline]
-    pub(crate) fn dropped(&self) {
-        self.mine().dropped.fetch_add(1, Ordering::Relaxed);
+    /// Admission tokens parked on every thread.
+    pub(crate) fn parked(&self) -> usize {
+        self.stripes
+            .iter()
+            .map(|s| s.parked.load(Ordering::Acquire))
+            .sum()
     }
 
     /// The figures recorded since the last [`Striped::take`], without resetting (the minimum is not read).
@@ -199,12 +216,13 @@ mod tests {
                 let striped = striped.clone();
                 std::thread::spawn(move || {
                     for i in 0..1000u64 {
-                        striped.sample(10 + t + i % 3);
+                        let mine = striped.mine();
+                        mine.sample(10 + t + i % 3);
                         if i % 10 == 0 {
-                            striped.dropped();
+                            mine.dropped.fetch_add(1, Ordering::Relaxed);
                         }
                         if i % 4 == 0 {
-                            striped.ignored();
+                            mine.ignored.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 })
