@@ -18,14 +18,15 @@
 //! - Clones share one limit and one in-flight count (one `Arc` per layer).
 //! - The permit is held until the response is really done (for HTTP until the body ends), and released exactly
 //!   once on every path, panics and dropped futures included.
-//! - The hot path touches only the calling thread's own cache line while in flight stays below half the limit
-//!   (with a limit of 256 or more): each thread takes admission tokens from the shared count a few at a time
-//!   and gives finished requests' tokens back to its own stripe. From half the limit on, and always under a
-//!   smaller limit, it is one compare-and-swap on the shared count on admission and one atomic add on
-//!   completion, so the limit holds exactly: before any request is refused, every parked token goes back. A
-//!   window's completions are summed from the stripes, as are the timed requests' samples; the algorithm runs
-//!   once per window, by whichever request closes it, under a try-lock nobody waits for. See "Cost" below for
-//!   when the clock is read.
+//! - While in flight stays well below the limit (with a limit of 256 or more), the hot path touches only the
+//!   calling thread's own cache line: each thread takes admission tokens from the shared count a few at a time
+//!   and gives finished requests' tokens back to its own stripe. Under a smaller limit, and once the shared
+//!   count's tokens pass 3/8 of the limit, tokens go through the shared count: one compare-and-swap on
+//!   admission and one atomic add on completion. The limit holds exactly: before a request is refused, and
+//!   before an admission puts in flight at half the limit or more, every parked token goes back. A window's
+//!   completions are summed from the stripes, as are the timed requests' samples; the algorithm runs once per
+//!   window, by whichever request closes it, under a try-lock nobody waits for. See "Cost" below for when the
+//!   clock is read.
 //! - The limit is observable and tunable live through an [`AdaptiveHandle`], which also serves as the queue
 //!   layer's [`LimitSource`](crate::core::LimitSource).
 //!
@@ -35,8 +36,8 @@
 //! 30 ns a read on a typical VM, against 20–30 ns for everything else. A window's mean latency needs a few
 //! hundred samples, not every request of a busy service. So without an observer, once a window holds
 //! `4 × max(1024, min_samples)` finished requests, the next window times only half of them, a quarter,
-//! and so on down to one in 64 (picked by hashing each request's admission number, so that the picks follow no
-//! pattern in the traffic), keeping at least about `2 × max(1024, min_samples)` timed samples a window
+//! and so on down to one in 64 (picked by hashing the admission's number among its thread's admissions, so that
+//! the picks follow no pattern in the traffic), keeping at least about `2 × max(1024, min_samples)` timed samples a window
 //! (and half that if the load halves at once). Every request is still admitted, counted and released the same
 //! way; the window's mean and minimum latency are those of the timed requests, and only a timed request can
 //! close a window. Below that rate (thousands of requests a window, i.e. tens of thousands a second with the

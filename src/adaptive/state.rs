@@ -126,10 +126,10 @@ impl Core {
         })
     }
 
-    /// Requests holding a permit now: tokens out of the shared count, less those parked in stripes.
+    /// Requests holding a permit now: tokens out of the shared count, less those parked in stripes. Exact while
+    /// no other thread admits or finishes a request; while they do, it may be off by a few (a batch at most) as
+    /// tokens move between the shared count and the stripes.
     pub(crate) fn in_flight(&self) -> usize {
-        // The shared count first, then the stripes: a token that moves between them in the meantime (parked or
-        // unparked, taken or given back) can only make the figure read high, never low.
         let outstanding = self.outstanding();
         outstanding.saturating_sub(self.window.parked())
     }
@@ -150,15 +150,24 @@ impl Core {
     ///
     /// The shared count is one cache line that every admission and every release would otherwise write, and
     /// with two threads its transfer between cores is most of this layer's cost. So while in flight stays far
-    /// below the limit (at most half of it, and only with a limit of at least [`PARK_FROM`]), a thread takes
-    /// tokens in small batches and keeps the rest of each batch in its own stripe, and a request finishing there
-    /// gives its token back to the stripe. In that state admission and release touch only the thread's own
-    /// cache line, and the shared count is only read.
+    /// below the limit (with a limit of at least [`PARK_FROM`]), a thread takes tokens in small batches and
+    /// keeps the rest of each batch in its own stripe, and a request finishing there gives its token back to the
+    /// stripe. In that state admission and release touch only the thread's own cache line, and the shared count
+    /// is only read.
     ///
-    /// The limit stays exact: tokens are only parked while in flight plus every parked token stays at most half
-    /// the limit, at most `2 × batch` per stripe (a sixteenth of the limit in all), and before any request is
-    /// refused at the limit, or in flight passes half of it, every parked token is given back. With one thread
-    /// (the simulator) admissions, refusals and the in-flight figures are exactly those of a single shared count.
+    /// The limit stays exact:
+    /// - Tokens are parked only while the shared count's tokens (in flight plus every parked token) are at most
+    ///   3/8 of the limit, and a stripe parks about `2 × batch` at most.
+    /// - Every parked token is given back before a request is refused at the limit, and before an admission
+    ///   would put in flight at half the limit or more. So the window's maximum in flight, which the algorithms
+    ///   compare with half the limit (app-limited) and with the limit (saturated), is exact wherever it decides
+    ///   anything; below half the limit it may count other threads' parked tokens.
+    /// - An admission from a parked token that finds the limit lowered under it gives the token back and goes
+    ///   through the shared count.
+    ///
+    /// With one thread (the simulator) admissions, refusals and the in-flight figures are exactly those of a
+    /// single shared count. With several, a request may be refused while a thread is between taking a batch and
+    /// parking its rest, i.e. up to one batch below the limit for that instant.
     #[inline]
     pub(crate) fn try_acquire(&self) -> Option<(usize, &Stripe)> {
         let stripe = self.window.mine();
@@ -171,9 +180,15 @@ impl Core {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
-                    // In flight: the shared count's tokens less this stripe's (exact with one thread; with several,
-                    // at most the other stripes' parked tokens high).
-                    let in_flight = self.outstanding().saturating_sub(parked - 1);
+                    // The shared count's tokens less this stripe's, read after them: a sweep in between makes the
+                    // figure high, never low. Exact with one thread; with several, other stripes' parked tokens
+                    // make it high, which matters from half the limit on.
+                    let outstanding = self.outstanding();
+                    let in_flight =
+                        outstanding.saturating_sub(stripe.parked.load(Ordering::Relaxed));
+                    if in_flight * 2 >= self.limit.load(Ordering::Relaxed) {
+                        return self.admitted_near_half(stripe);
+                    }
                     self.note_in_flight(in_flight);
                     return Some((in_flight, stripe));
                 }
@@ -181,6 +196,22 @@ impl Core {
             }
         }
         self.acquire_shared(stripe)
+    }
+
+    /// A request admitted from a parked token whose figure reached half the limit: the parked tokens go back,
+    /// the figure is taken again, exactly, and if the limit was lowered below it the token goes back too and
+    /// the request is decided through the shared count.
+    #[cold]
+    #[inline(never)]
+    fn admitted_near_half<'a>(&'a self, stripe: &'a Stripe) -> Option<(usize, &'a Stripe)> {
+        self.sweep();
+        let in_flight = self.in_flight();
+        if in_flight > self.limit.load(Ordering::Acquire) {
+            self.released.fetch_add(1, Ordering::AcqRel);
+            return self.acquire_shared(stripe);
+        }
+        self.note_in_flight(in_flight);
+        Some((in_flight, stripe))
     }
 
     /// Admission through the shared count: one token, or a batch whose rest is parked in `stripe`.
@@ -197,11 +228,8 @@ impl Core {
                 continue;
             };
             // Tokens parked in other stripes make `before` high: give them back before refusing anybody, and
-            // before in flight passes half the limit (from there on every token goes through the shared count).
-            if (before >= limit || before * 2 > limit)
-                && !swept
-                && self.parked_hint.load(Ordering::SeqCst)
-            {
+            // before this admission's figure reaches half the limit.
+            if (before + 1) * 2 >= limit && !swept && self.parked_hint.load(Ordering::SeqCst) {
                 self.sweep();
                 swept = true;
                 admitted = self.admitted.load(Ordering::Relaxed);
@@ -212,7 +240,7 @@ impl Core {
                 return None;
             }
             let batch = batch(limit);
-            let take = if batch > 1 && (before + batch) * 2 <= limit {
+            let take = if batch > 1 && parks(before + batch, limit) {
                 batch
             } else {
                 1
@@ -255,7 +283,9 @@ impl Core {
         self.parked_hint.store(false, Ordering::SeqCst);
         let mut tokens = 0usize;
         for stripe in self.window.all() {
-            if stripe.parked.load(Ordering::Relaxed) > 0 {
+            // Sequentially consistent, like the store above: a relaxed load could be ordered before it and miss
+            // tokens parked by a thread that then saw the hint still set.
+            if stripe.parked.load(Ordering::SeqCst) > 0 {
                 tokens += stripe.parked.swap(0, Ordering::SeqCst);
             }
         }
@@ -272,7 +302,7 @@ impl Core {
         let batch = batch(limit);
         if batch > 1
             && stripe.parked.load(Ordering::Relaxed) < 2 * batch
-            && self.outstanding() * 2 <= limit
+            && parks(self.outstanding(), limit)
         {
             self.park(stripe, 1);
         } else {
@@ -289,8 +319,8 @@ impl Core {
         }
     }
 
-    /// Whether to time the request just admitted on `stripe` (see [`Core::timed`]); its admission number is
-    /// counted per thread, and only while timing is thinned out.
+    /// Whether to time the request just admitted on `stripe` (see [`Core::timed`]). While timing is thinned out,
+    /// its admission number is the count of this thread's admissions, kept in its stripe.
     #[inline]
     pub(crate) fn timed_on(&self, stripe: &Stripe) -> bool {
         self.timing_mask() == 0
@@ -300,7 +330,7 @@ impl Core {
     /// Whether to time the request admitted as `number`: one in `timing_mask + 1`, picked by hashing the
     /// number (Fibonacci hashing spreads consecutive numbers, and every arithmetic progression of them, evenly),
     /// so the picks follow no pattern in the traffic (every second request of a client that alternates cheap and
-    /// costly calls, say) and cost no thread-local state.
+    /// costly calls, say).
     #[inline]
     pub(crate) fn timed(&self, number: usize) -> bool {
         let mask = self.timing_mask();
@@ -478,8 +508,7 @@ pub(crate) const UNTIMED: u64 = crate::core::Permit::MAX_UNTIMED_TAG;
 pub(crate) const PARK_FROM: usize = 256;
 
 /// How many tokens a thread takes from the shared count at once under `limit`: 1 below [`PARK_FROM`], then a
-/// 128th of the limit, at most 16. A stripe parks at most twice that, so the eight stripes park at most a
-/// sixteenth of the limit.
+/// 128th of the limit, at most 16. A stripe parks about twice that at most.
 #[inline]
 fn batch(limit: usize) -> usize {
     if limit < PARK_FROM {
@@ -487,6 +516,14 @@ fn batch(limit: usize) -> usize {
     } else {
         (limit / 128).min(16)
     }
+}
+
+/// Whether tokens may be parked with `outstanding` tokens out of the shared count: at most 3/8 of the limit. The
+/// gap to half the limit, where they are swept back, keeps a load near half the limit from sweeping and parking
+/// by turns.
+#[inline]
+fn parks(outstanding: usize, limit: usize) -> bool {
+    outstanding.saturating_mul(8) <= limit.saturating_mul(3)
 }
 
 /// Timed samples a window should hold before timing is thinned out; more add nothing to a window's mean.
@@ -893,10 +930,9 @@ mod tests {
             let (in_flight, _) = core
                 .try_acquire()
                 .unwrap_or_else(|| panic!("request {n} refused below the limit"));
-            // The admission's own figure counts the other stripe's parked tokens while in flight is below half
-            // the limit (it is only the window's maximum, and no higher than half the limit); past that it is
-            // exact. The handle's figure always is.
-            if n * 2 > 1000 {
+            // The admission's own figure may count the other stripe's parked tokens while it stays below half the
+            // limit; from half the limit on it is exact. The handle's figure always is (nothing moves here).
+            if in_flight * 2 >= 1000 {
                 assert_eq!(in_flight, n);
             } else {
                 assert!((n..=n + 2 * batch(1000)).contains(&in_flight));
@@ -924,14 +960,39 @@ mod tests {
         });
         let parked = core.window.parked();
         assert!(parked > 0);
-        // Here, in flight climbs past half the limit: the other stripe's tokens go back, and the maximum in flight
-        // the window sees is exact, not raised by them.
-        for _ in 0..501 {
+        // Here, in flight climbs to just below half the limit: the other stripe's tokens go back as the figure
+        // reaches half, so the window's maximum is exact and the window reads app-limited (the algorithms' test
+        // is `max_in_flight * 2 < limit`), not raised to half the limit by the parked tokens.
+        for _ in 0..499 {
             core.try_acquire().unwrap();
         }
         assert_eq!(core.window.parked(), 0);
+        assert_eq!(core.max_in_flight.load(Ordering::Relaxed), 499);
+        assert_eq!(core.in_flight(), 499);
+        for _ in 0..2 {
+            core.try_acquire().unwrap();
+        }
         assert_eq!(core.max_in_flight.load(Ordering::Relaxed), 501);
         assert_eq!(core.in_flight(), 501);
+    }
+
+    #[test]
+    fn a_parked_token_does_not_admit_past_a_lowered_limit() {
+        let core = fixed(1000);
+        for _ in 0..10 {
+            core.try_acquire().unwrap();
+        }
+        let parked = core.window.parked();
+        assert!(parked > 0);
+        // The limit drops to 10 without the sweep a window would make (as when an admission reads the stripe just
+        // before the change): the parked tokens must not admit an eleventh request.
+        core.limit.store(10, Ordering::SeqCst);
+        assert!(core.try_acquire().is_none());
+        assert_eq!(core.window.parked(), 0);
+        assert_eq!(core.in_flight(), 10);
+        finish(&core);
+        assert_eq!(core.try_acquire().map(|(n, _)| n), Some(10));
+        assert!(core.try_acquire().is_none());
     }
 
     #[test]
@@ -1003,6 +1064,11 @@ mod tests {
         assert_eq!(held.load(Ordering::SeqCst), 0);
         assert_eq!(core.in_flight(), 0);
         assert_eq!(core.outstanding(), core.window.parked());
+        // Whatever the threads left parked in their stripes, the whole limit is here for the taking.
+        for n in 1..=LIMIT {
+            assert!(core.try_acquire().is_some(), "request {n} refused");
+        }
+        assert!(core.try_acquire().is_none());
         assert!(
             refused.load(Ordering::Relaxed) > 0,
             "the threads reached the limit"
