@@ -7,8 +7,8 @@ use futures::FutureExt;
 use tower::util::BoxService;
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_backpressure::adaptive::{
-    AdaptiveConcurrencyBuilder, AdaptiveConcurrencyLayer, AdaptiveHandle, Aimd, Gradient2, Knee,
-    Vegas,
+    AdaptiveConcurrency, AdaptiveConcurrencyBuilder, AdaptiveConcurrencyLayer, AdaptiveHandle,
+    Aimd, Gradient2, Knee, Vegas,
 };
 use tower_backpressure::core::{
     error::Overloaded, AnyOk, BoxError, ErrorMode, Event, LimitSource, Observer, Outcome,
@@ -103,6 +103,55 @@ async fn dropped_response_future_releases_its_permit() {
     drop(reply);
     reply2.send_response(5);
     assert_eq!(fut.await.unwrap(), 5);
+}
+
+/// Response futures made on one thread and finished or dropped on others, as a work-stealing runtime moves tasks:
+/// the limiter's tokens go back into those threads' stripes, in flight returns to 0, and the whole limit is still
+/// there for the taking.
+#[test]
+fn permits_released_on_other_threads_leave_the_whole_limit() {
+    const LIMIT: usize = 300;
+    let layer = layer(LIMIT);
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|x: u32| async move { Ok::<_, BoxError>(x) }));
+    let ready = |svc: &mut AdaptiveConcurrency<_>| {
+        futures::executor::block_on(svc.ready()).unwrap();
+    };
+    for round in 0..5 {
+        let mut svc = svc.clone();
+        let futures: Vec<_> = (0..100)
+            .map(|i| {
+                ready(&mut svc);
+                svc.call(i)
+            })
+            .collect();
+        assert_eq!(handle.in_flight(), 100, "round {round}");
+        std::thread::spawn(move || {
+            for (i, f) in futures.into_iter().enumerate() {
+                if i % 2 == 0 {
+                    assert_eq!(futures::executor::block_on(f).unwrap(), i as u32);
+                } else {
+                    drop(f);
+                }
+            }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(handle.in_flight(), 0, "round {round}");
+    }
+    let mut svc = svc.clone();
+    let held: Vec<_> = (0..LIMIT as u32)
+        .map(|i| {
+            ready(&mut svc);
+            svc.call(i)
+        })
+        .collect();
+    assert_eq!(handle.in_flight(), LIMIT);
+    ready(&mut svc);
+    let refused = svc.call(0).now_or_never().expect("refused at once");
+    assert!(refused.unwrap_err().is::<Overloaded>());
+    drop(held);
+    assert_eq!(handle.in_flight(), 0);
 }
 
 #[tokio::test(start_paused = true)]
