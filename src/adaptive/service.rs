@@ -102,10 +102,7 @@ impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
         let (shared, releaser) = self.shared.next();
         let core = &shared.core;
         let (in_flight, stripe) = core.try_acquire()?;
-        shared.observer.on_event(&Event::Admitted {
-            layer: "adaptive",
-            in_flight,
-        });
+        observer::admitted(&shared.observer, "adaptive", || in_flight);
         // The tag is the admission instant (nanoseconds since the core's epoch), from which the release works out
         // the latency; an untimed request reads no clock at all.
         let tag = if observer::is_noop::<O>() && !core.timed_on(stripe) {

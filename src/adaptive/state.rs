@@ -574,14 +574,9 @@ impl<O: Observer> Release for Shared<O> {
             Duration::from_nanos(self.core.tag(Instant::now()).saturating_sub(tag))
         };
         let changed = self.core.record(outcome, latency, tag);
-        if !observer::is_noop::<O>() {
-            self.observer.on_event(&Event::Completed {
-                layer: "adaptive",
-                outcome,
-                latency,
-                in_flight: self.core.in_flight(),
-            });
-        }
+        observer::completed(&self.observer, "adaptive", outcome, latency, || {
+            self.core.in_flight()
+        });
         if let Some(limit) = changed {
             self.limit_changed(limit);
         }

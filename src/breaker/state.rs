@@ -281,7 +281,7 @@ impl<O: Observer> Shared<O> {
 
     fn admitted(&self, tag: u64) -> Admit {
         self.in_flight.add(1);
-        observer::admitted(&self.observer, LAYER, &self.in_flight);
+        observer::admitted(&self.observer, LAYER, || self.in_flight.sum() as usize);
         Admit::Tag(tag)
     }
 
@@ -527,7 +527,9 @@ impl<O: Observer> Shared<O> {
 impl<O: Observer> Release for Shared<O> {
     fn release(&self, outcome: Outcome, latency: Duration, tag: u64) {
         self.in_flight.sub(1);
-        observer::completed(&self.observer, LAYER, outcome, latency, &self.in_flight);
+        observer::completed(&self.observer, LAYER, outcome, latency, || {
+            self.in_flight.sum() as usize
+        });
         let slow = self.config.slow_call.is_some_and(|d| latency >= d);
         let gen = tag & GEN_MASK;
         if tag & PROBE_TAG != 0 {

@@ -256,34 +256,38 @@ pub(crate) fn is_noop<O: Observer>() -> bool {
     std::any::TypeId::of::<O>() == std::any::TypeId::of::<()>()
 }
 
-/// Tells `observer` that a request was admitted, with the striped in-flight count; nothing at all for `()`.
+/// Tells `observer` that a request was admitted, with the in-flight count `in_flight` works out; nothing at all
+/// for `()`, which neither computes the count (a sum over stripes, in most layers) nor sees the event.
+#[inline]
 pub(crate) fn admitted<O: Observer>(
     observer: &O,
     layer: &'static str,
-    in_flight: &crate::core::stripe::Counter,
+    in_flight: impl FnOnce() -> usize,
 ) {
     if !is_noop::<O>() {
         observer.on_event(&Event::Admitted {
             layer,
-            in_flight: in_flight.sum() as usize,
+            in_flight: in_flight(),
         });
     }
 }
 
-/// Tells `observer` that a request finished, with the striped in-flight count; nothing at all for `()`.
+/// Tells `observer` that a request finished, with the in-flight count `in_flight` works out; nothing at all for
+/// `()`.
+#[inline]
 pub(crate) fn completed<O: Observer>(
     observer: &O,
     layer: &'static str,
     outcome: Outcome,
     latency: Duration,
-    in_flight: &crate::core::stripe::Counter,
+    in_flight: impl FnOnce() -> usize,
 ) {
     if !is_noop::<O>() {
         observer.on_event(&Event::Completed {
             layer,
             outcome,
             latency,
-            in_flight: in_flight.sum() as usize,
+            in_flight: in_flight(),
         });
     }
 }

@@ -1,4 +1,5 @@
-//! Per-thread stripes for counters that every finishing request adds to.
+//! Per-thread stripes for counters that every request adds to, and for the adaptive limiter's parked admission
+//! tokens.
 //!
 //! A counter shared by all threads makes every request an exclusive-ownership transfer of its cache line
 //! between cores. Counters that are only *summed* now and then (a window's timed samples, drops, latency sum,
@@ -179,6 +180,41 @@ impl Default for Counter {
         Counter {
             cells: [const { Cell(AtomicU64::new(0)) }; STRIPES],
         }
+    }
+}
+
+/// Requests admitted and requests finished, each a striped [`Counter`]: in flight is their difference. One add on
+/// each side of a request, for layers whose decisions do not depend on these figures.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    admitted: Counter,
+    finished: Counter,
+}
+
+impl Tally {
+    /// Counts an admitted request.
+    #[inline]
+    pub(crate) fn admit(&self) {
+        self.admitted.add(1);
+    }
+
+    /// Counts a finished request.
+    #[inline]
+    pub(crate) fn finish(&self) {
+        self.finished.add(1);
+    }
+
+    /// Requests admitted so far.
+    pub(crate) fn admitted(&self) -> u64 {
+        self.admitted.sum()
+    }
+
+    /// Requests admitted and not yet finished. Finished is read first: a request counted there was admitted
+    /// before, so it is in the admitted sum read after (a sum taken while other threads update may still mix
+    /// instants on weakly ordered CPUs; it then reads low, never below zero).
+    pub(crate) fn in_flight(&self) -> usize {
+        let finished = self.finished.sum();
+        self.admitted.sum().saturating_sub(finished) as usize
     }
 }
 

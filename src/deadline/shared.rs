@@ -7,30 +7,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::core::observer::is_noop;
-use crate::core::stripe::Counter;
+use crate::core::observer::{self, is_noop};
+use crate::core::stripe::Tally;
 use crate::core::{Event, Observer, Outcome, Permit, Reason, Release, Releaser};
 
 #[derive(Debug, Default)]
 struct Counters {
     // Touched by every admitted request and read only for figures: striped, so that two threads admitting
-    // requests do not write one cache line. In flight is admitted minus finished: one counter added to on each
-    // side of a request, rather than an in-flight count added to and subtracted from besides the admitted count.
-    admitted: Counter,
-    finished: Counter,
+    // requests do not write one cache line.
+    requests: Tally,
     rejected: AtomicU64,
     invalid: AtomicU64,
     dropped: AtomicU64,
-}
-
-impl Counters {
-    /// Requests admitted and not yet finished. Finished is read first: a request counted there was admitted
-    /// before, so it is in the admitted sum read after (a sum taken while other threads update may still mix
-    /// instants on weakly ordered CPUs; it then reads low, never below zero).
-    fn in_flight(&self) -> u64 {
-        let finished = self.finished.sum();
-        self.admitted.sum().saturating_sub(finished)
-    }
 }
 
 pub(super) struct Shared<K, O> {
@@ -55,13 +43,9 @@ impl<K, O: Observer> Shared<K, O> {
     }
 
     pub(super) fn admitted(&self) {
-        self.counters.admitted.add(1);
-        if !is_noop::<O>() {
-            self.observer.on_event(&Event::Admitted {
-                layer: self.layer,
-                in_flight: self.counters.in_flight() as usize,
-            });
-        }
+        let requests = &self.counters.requests;
+        requests.admit();
+        observer::admitted(&self.observer, self.layer, || requests.in_flight());
     }
 
     pub(super) fn rejected(&self) {
@@ -91,18 +75,14 @@ impl<K: Send + Sync + 'static, O: Observer> Shared<K, O> {
 
 impl<K: Send + Sync + 'static, O: Observer> Release for Shared<K, O> {
     fn release(&self, outcome: Outcome, latency: Duration, _tag: u64) {
-        self.counters.finished.add(1);
+        let requests = &self.counters.requests;
+        requests.finish();
         if outcome == Outcome::Dropped {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        if !is_noop::<O>() {
-            self.observer.on_event(&Event::Completed {
-                layer: self.layer,
-                outcome,
-                latency,
-                in_flight: self.counters.in_flight() as usize,
-            });
-        }
+        observer::completed(&self.observer, self.layer, outcome, latency, || {
+            requests.in_flight()
+        });
     }
 }
 
@@ -114,8 +94,8 @@ impl<K: Send + Sync + 'static, O: Observer> Snapshot for Shared<K, O> {
     fn snapshot(&self) -> DeadlineSnapshot {
         let c = &self.counters;
         DeadlineSnapshot {
-            in_flight: c.in_flight() as usize,
-            admitted: c.admitted.sum(),
+            in_flight: c.requests.in_flight(),
+            admitted: c.requests.admitted(),
             rejected: c.rejected.load(Ordering::Relaxed),
             invalid: c.invalid.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),

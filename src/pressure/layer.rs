@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use crate::core::stripe::Counter;
+use crate::core::stripe::Tally;
 use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Owner};
 
 use super::service::{State, LAYER};
@@ -63,8 +63,8 @@ impl<O: Send + Sync + 'static> Figures for State<O> {
     fn snapshot(&self) -> PressureSnapshot {
         PressureSnapshot {
             under_pressure: self.monitor.is_under_pressure(),
-            in_flight: self.in_flight.sum() as usize,
-            admitted: self.admitted.sum(),
+            in_flight: self.requests.in_flight(),
+            admitted: self.requests.admitted(),
             rejected: self.rejected.load(Relaxed),
             bypassed: self.bypassed.load(Relaxed),
         }
@@ -283,8 +283,7 @@ impl<C, M, O, B> PressureLayerBuilder<C, M, O, B> {
             monitor: self.monitor,
             retry_after: (!self.retry_after.is_zero()).then_some(self.retry_after),
             observer: self.observer,
-            in_flight: Counter::default(),
-            admitted: Counter::default(),
+            requests: Tally::default(),
             rejected: AtomicU64::new(0),
             bypassed: AtomicU64::new(0),
         });

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_service::Service;
 
 use crate::core::observer::{self, is_noop};
-use crate::core::stripe::Counter;
+use crate::core::stripe::Tally;
 use crate::core::{
     AnyOk, Classify, ErrorMode, Event, Instance, Observer, Outcome, Permit, Reason, RejectMode,
     Rejection, Release, ResponseFuture,
@@ -59,16 +59,17 @@ pub(crate) struct State<O> {
     pub(crate) observer: O,
     // Statistics only (the decision is the monitor's flag): striped, so that two threads admitting requests do
     // not write one cache line.
-    pub(crate) in_flight: Counter,
-    pub(crate) admitted: Counter,
+    pub(crate) requests: Tally,
     pub(crate) rejected: AtomicU64,
     pub(crate) bypassed: AtomicU64,
 }
 
 impl<O: Observer> Release for State<O> {
     fn release(&self, outcome: Outcome, latency: Duration, _tag: u64) {
-        self.in_flight.sub(1);
-        observer::completed(&self.observer, LAYER, outcome, latency, &self.in_flight);
+        self.requests.finish();
+        observer::completed(&self.observer, LAYER, outcome, latency, || {
+            self.requests.in_flight()
+        });
     }
 }
 
@@ -140,13 +141,12 @@ where
             return ResponseFuture::rejected(rejection, self.mode.clone());
         }
         let (state, releaser) = self.state.next();
-        state.in_flight.add(1);
-        state.admitted.add(1);
+        state.requests.admit();
         // In-flight and latency are only ever seen by the observer: `()` needs neither the sum nor a clock read.
         let permit = if is_noop::<O>() {
             Permit::untimed(releaser.clone(), 0)
         } else {
-            observer::admitted(&state.observer, LAYER, &state.in_flight);
+            observer::admitted(&state.observer, LAYER, || state.requests.in_flight());
             Permit::new(releaser.clone(), 0)
         };
         ResponseFuture::admitted(

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::priority::Priority;
 use super::QueueSnapshot;
-use crate::core::observer::is_noop;
+use crate::core::observer::{self, is_noop};
 use crate::core::{
     Deadline, Event, LimitSource, Observer, Outcome, Permit, Reason, Release, Releaser,
 };
@@ -385,12 +385,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
 
     /// Reports an admission (the slot was counted when it was taken); returns the permit's tag.
     fn note_admitted(&self, level: usize) -> u64 {
-        if !is_noop::<O>() {
-            self.observer.on_event(&Event::Admitted {
-                layer: LAYER,
-                in_flight: self.in_flight(),
-            });
-        }
+        observer::admitted(&self.observer, LAYER, || self.in_flight());
         self.tag(level)
     }
 
@@ -701,14 +696,7 @@ impl<L: LimitSource, O: Observer> Release for Shared<L, O> {
         let level = (tag & 0xff) as usize;
         self.release_critical(level);
         self.slots.released.fetch_add(ONE, Ordering::SeqCst);
-        if !is_noop::<O>() {
-            self.observer.on_event(&Event::Completed {
-                layer: LAYER,
-                outcome,
-                latency,
-                in_flight: self.in_flight(),
-            });
-        }
+        observer::completed(&self.observer, LAYER, outcome, latency, || self.in_flight());
         // Read after adding to `released`; an arrival that queues sets the flag before it reads `released`.
         if self.slots.admitted.load(Ordering::SeqCst) & QUEUED != 0 {
             let now = Instant::now();
