@@ -1007,45 +1007,65 @@ mod tests {
     #[test]
     fn threads_sharing_a_limit_never_hold_more_than_it() {
         use std::sync::atomic::AtomicUsize;
-        use std::sync::Arc;
+        use std::sync::{Arc, Barrier};
         const LIMIT: usize = 300;
+        const THREADS: usize = 4;
         let core = Arc::new(fixed(LIMIT));
         let held = Arc::new(AtomicUsize::new(0));
+        // The threads meet at barriers, so they record what they see rather than panic (a panicking thread
+        // would leave the others waiting); the test thread checks it all once they are done.
         let peak = Arc::new(AtomicUsize::new(0));
-        let refused = Arc::new(AtomicUsize::new(0));
-        let threads: Vec<_> = (0..4u64)
+        let full_at_barrier = Arc::new(AtomicUsize::new(0));
+        let refused_when_full = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS as u64)
             .map(|t| {
-                let (core, held, peak, refused) =
-                    (core.clone(), held.clone(), peak.clone(), refused.clone());
+                let (core, held, peak, barrier) =
+                    (core.clone(), held.clone(), peak.clone(), barrier.clone());
+                let (full, refused) = (full_at_barrier.clone(), refused_when_full.clone());
                 std::thread::spawn(move || {
-                    // Each thread heads for 150 requests held, then for 10, and so on, wandering on the way, so
-                    // that the four of them cross half the limit and reach it again and again.
                     let mut mine = 0usize;
+                    let acquire = |mine: &mut usize| {
+                        if core.try_acquire().is_some() {
+                            *mine += 1;
+                            let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                        }
+                    };
+                    // Wandering: each thread heads for 150 requests held, then for 10, and so on, so that
+                    // together they cross half the limit and meet it again and again, however the threads
+                    // happen to be scheduled against each other.
                     let mut x = (t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    for i in 0..200_000 {
+                    for i in 0..100_000 {
                         x ^= x << 13;
                         x ^= x >> 7;
                         x ^= x << 17;
                         let target = if (i / 5_000) % 2 == 0 { 150 } else { 10 };
-                        let up = (mine < target) == (x % 4 != 0);
-                        if up {
-                            if core.try_acquire().is_some() {
-                                mine += 1;
-                                let now = held.fetch_add(1, Ordering::SeqCst) + 1;
-                                peak.fetch_max(now, Ordering::SeqCst);
-                                assert!(
-                                    now <= LIMIT,
-                                    "{now} requests held under a limit of {LIMIT}"
-                                );
-                            } else {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                            }
+                        if (mine < target) == (x % 4 != 0) {
+                            acquire(&mut mine);
                         } else if mine > 0 {
                             mine -= 1;
                             held.fetch_sub(1, Ordering::SeqCst);
                             finish(&core);
                         }
                     }
+                    barrier.wait();
+                    // Filling: nobody finishes anything now, and the threads want 400 between them, so together
+                    // they hold the whole limit (a refusal while a thread parks a batch is only momentary).
+                    for _ in 0..1_000_000 {
+                        if mine == 100 || held.load(Ordering::SeqCst) >= LIMIT {
+                            break;
+                        }
+                        acquire(&mut mine);
+                    }
+                    barrier.wait();
+                    if held.load(Ordering::SeqCst) == LIMIT {
+                        full.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if core.try_acquire().is_none() {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                    barrier.wait();
                     for _ in 0..mine {
                         held.fetch_sub(1, Ordering::SeqCst);
                         finish(&core);
@@ -1056,6 +1076,21 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(
+            peak <= LIMIT,
+            "{peak} requests held under a limit of {LIMIT}"
+        );
+        assert_eq!(
+            full_at_barrier.load(Ordering::SeqCst),
+            THREADS,
+            "filling held the whole limit"
+        );
+        assert_eq!(
+            refused_when_full.load(Ordering::SeqCst),
+            THREADS,
+            "every thread refused at the limit"
+        );
         assert_eq!(held.load(Ordering::SeqCst), 0);
         assert_eq!(core.in_flight(), 0);
         assert_eq!(core.outstanding(), core.window.parked());
@@ -1064,10 +1099,5 @@ mod tests {
             assert!(core.try_acquire().is_some(), "request {n} refused");
         }
         assert!(core.try_acquire().is_none());
-        assert!(
-            refused.load(Ordering::Relaxed) > 0,
-            "the threads reached the limit"
-        );
-        assert_eq!(peak.load(Ordering::SeqCst), LIMIT);
     }
 }
