@@ -35,10 +35,10 @@
 //! Reading the clock (twice per request, for its latency) is the largest part of what this layer costs: about
 //! 30 ns a read on a typical VM, against 20–30 ns for everything else. A window's mean latency needs a few
 //! hundred samples, not every request of a busy service. So without an observer, once a window holds
-//! `4 × max(1024, min_samples)` finished requests, the next window times only half of them, a quarter,
-//! and so on down to one in 64 (picked by hashing the admission's number among its thread's admissions, so that
-//! the picks follow no pattern in the traffic), keeping at least about `2 × max(1024, min_samples)` timed samples a window
-//! (and half that if the load halves at once). Every request is still admitted, counted and released the same
+//! `4 × max(1024, min_samples)` finished requests, the next window times only half of them, a quarter, and so
+//! on down to one in 64 (picked by hashing the admission's number among its thread's admissions, so that the
+//! picks follow no pattern in the traffic), keeping at least about `2 × max(1024, min_samples)` timed samples a
+//! window (and half that if the load halves at once). Every request is still admitted, counted and released the same
 //! way; the window's mean and minimum latency are those of the timed requests, and only a timed request can
 //! close a window. Below that rate (thousands of requests a window, i.e. tens of thousands a second with the
 //! default 100 ms window) every request is timed, and so is every request when an observer is set, since it is

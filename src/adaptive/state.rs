@@ -319,22 +319,13 @@ impl Core {
         }
     }
 
-    /// Whether to time the request just admitted on `stripe` (see [`Core::timed`]). While timing is thinned out,
-    /// its admission number is the count of this thread's admissions, kept in its stripe.
+    /// Whether to time the request just admitted on `stripe`: every request while the mask is 0; else one in
+    /// `timing_mask + 1`, [`picked`] by its admission number, the count of this thread's admissions (kept in its
+    /// stripe, and only counted while timing is thinned out).
     #[inline]
     pub(crate) fn timed_on(&self, stripe: &Stripe) -> bool {
-        self.timing_mask() == 0
-            || self.timed(stripe.admits.fetch_add(1, Ordering::Relaxed) as usize)
-    }
-
-    /// Whether to time the request admitted as `number`: one in `timing_mask + 1`, picked by hashing the
-    /// number (Fibonacci hashing spreads consecutive numbers, and every arithmetic progression of them, evenly),
-    /// so the picks follow no pattern in the traffic (every second request of a client that alternates cheap and
-    /// costly calls, say).
-    #[inline]
-    pub(crate) fn timed(&self, number: usize) -> bool {
         let mask = self.timing_mask();
-        mask == 0 || ((number as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32 & mask == 0
+        mask == 0 || picked(stripe.admits.fetch_add(1, Ordering::Relaxed), mask)
     }
 
     /// The tag of a request timed at `now`: nanoseconds since the epoch, kept below [`UNTIMED`] (146 years in), so
@@ -346,13 +337,13 @@ impl Core {
     }
 
     /// Which admitted requests to time, for a layer without an observer (an observer is told every request's
-    /// latency, so with one every request is timed): one in `mask + 1`, picked by [`Core::timed`].
+    /// latency, so with one every request is timed): one in `mask + 1`, chosen by [`Core::timed_on`].
     ///
     /// Reading the clock twice per request is the largest part of this layer's cost. A window's mean latency
     /// needs a few hundred samples, not every request of a busy service: once a window holds
     /// `4 × max(1024, min_samples)` samples, the next one times half, a quarter, ... down to one request in
     /// 64, so that every window keeps at least about `2 × max(1024, min_samples)` timed samples. Every finished
-    /// request is still counted (the window's `samples`, drops, in-flight), and the mean and minimum latency are
+    /// request is still counted (the window's completions, drops, in-flight), and the mean and minimum latency are
     /// those of the timed ones; at lower rates (the usual case, and every simulator scenario) every request is
     /// timed.
     #[inline]
@@ -503,6 +494,14 @@ impl Core {
 
 /// The tag of a permit that was not timed: no admission instant, no latency.
 pub(crate) const UNTIMED: u64 = crate::core::Permit::MAX_UNTIMED_TAG;
+
+/// Whether admission `number` is one of the one in `mask + 1` that are timed. Fibonacci hashing of the number
+/// spreads consecutive numbers, and every arithmetic progression of them, evenly, so the picks follow no pattern
+/// in the traffic (every second request of a client that alternates cheap and costly calls, say).
+#[inline]
+fn picked(number: u64, mask: u32) -> bool {
+    (number.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32 & mask == 0
+}
 
 /// The smallest limit under which threads park tokens (see [`Core::try_acquire`]).
 pub(crate) const PARK_FROM: usize = 256;
@@ -693,20 +692,33 @@ mod tests {
     #[test]
     fn timed_requests_are_spread_evenly_over_admission_numbers() {
         let (core, _rx) = recorded(1);
-        assert!((0..1000).all(|n| core.timed(n)), "mask 0 times everything");
-        core.timing_mask.store(63, Ordering::Relaxed);
-        let picked = (0..64_000).filter(|&n| core.timed(n)).count();
+        let stripe = core.window.mine();
         assert!(
-            (900..1100).contains(&picked),
-            "{picked} of 64 000 timed, expected about 1 000"
+            (0..1000).all(|_| core.timed_on(stripe)),
+            "mask 0 times everything"
+        );
+        assert_eq!(
+            stripe.admits.load(Ordering::Relaxed),
+            0,
+            "and numbers nothing"
+        );
+        core.timing_mask.store(63, Ordering::Relaxed);
+        let timed = (0..64_000).filter(|_| core.timed_on(stripe)).count();
+        assert!(
+            (900..1100).contains(&timed),
+            "{timed} of 64 000 timed, expected about 1 000"
         );
         // No pattern: every second request (a client alternating two kinds of calls) gets its share.
-        let odd = (0..64_000).filter(|&n| n % 2 == 1 && core.timed(n)).count();
+        let odd = (0..64_000u64)
+            .filter(|&n| n % 2 == 1 && picked(n, 63))
+            .count();
         assert!(
             (400..600).contains(&odd),
             "{odd} odd requests timed, expected about 500"
         );
-        let third = (0..64_000).filter(|&n| n % 3 == 0 && core.timed(n)).count();
+        let third = (0..64_000u64)
+            .filter(|&n| n % 3 == 0 && picked(n, 63))
+            .count();
         assert!(
             (250..420).contains(&third),
             "{third} of every third timed, expected about 333"
@@ -844,17 +856,22 @@ mod tests {
         core.record(Outcome::Success, Duration::ZERO, UNTIMED);
     }
 
-    /// Runs `f` on a thread whose stripe is not this thread's.
-    fn on_another_stripe(core: &std::sync::Arc<Core>, f: fn(&Core)) {
+    /// On a thread whose stripe is not this thread's, admits and finishes 100 requests far below the limit,
+    /// which leaves tokens parked in that thread's stripe.
+    fn park_on_another_stripe(core: &std::sync::Arc<Core>) {
         let here = crate::core::stripe::index();
         for _ in 0..crate::core::stripe::STRIPES {
             let core = core.clone();
             let ran = std::thread::spawn(move || {
-                let other = crate::core::stripe::index() != here;
-                if other {
-                    f(&core);
+                if crate::core::stripe::index() == here {
+                    return false;
                 }
-                other
+                for _ in 0..100 {
+                    core.try_acquire().unwrap();
+                    finish(&core);
+                }
+                assert!(core.window.mine().parked.load(Ordering::Relaxed) > 0);
+                true
             })
             .join()
             .unwrap();
@@ -910,14 +927,7 @@ mod tests {
     #[test]
     fn tokens_parked_on_another_thread_never_cost_an_admission_at_the_limit() {
         let core = std::sync::Arc::new(fixed(1000));
-        // Another thread admits and finishes requests far below the limit, and leaves tokens parked in its stripe.
-        on_another_stripe(&core, |core| {
-            for _ in 0..100 {
-                core.try_acquire().unwrap();
-                finish(core);
-            }
-            assert!(core.window.mine().parked.load(Ordering::Relaxed) > 0);
-        });
+        park_on_another_stripe(&core);
         assert!(core.window.parked() > 0);
         assert_eq!(core.in_flight(), 0);
         // All 1000 requests are admitted here, and the 1001st refused.
@@ -947,12 +957,7 @@ mod tests {
     #[test]
     fn passing_half_the_limit_gives_parked_tokens_back() {
         let core = std::sync::Arc::new(fixed(1000));
-        on_another_stripe(&core, |core| {
-            for _ in 0..100 {
-                core.try_acquire().unwrap();
-                finish(core);
-            }
-        });
+        park_on_another_stripe(&core);
         let parked = core.window.parked();
         assert!(parked > 0);
         // Here, in flight climbs to just below half the limit: the other stripe's tokens go back as the figure

@@ -17,11 +17,11 @@ pin_project! {
     ///
     /// Under a deadline it races the inner future (run inside [`Deadline::scope`](crate::core::Deadline::scope))
     /// against a timer held inline, so no allocation happens; when the timer wins the inner future is dropped and
-    /// the answer is deadline-exceeded, with outcome [`Outcome::Dropped`]. The timer is armed only once the inner future has
-    /// returned `Pending`: an answer ready at the first poll costs no timer at all. Arming it takes the Tokio
-    /// runtime of the thread polling (as `tokio::time::sleep` does), so poll it inside a Tokio runtime with time
-    /// enabled, as tower's `Timeout` and every tokio timer require. Without a deadline it only forwards the inner
-    /// future.
+    /// the answer is deadline-exceeded, with outcome [`Outcome::Dropped`]. The timer is armed only once the inner
+    /// future has returned `Pending`: an answer ready at the first poll costs no timer at all. Arming it takes the
+    /// Tokio runtime of the thread polling (as `tokio::time::sleep` does), so poll it inside a Tokio runtime with
+    /// time enabled, as tower's `Timeout` and every tokio timer require. Without a deadline it only forwards the
+    /// inner future.
     pub struct ResponseFuture<F, C, M> {
         #[pin]
         state: State<F, C>,
