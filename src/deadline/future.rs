@@ -24,7 +24,7 @@ pin_project! {
     /// inner future.
     pub struct ResponseFuture<F, C, M> {
         #[pin]
-        state: State<F, C>,
+        state: State<F, C, NotSent>,
         // A malformed timeout header refused in strict mode; the state is then `Done`.
         invalid: Option<InvalidTimeout>,
         mode: M,
@@ -37,14 +37,14 @@ pin_project! {
     /// that enforces the timeout it was sent: an error once that budget is spent is deadline-exceeded.
     pub struct PropagateFuture<F, C, M> {
         #[pin]
-        state: State<F, C>,
+        state: State<F, C, Sent>,
         mode: M,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, C> {
+    enum State<F, C, T> {
         Passthrough {
             #[pin]
             inner: F,
@@ -52,10 +52,10 @@ pin_project! {
         },
         Running {
             #[pin]
+            // Its deadline is when the inner future must have answered by (kept once, here: the future is moved
+            // at least twice on its way to being polled, and every byte of it is copied each time).
             inner: DeadlineScope<F>,
-            // When the inner future must have answered by.
-            deadline: Instant,
-            // The timer for `deadline`, armed the first time the inner future is pending: creating a `Sleep` takes
+            // The timer for that deadline, armed the first time the inner future is pending: creating a `Sleep` takes
             // the runtime's handle (a thread-local read and a reference count shared by every worker thread), which
             // an answer ready at once need not pay for.
             #[pin]
@@ -63,25 +63,46 @@ pin_project! {
             permit: Option<Permit>,
             classify: C,
             // Client side: when the budget written into the request runs out (the smallest timeout the outgoing
-            // headers carry). `None` on the server.
-            sent: Option<Instant>,
+            // headers carry). Nothing on the server.
+            sent: T,
         },
         Rejected,
         Done,
     }
 }
 
-impl<F, C> State<F, C> {
-    fn running(
-        inner: DeadlineScope<F>,
-        deadline: Instant,
-        permit: Permit,
-        classify: C,
-        sent: Option<Instant>,
-    ) -> Self {
+/// When a budget sent to the next hop runs out, for a transport that enforces it: the client keeps an instant,
+/// the server (which sends nothing) a zero-sized nothing.
+trait SentBudget {
+    /// Whether the budget sent has run out.
+    fn spent(&self) -> bool;
+}
+
+/// The server future's [`SentBudget`]: nothing was sent.
+#[derive(Debug, Clone, Copy)]
+struct NotSent;
+
+impl SentBudget for NotSent {
+    #[inline]
+    fn spent(&self) -> bool {
+        false
+    }
+}
+
+/// The client future's [`SentBudget`]: when the smallest timeout the outgoing headers carry runs out.
+#[derive(Debug, Clone, Copy)]
+struct Sent(Instant);
+
+impl SentBudget for Sent {
+    fn spent(&self) -> bool {
+        Instant::now() >= self.0
+    }
+}
+
+impl<F, C, T> State<F, C, T> {
+    fn running(inner: DeadlineScope<F>, permit: Permit, classify: C, sent: T) -> Self {
         State::Running {
             inner,
-            deadline,
             sleep: None,
             permit: Some(permit),
             classify,
@@ -101,8 +122,8 @@ impl<F, C> State<F, C> {
 
 /// Polls the state to its answer, then leaves it `Done` (dropping the inner future and the timer at once rather
 /// than whenever the caller drops the future).
-fn poll_state<F, Res, E, C, M>(
-    mut state: Pin<&mut State<F, C>>,
+fn poll_state<F, Res, E, C, M, T>(
+    mut state: Pin<&mut State<F, C, T>>,
     mode: &M,
     cx: &mut Context<'_>,
 ) -> Poll<Result<C::Response, M::Error>>
@@ -110,6 +131,7 @@ where
     F: Future<Output = Result<Res, E>>,
     C: Classify<Res, E>,
     M: RejectMode<C::Response, E>,
+    T: SentBudget,
 {
     let output = match state.as_mut().project() {
         StateProj::Passthrough { inner, classify } => {
@@ -120,25 +142,22 @@ where
         }
         // The inner future is polled first, so work that finishes at the deadline instant is still delivered.
         StateProj::Running {
-            inner,
-            deadline,
+            mut inner,
             mut sleep,
             permit,
             classify,
             sent,
-        } => match inner.poll(cx) {
+        } => match inner.as_mut().poll(cx) {
             // A transport that enforces the timeout it was sent (a tonic `Channel` does) fails the call with its
             // own error, which callers would see as CANCELLED or UNKNOWN. An error once the sent budget is spent
             // is that expiry: answer deadline-exceeded, as the local timer would have.
-            Poll::Ready(Err(_)) if sent.is_some_and(|at| Instant::now() >= at) => {
-                expired(permit, mode)
-            }
+            Poll::Ready(Err(_)) if sent.spent() => expired(permit, mode),
             Poll::Ready(result) => classify
                 .finish(result, permit.take())
                 .map_err(|e| mode.inner_error(e)),
             Poll::Pending => {
                 if sleep.is_none() {
-                    sleep.set(Some(tokio::time::sleep_until(*deadline)));
+                    sleep.set(Some(tokio::time::sleep_until(inner.deadline().instant())));
                 }
                 ready!(sleep.as_pin_mut().expect("timer armed above").poll(cx));
                 expired(permit, mode)
@@ -163,7 +182,7 @@ fn expired<Res, E, M: RejectMode<Res, E>>(
 }
 
 impl<F, C, M> ResponseFuture<F, C, M> {
-    fn new(state: State<F, C>, mode: M) -> Self {
+    fn new(state: State<F, C, NotSent>, mode: M) -> Self {
         ResponseFuture {
             state,
             invalid: None,
@@ -175,17 +194,8 @@ impl<F, C, M> ResponseFuture<F, C, M> {
         Self::new(State::Passthrough { inner, classify }, mode)
     }
 
-    pub(super) fn running(
-        inner: DeadlineScope<F>,
-        deadline: Instant,
-        permit: Permit,
-        classify: C,
-        mode: M,
-    ) -> Self {
-        Self::new(
-            State::running(inner, deadline, permit, classify, None),
-            mode,
-        )
+    pub(super) fn running(inner: DeadlineScope<F>, permit: Permit, classify: C, mode: M) -> Self {
+        Self::new(State::running(inner, permit, classify, NotSent), mode)
     }
 
     pub(super) fn rejected(mode: M) -> Self {
@@ -241,14 +251,13 @@ impl<F, C, M> PropagateFuture<F, C, M> {
 
     pub(super) fn running(
         inner: DeadlineScope<F>,
-        deadline: Instant,
         permit: Permit,
         classify: C,
         mode: M,
         sent: Instant,
     ) -> Self {
         PropagateFuture {
-            state: State::running(inner, deadline, permit, classify, Some(sent)),
+            state: State::running(inner, permit, classify, Sent(sent)),
             mode,
         }
     }

@@ -180,13 +180,7 @@ where
         let permit = shared.permit(releaser, now);
         // `deadline` already takes the task-local one into account: no second look-up.
         let inner = deadline.scope_earliest(self.inner.call(request));
-        ResponseFuture::running(
-            inner,
-            deadline.instant(),
-            permit,
-            self.classify.clone(),
-            self.mode.clone(),
-        )
+        ResponseFuture::running(inner, permit, self.classify.clone(), self.mode.clone())
     }
 }
 
@@ -321,7 +315,6 @@ where
         let inner = deadline.scope(self.inner.call(request));
         PropagateFuture::running(
             inner,
-            deadline.instant(),
             permit,
             self.classify.clone(),
             self.mode.clone(),
