@@ -141,6 +141,200 @@ async fn a_later_deadline_already_in_the_extensions_is_replaced_by_the_earliest(
     assert_eq!(seen, (Some(max), Some(max), None));
 }
 
+/// The current deadline and the one in the request's extensions, as a service saw them.
+type Pair = (Option<Deadline>, Option<Deadline>);
+
+/// An inner service that records the current deadline and the extension during its `call`, and the current
+/// deadline again when its future is polled.
+#[derive(Clone, Default)]
+struct CallWatcher {
+    in_call: Arc<Mutex<Vec<Pair>>>,
+    in_poll: Arc<Mutex<Vec<Option<Deadline>>>>,
+}
+
+impl Service<Request<String>> for CallWatcher {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<String>, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<String>) -> Self::Future {
+        self.in_call
+            .lock()
+            .unwrap()
+            .push((Deadline::current(), Deadline::of(&req)));
+        let in_poll = self.in_poll.clone();
+        Box::pin(async move {
+            in_poll.lock().unwrap().push(Deadline::current());
+            Ok(Response::new(String::new()))
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_inner_call_sees_the_deadline_with_or_without_the_extension() {
+    for store in [true, false] {
+        let watcher = CallWatcher::default();
+        let mut svc = DeadlineLayer::builder()
+            .max_timeout(Duration::from_secs(10))
+            .request_extension(store)
+            .build()
+            .unwrap()
+            .layer(watcher.clone());
+        let expected = Deadline::at(Instant::now() + Duration::from_secs(4));
+        let future = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(&[("grpc-timeout", "4S")]));
+        // The call scope ends with the inner `call`: nothing is left behind on this thread.
+        assert_eq!(Deadline::current(), None);
+        future.await.unwrap();
+        let in_call = watcher.in_call.lock().unwrap()[0];
+        assert_eq!(
+            in_call,
+            (Some(expected), store.then_some(expected)),
+            "store: {store}"
+        );
+        assert_eq!(
+            *watcher.in_poll.lock().unwrap(),
+            [Some(expected)],
+            "store: {store}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_propagating_layer_gives_the_inner_call_the_deadline_with_or_without_the_extension() {
+    for store in [true, false] {
+        let watcher = CallWatcher::default();
+        let mut svc = PropagateDeadlineLayer::builder()
+            .request_extension(store)
+            .build()
+            .unwrap()
+            .layer(watcher.clone());
+        // The deadline comes from the caller's scope only: whatever extension the inner call sees, the layer put.
+        let deadline = Deadline::after(Duration::from_secs(3));
+        let call = deadline.scope(async { svc.ready().await.unwrap().call(request(&[])).await });
+        call.await.unwrap();
+        let in_call = watcher.in_call.lock().unwrap()[0];
+        assert_eq!(
+            in_call,
+            (Some(deadline), store.then_some(deadline)),
+            "store: {store}"
+        );
+        assert_eq!(
+            *watcher.in_poll.lock().unwrap(),
+            [Some(deadline)],
+            "store: {store}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_inner_call_leaves_no_deadline_behind() {
+    let mut svc = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .layer(service_fn(
+            |_req: Request<String>| -> std::future::Ready<Result<Response<String>, Infallible>> {
+                panic!("the inner call panics")
+            },
+        ));
+    svc.ready().await.unwrap();
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(svc.call(request(&[])));
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(Deadline::current(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn find_takes_the_earlier_of_the_extension_and_the_current_deadline() {
+    let soon = Deadline::after(Duration::from_secs(1));
+    let later = Deadline::after(Duration::from_secs(2));
+    let with = |d: Option<Deadline>| {
+        let mut req = request(&[]);
+        if let Some(d) = d {
+            req.extensions_mut().insert(d);
+        }
+        req
+    };
+    assert_eq!(Deadline::find(&with(None)), None);
+    assert_eq!(Deadline::find(&with(Some(later))), Some(later));
+    let in_scope = |d: Option<Deadline>| later.scope(async move { Deadline::find(&with(d)) });
+    assert_eq!(in_scope(None).await, Some(later));
+    assert_eq!(in_scope(Some(soon)).await, Some(soon));
+    let in_soon_scope = soon.scope(async { Deadline::find(&with(Some(later))) });
+    assert_eq!(in_soon_scope.await, Some(soon));
+}
+
+/// A limit source that expects every request to take `expected`.
+#[derive(Clone)]
+struct Expecting(Duration);
+
+impl tower_backpressure::core::LimitSource for Expecting {
+    fn limit(&self) -> usize {
+        10
+    }
+
+    fn expected_latency(&self) -> Option<Duration> {
+        Some(self.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_inside_sheds_what_cannot_finish_whichever_way_it_reads_the_deadline() {
+    use tower_backpressure::queue::{HeaderPriority, QueueLayer};
+
+    // A generic queue reads only the current deadline, an HTTP one the extension too; with the extension stored
+    // or not, both must see 10 ms left for 20 ms of work and refuse before the handler runs.
+    for (http_queue, store) in [(false, true), (false, false), (true, true), (true, false)] {
+        let seen = Arc::new(Seen::default());
+        let queue = QueueLayer::builder().limit(Expecting(Duration::from_millis(20)));
+        let inner = recording(seen.clone(), Duration::from_millis(20));
+        let inner = if http_queue {
+            tower::util::BoxCloneService::new(
+                queue
+                    .prioritize(HeaderPriority::default())
+                    .build()
+                    .unwrap()
+                    .layer(inner),
+            )
+        } else {
+            tower::util::BoxCloneService::new(queue.build().unwrap().layer(inner))
+        };
+        let mut svc = DeadlineLayer::builder()
+            .request_extension(store)
+            .build()
+            .unwrap()
+            .layer(inner);
+        let start = Instant::now();
+        let answer = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(&[("x-request-timeout-ms", "10")]))
+            .await;
+        let case = format!("http queue: {http_queue}, extension: {store}");
+        assert!(
+            matches!(&answer, Err(e) if e.is::<DeadlineExceeded>()),
+            "{case}: {answer:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO, "{case}");
+        assert_eq!(seen.calls.load(Ordering::SeqCst), 0, "{case}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn no_deadline_anywhere_passes_through_untouched() {
     let seen = Arc::new(Seen::default());

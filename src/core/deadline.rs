@@ -16,6 +16,45 @@ thread_local! {
     // it around a poll costs two plain thread-local accesses (`tokio::task_local!` keeps a `RefCell<Option<T>>`
     // and swaps it in and out through fallible accessors, several times the cost per poll).
     static CURRENT: Cell<Option<Deadline>> = const { Cell::new(None) };
+
+    // While a deadline layer runs the inner service's `call` (`Deadline::during_call`): the instant it read the
+    // clock at. `None` otherwise, and in particular while futures are polled.
+    static CALLED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The clock, as a layer deciding in its `call` should read it: the instant a deadline layer outside read it, if
+/// this runs inside that layer's call to its inner service, else `Instant::now()`.
+///
+/// `call`s run synchronously one inside the other, so the deadline layer's reading is as old as the few `call`s
+/// in between (nanoseconds, unless a service blocks in `call`, which no service should); reading the clock again
+/// would cost as much as the rest of a queue's admission. It is set only while the inner `call` runs, never while
+/// futures are polled later.
+#[inline]
+pub(crate) fn now_in_call() -> Instant {
+    match CALLED_AT.try_with(Cell::get) {
+        Ok(Some(at)) => at,
+        _ => Instant::now(),
+    }
+}
+
+/// Makes `at` the instant of [`now_in_call`] until dropped, then restores the previous one (also while unwinding).
+#[cfg(feature = "http")]
+struct Called(Option<Instant>);
+
+#[cfg(feature = "http")]
+impl Called {
+    #[inline]
+    fn new(at: Instant) -> Self {
+        Called(CALLED_AT.try_with(|c| c.replace(Some(at))).ok().flatten())
+    }
+}
+
+#[cfg(feature = "http")]
+impl Drop for Called {
+    #[inline]
+    fn drop(&mut self) {
+        let _ = CALLED_AT.try_with(|c| c.set(self.0));
+    }
 }
 
 /// Makes `deadline` the current one until dropped, then restores the previous one (also while unwinding).
@@ -43,9 +82,9 @@ impl Drop for Enter {
 
 /// The absolute instant by which a request must be answered.
 ///
-/// A deadline travels in the request's extensions (`req.extensions().get::<Deadline>()`) and, around the handler
-/// future, in a task-local scope, so code deep in a handler finds it with [`Deadline::current`] and outbound calls
-/// inherit it without plumbing. Time comes from `tokio::time`, so paused-time tests are deterministic.
+/// A deadline travels in the request's extensions (`req.extensions().get::<Deadline>()`) and, around the inner
+/// service's `call` and the handler future, in a task-local scope, so code deep in a handler finds it with
+/// [`Deadline::current`] and outbound calls inherit it without plumbing. Time comes from `tokio::time`, so paused-time tests are deterministic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Deadline(Instant);
 
@@ -113,10 +152,39 @@ impl Deadline {
         DeadlineScope::new(self, future)
     }
 
+    /// Runs `f` with this deadline as [`Deadline::current`] and `now` (the caller's clock reading) as
+    /// [`now_in_call`], then restores both (also if `f` panics). The caller makes sure the deadline is no later
+    /// than the current one.
+    ///
+    /// A layer's `call` runs before its future is first polled, so outside any [`Deadline::scope`]: the deadline
+    /// layers run the inner service's `call` this way, so that the layers inside them (a queue, a limiter) see
+    /// the deadline when they decide, whether or not it is in the request's extensions, and judge it without
+    /// reading the clock again.
+    #[cfg(feature = "http")]
+    #[inline]
+    pub(crate) fn during_call<R>(self, now: Instant, f: impl FnOnce() -> R) -> R {
+        debug_assert!(Deadline::current().is_none_or(|outer| self <= outer));
+        let _enter = Enter::new(self);
+        let _called = Called::new(now);
+        f()
+    }
+
     /// The deadline a request carries in its extensions.
     #[cfg(feature = "http")]
     pub fn of<B>(request: &http::Request<B>) -> Option<Deadline> {
         request.extensions().get::<Deadline>().copied()
+    }
+
+    /// The deadline that applies to `request`: the earlier of the one in its extensions ([`Deadline::of`]) and
+    /// [`Deadline::current`]. This is what the crate's layers read in `call`; a service that sits behind a
+    /// [`DeadlineLayer`](crate::deadline::DeadlineLayer) finds the deadline here even when the layer was built
+    /// not to store it in the extensions.
+    #[cfg(feature = "http")]
+    pub fn find<B>(request: &http::Request<B>) -> Option<Deadline> {
+        match (Deadline::of(request), Deadline::current()) {
+            (Some(a), Some(b)) => Some(a.earliest(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether work expected to take `expected` can still finish before this deadline at `now`. Layers use it to
@@ -190,5 +258,42 @@ impl<F> fmt::Debug for DeadlineScope<F> {
             .field("deadline", &self.deadline)
             .field("done", &self.future.is_none())
             .finish()
+    }
+}
+
+#[cfg(all(test, feature = "http"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_call_clock_is_the_callers_reading_only_during_the_call() {
+        let read = Instant::now();
+        let deadline = Deadline::at(read + Duration::from_secs(1));
+        tokio::time::advance(Duration::from_millis(3)).await;
+        assert_eq!(now_in_call(), Instant::now());
+        let seen = deadline.during_call(read, || {
+            let inner = Deadline::at(read + Duration::from_millis(500));
+            let nested = inner.during_call(read + Duration::from_millis(1), || {
+                (now_in_call(), Deadline::current())
+            });
+            (now_in_call(), Deadline::current(), nested)
+        });
+        assert_eq!(
+            seen,
+            (
+                read,
+                Some(deadline),
+                (
+                    read + Duration::from_millis(1),
+                    Some(Deadline::at(read + Duration::from_millis(500)))
+                )
+            )
+        );
+        assert_eq!(now_in_call(), Instant::now());
+        assert_eq!(Deadline::current(), None);
+        // Unwinding restores both.
+        let unwound = std::panic::catch_unwind(|| deadline.during_call(read, || panic!("in call")));
+        assert!(unwound.is_err());
+        assert_eq!((now_in_call(), Deadline::current()), (Instant::now(), None));
     }
 }

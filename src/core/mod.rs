@@ -15,7 +15,7 @@
 //! These are public so that users can write layers that behave like ours.
 
 mod classify;
-mod deadline;
+pub(crate) mod deadline;
 pub mod error;
 mod future;
 mod hint;

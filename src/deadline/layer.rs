@@ -23,6 +23,7 @@ pub(super) struct ServerConfig<H = HeaderName> {
     pub(super) read_grpc_timeout: bool,
     pub(super) timeout_header: Option<H>,
     pub(super) strict: bool,
+    pub(super) extension: bool,
 }
 
 /// The client layer's settings, likewise.
@@ -31,6 +32,7 @@ pub(super) struct ClientConfig<H = HeaderName> {
     pub(super) margin: Duration,
     pub(super) write_grpc_timeout: bool,
     pub(super) timeout_header: Option<H>,
+    pub(super) extension: bool,
 }
 
 type Unchecked = Cow<'static, str>;
@@ -81,6 +83,7 @@ impl DeadlineLayer {
                 read_grpc_timeout: true,
                 timeout_header: Some(Cow::Borrowed(TIMEOUT_MS_HEADER)),
                 strict: false,
+                extension: true,
             },
         }
     }
@@ -187,6 +190,29 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
         self
     }
 
+    /// Whether to store the effective deadline in the request's extensions (default `true`), where
+    /// `req.extensions().get::<Deadline>()` and [`Deadline::of`](crate::core::Deadline::of) find it.
+    ///
+    /// Without it the deadline is still wherever this crate's layers and handlers look: around the inner
+    /// service's `call` and around its future it is [`Deadline::current`](crate::core::Deadline::current), and
+    /// [`Deadline::find`](crate::core::Deadline::find) reads both places. Only code that takes the request to
+    /// another task before calling on it (a service behind tower's `Buffer` below this layer, a hand-off to a
+    /// worker task) needs the extension. Turning it off saves the insert, which on a request without extensions
+    /// allocates three times (http's map, its table, the entry): about 50 ns, as much as the rest of the layer
+    /// (docs/PERFORMANCE.md).
+    ///
+    /// ```
+    /// use tower_backpressure::deadline::DeadlineLayer;
+    ///
+    /// let layer = DeadlineLayer::builder().request_extension(false).build().unwrap();
+    /// # let _ = layer;
+    /// ```
+    #[must_use]
+    pub fn request_extension(mut self, store: bool) -> Self {
+        self.config.extension = store;
+        self
+    }
+
     /// How inner results become outcomes.
     #[must_use]
     pub fn classifier<C2>(self, classify: C2) -> DeadlineLayerBuilder<C2, M, O> {
@@ -270,6 +296,7 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
             read_grpc_timeout: c.read_grpc_timeout,
             timeout_header: header_name(LAYER, c.timeout_header)?,
             strict: c.strict,
+            extension: c.extension,
         };
         Ok(DeadlineLayer {
             shared: Owner::new(Shared::new(LAYER, config, self.observer)),
@@ -301,6 +328,7 @@ impl PropagateDeadlineLayer {
                 margin: DEFAULT_MARGIN,
                 write_grpc_timeout: true,
                 timeout_header: Some(Cow::Borrowed(TIMEOUT_MS_HEADER)),
+                extension: true,
             },
         }
     }
@@ -375,6 +403,22 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
     #[must_use]
     pub fn grpc_timeout(mut self, write: bool) -> Self {
         self.config.write_grpc_timeout = write;
+        self
+    }
+
+    /// Whether to store the deadline in the outgoing request's extensions (default `true`), for the layers and
+    /// the transport below this one.
+    ///
+    /// Without it the deadline is still wherever this crate's layers and handlers look: around the inner
+    /// service's `call` and around its future it is [`Deadline::current`](crate::core::Deadline::current), and
+    /// [`Deadline::find`](crate::core::Deadline::find) reads both places. Only code that takes the request to
+    /// another task before calling on it (a service behind tower's `Buffer` below this layer, a hand-off to a
+    /// worker task) needs the extension. Turning it off saves the insert, which on a request without extensions
+    /// allocates three times (http's map, its table, the entry): about 50 ns, as much as the rest of the layer
+    /// (docs/PERFORMANCE.md).
+    #[must_use]
+    pub fn request_extension(mut self, store: bool) -> Self {
+        self.config.extension = store;
         self
     }
 
@@ -455,6 +499,7 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
             margin: c.margin,
             write_grpc_timeout: c.write_grpc_timeout,
             timeout_header: header_name(LAYER, c.timeout_header)?,
+            extension: c.extension,
         };
         Ok(PropagateDeadlineLayer {
             shared: Owner::new(Shared::new(LAYER, config, self.observer)),

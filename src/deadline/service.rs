@@ -69,6 +69,17 @@ impl<S: fmt::Debug, C, M, O> fmt::Debug for DeadlineService<S, C, M, O> {
     }
 }
 
+/// Stores `deadline` in the request's extensions. One already there is overwritten in place (the caller's is never
+/// later): no allocation. Inserting the first extension of a request allocates the map, its table and the entry.
+fn store<B>(request: &mut Request<B>, deadline: Deadline) {
+    match request.extensions_mut().get_mut::<Deadline>() {
+        Some(slot) => *slot = deadline,
+        None => {
+            request.extensions_mut().insert(deadline);
+        }
+    }
+}
+
 /// The smallest valid timeout among the configured headers, and the first malformed one.
 fn read_timeout(
     headers: &HeaderMap,
@@ -167,19 +178,14 @@ where
             return ResponseFuture::rejected(self.mode.clone());
         }
 
-        // A deadline already in the extensions is overwritten in place (the effective one is never later): no
-        // allocation. Inserting the first extension of a request allocates the map, its table and the entry.
-        match request.extensions_mut().get_mut::<Deadline>() {
-            Some(slot) => *slot = deadline,
-            None => {
-                request.extensions_mut().insert(deadline);
-            }
+        if config.extension {
+            store(&mut request, deadline);
         }
         let (shared, releaser) = self.shared.next();
         shared.admitted();
         let permit = shared.permit(releaser, now);
-        // `deadline` already takes the task-local one into account: no second look-up.
-        let inner = deadline.scope_earliest(self.inner.call(request));
+        // `deadline` already takes the current one into account: no second look-up.
+        let inner = deadline.scope_earliest(deadline.during_call(now, || self.inner.call(request)));
         ResponseFuture::running(inner, permit, self.classify.clone(), self.mode.clone())
     }
 }
@@ -291,7 +297,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let Some(deadline) = Deadline::of(&request).or_else(Deadline::current) else {
+        let Some(deadline) = Deadline::find(&request) else {
             return PropagateFuture::passthrough(
                 self.inner.call(request),
                 self.classify.clone(),
@@ -306,13 +312,18 @@ where
             self.shared.rejected();
             return PropagateFuture::rejected(self.mode.clone());
         }
-        let sent = write_timeout(request.headers_mut(), &self.shared.config, budget);
-        // Layers below (breaker, limiter) may shed a request that cannot finish in time.
-        request.extensions_mut().insert(deadline);
+        let config = &self.shared.config;
+        let sent = write_timeout(request.headers_mut(), config, budget);
+        // Layers below (breaker, limiter) may shed a request that cannot finish in time: they find the deadline
+        // in the extensions, or as the current one during their `call`.
+        if config.extension {
+            store(&mut request, deadline);
+        }
         let (shared, releaser) = self.shared.next();
         shared.admitted();
         let permit = shared.permit(releaser, now);
-        let inner = deadline.scope(self.inner.call(request));
+        // `deadline` is no later than the current one (`find` took the earlier): no second look-up.
+        let inner = deadline.scope_earliest(deadline.during_call(now, || self.inner.call(request)));
         PropagateFuture::running(
             inner,
             permit,

@@ -104,12 +104,13 @@ impl FromStr for Priority {
 
 /// Reads what the queue needs to know about a request: its priority and its deadline.
 ///
-/// - [`Uniform`] (the default): every request is [`Priority::DEFAULT`]; the deadline is the task-local
-///   [`Deadline::current`]. For generic requests.
+/// - [`Uniform`] (the default): every request is [`Priority::DEFAULT`]; the deadline is [`Deadline::current`],
+///   which a deadline layer outside this one sets around this layer's `call`. For generic requests.
 /// - [`HeaderPriority`] (feature `http`, set by the builder's `.http()`/`.grpc()`/`.priority_header(..)`): a
 ///   [`Priority`] request extension, else the priority header (`x-priority` by default), else an optional
-///   user extractor over the request's extensions; the deadline from the request's [`Deadline`] extension.
-/// - A closure `Fn(&Req) -> Priority`; the deadline is the task-local one.
+///   user extractor over the request's extensions; the deadline from [`Deadline::find`] (the earlier of the
+///   request's [`Deadline`] extension and the current one).
+/// - A closure `Fn(&Req) -> Priority`; the deadline is [`Deadline::current`] as for [`Uniform`].
 pub trait Prioritize<Req>: Clone + Send + Sync + 'static {
     /// The request's priority; never fails (fall back to [`Priority::DEFAULT`]).
     fn priority(&self, request: &Req) -> Priority;
@@ -161,7 +162,7 @@ mod http_impl {
 
     /// Reads an HTTP request's priority from, in order: a [`Priority`] request extension, the user's extractor
     /// (see [`HeaderPriority::extractor`]), the priority header; absent or malformed gives the default level.
-    /// The deadline comes from the request's [`Deadline`] extension, else the task-local one.
+    /// The deadline is [`Deadline::find`]: the earlier of the request's [`Deadline`] extension and the current one.
     #[derive(Clone)]
     pub struct HeaderPriority {
         header: HeaderName,
@@ -231,7 +232,7 @@ mod http_impl {
         }
 
         fn deadline(&self, request: &http::Request<B>) -> Option<Deadline> {
-            Deadline::of(request).or_else(Deadline::current)
+            Deadline::find(request)
         }
     }
 }

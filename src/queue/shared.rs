@@ -438,7 +438,8 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     ) -> Result<Permit, NotNow> {
         let level = priority.index();
         if let Some(deadline) = deadline {
-            let now = Instant::now();
+            // Behind a deadline layer, the instant it read the clock at: no second clock read.
+            let now = crate::core::deadline::now_in_call();
             if !deadline.can_finish(now, self.expected()) {
                 self.count_rejection(Reason::DeadlineExceeded);
                 return Err(NotNow::Rejected(Reason::DeadlineExceeded));
