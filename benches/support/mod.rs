@@ -42,6 +42,7 @@ pub(crate) mod name {
     pub(crate) const PRESSURE: &str = "ours Pressure (calm runtime)";
     pub(crate) const BREAKER: &str = "ours CircuitBreaker (closed)";
     pub(crate) const DEADLINE: &str = "ours Deadline (server, max 30 s)";
+    pub(crate) const DEADLINE_NO_EXTENSION: &str = "ours Deadline (server, max 30 s, no extension)";
     pub(crate) const PROPAGATE: &str = "ours PropagateDeadline (no deadline set)";
     pub(crate) const SERVER: &str = "ours server stack (Deadline+Queue+Adaptive)";
     pub(crate) const CLIENT: &str = "ours client stack (PropagateDeadline+Breaker+Adaptive)";
@@ -57,6 +58,7 @@ pub(crate) mod name {
         QUEUE,
         BREAKER,
         DEADLINE,
+        DEADLINE_NO_EXTENSION,
         PROPAGATE,
         RATE,
         PRESSURE,
@@ -68,6 +70,8 @@ pub(crate) mod name {
         (ADAPTIVE, TR_ADAPTIVE, 0.3),
         (BREAKER, FAILSAFE_BREAKER, 0.5),
         (BREAKER, TR_BREAKER, 0.15),
+        (DEADLINE, TOWER_TIMEOUT, 1.0),
+        (DEADLINE_NO_EXTENSION, TOWER_TIMEOUT, 1.0),
         (SERVER, TOWER_SHED_LIMIT_TIMEOUT, 2.0),
     ];
 }
@@ -307,6 +311,18 @@ fn deadline_stacks(v: &mut impl Visit) {
         name::DEADLINE,
         ServiceBuilder::new()
             .layer(server_deadline())
+            .service(backend()),
+    );
+    v.stack(
+        name::DEADLINE_NO_EXTENSION,
+        ServiceBuilder::new()
+            .layer(
+                DeadlineLayer::builder()
+                    .max_timeout(TIMEOUT)
+                    .request_extension(false)
+                    .build()
+                    .expect("deadline config"),
+            )
             .service(backend()),
     );
     v.stack(
