@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::thread::LocalKey;
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -37,46 +38,26 @@ pub(crate) fn now_in_call() -> Instant {
     }
 }
 
-/// Makes `at` the instant of [`now_in_call`] until dropped, then restores the previous one (also while unwinding).
-#[cfg(feature = "http")]
-struct Called(Option<Instant>);
-
-#[cfg(feature = "http")]
-impl Called {
-    #[inline]
-    fn new(at: Instant) -> Self {
-        Called(CALLED_AT.try_with(|c| c.replace(Some(at))).ok().flatten())
-    }
+/// Sets a thread-local `Cell<Option<T>>` to a value until dropped, then restores the previous one (also while
+/// unwinding): the scope of [`Deadline::current`] around a poll and of [`now_in_call`] around a `call`.
+struct Restore<T: Copy + 'static> {
+    key: &'static LocalKey<Cell<Option<T>>>,
+    previous: Option<T>,
 }
 
-#[cfg(feature = "http")]
-impl Drop for Called {
+impl<T: Copy + 'static> Restore<T> {
     #[inline]
-    fn drop(&mut self) {
-        let _ = CALLED_AT.try_with(|c| c.set(self.0));
-    }
-}
-
-/// Makes `deadline` the current one until dropped, then restores the previous one (also while unwinding).
-struct Enter(Option<Deadline>);
-
-impl Enter {
-    #[inline]
-    fn new(deadline: Deadline) -> Self {
+    fn set(key: &'static LocalKey<Cell<Option<T>>>, value: T) -> Self {
         // Never fails for a constant-initialised `Cell` without destructor; if it did, the scope would be empty.
-        Enter(
-            CURRENT
-                .try_with(|c| c.replace(Some(deadline)))
-                .ok()
-                .flatten(),
-        )
+        let previous = key.try_with(|c| c.replace(Some(value))).ok().flatten();
+        Restore { key, previous }
     }
 }
 
-impl Drop for Enter {
+impl<T: Copy + 'static> Drop for Restore<T> {
     #[inline]
     fn drop(&mut self) {
-        let _ = CURRENT.try_with(|c| c.set(self.0));
+        let _ = self.key.try_with(|c| c.set(self.previous));
     }
 }
 
@@ -164,8 +145,8 @@ impl Deadline {
     #[inline]
     pub(crate) fn during_call<R>(self, now: Instant, f: impl FnOnce() -> R) -> R {
         debug_assert!(Deadline::current().is_none_or(|outer| self <= outer));
-        let _enter = Enter::new(self);
-        let _called = Called::new(now);
+        let _current = Restore::set(&CURRENT, self);
+        let _called = Restore::set(&CALLED_AT, now);
         f()
     }
 
@@ -212,7 +193,7 @@ pin_project! {
             let this = this.project();
             let mut future = this.future;
             if std::mem::needs_drop::<F>() && future.is_some() {
-                let _enter = Enter::new(*this.deadline);
+                let _enter = Restore::set(&CURRENT, *this.deadline);
                 future.set(None);
             }
         }
@@ -238,7 +219,7 @@ impl<F: Future> Future for DeadlineScope<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let _enter = Enter::new(*this.deadline);
+        let _enter = Restore::set(&CURRENT, *this.deadline);
         let mut future = this.future;
         let Some(inner) = future.as_mut().as_pin_mut() else {
             panic!("`DeadlineScope` polled after completion");
