@@ -16,7 +16,7 @@ use super::future::{PropagateFuture, ResponseFuture};
 use super::layer::{ClientConfig, ServerConfig};
 use super::mode::RejectInvalid;
 use super::shared::Shared;
-use crate::core::{Classify, Deadline, Instance, Observer, RejectMode};
+use crate::core::{Classify, Deadline, DeadlineScope, Instance, Observer, Permit, RejectMode};
 
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
 
@@ -80,6 +80,32 @@ fn store<B>(request: &mut Request<B>, deadline: Deadline) {
     }
 }
 
+/// Admits a request under `deadline`, which is no later than the current one: stores it in the extensions if
+/// asked to, counts the request, and calls the inner service with the deadline current (and `now` as the call's
+/// clock reading), in the deadline's scope. The permit is timed only for an observer that wants latencies.
+fn start<S, B, K, O>(
+    inner: &mut S,
+    shared: &mut Instance<Shared<K, O>>,
+    extension: bool,
+    mut request: Request<B>,
+    deadline: Deadline,
+    now: Instant,
+) -> (DeadlineScope<S::Future>, Permit)
+where
+    S: Service<Request<B>>,
+    K: Send + Sync + 'static,
+    O: Observer,
+{
+    if extension {
+        store(&mut request, deadline);
+    }
+    let (shared, releaser) = shared.next();
+    shared.admitted();
+    let permit = shared.permit(releaser, now);
+    let inner = deadline.scope_earliest(deadline.during_call(now, || inner.call(request)));
+    (inner, permit)
+}
+
 /// The smallest valid timeout among the configured headers, and the first malformed one.
 fn read_timeout(
     headers: &HeaderMap,
@@ -131,7 +157,7 @@ where
             .map_err(|e| self.mode.inner_error(e))
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let config = &self.shared.config;
         let (header, invalid) = read_timeout(request.headers(), config);
         if let Some(error) = invalid {
@@ -178,14 +204,16 @@ where
             return ResponseFuture::rejected(self.mode.clone());
         }
 
-        if config.extension {
-            store(&mut request, deadline);
-        }
-        let (shared, releaser) = self.shared.next();
-        shared.admitted();
-        let permit = shared.permit(releaser, now);
-        // `deadline` already takes the current one into account: no second look-up.
-        let inner = deadline.scope_earliest(deadline.during_call(now, || self.inner.call(request)));
+        // `deadline` already takes the current one into account.
+        let extension = config.extension;
+        let (inner, permit) = start(
+            &mut self.inner,
+            &mut self.shared,
+            extension,
+            request,
+            deadline,
+            now,
+        );
         ResponseFuture::running(inner, permit, self.classify.clone(), self.mode.clone())
     }
 }
@@ -315,15 +343,16 @@ where
         let config = &self.shared.config;
         let sent = write_timeout(request.headers_mut(), config, budget);
         // Layers below (breaker, limiter) may shed a request that cannot finish in time: they find the deadline
-        // in the extensions, or as the current one during their `call`.
-        if config.extension {
-            store(&mut request, deadline);
-        }
-        let (shared, releaser) = self.shared.next();
-        shared.admitted();
-        let permit = shared.permit(releaser, now);
-        // `deadline` is no later than the current one (`find` took the earlier): no second look-up.
-        let inner = deadline.scope_earliest(deadline.during_call(now, || self.inner.call(request)));
+        // in the extensions, or as the current one during their `call`. `find` took the earlier of the two.
+        let extension = config.extension;
+        let (inner, permit) = start(
+            &mut self.inner,
+            &mut self.shared,
+            extension,
+            request,
+            deadline,
+            now,
+        );
         PropagateFuture::running(
             inner,
             permit,
