@@ -23,6 +23,7 @@ pub struct AnyOk;
 impl<Res, E> Classify<Res, E> for AnyOk {
     type Response = Res;
 
+    #[inline]
     fn finish(&self, result: Result<Res, E>, permit: Option<Permit>) -> Result<Res, E> {
         if let Some(permit) = permit {
             permit.complete(if result.is_ok() {
@@ -54,6 +55,7 @@ where
 {
     type Response = Res;
 
+    #[inline]
     fn finish(&self, result: Result<Res, E>, permit: Option<Permit>) -> Result<Res, E> {
         if let Some(permit) = permit {
             permit.complete(self(result.as_ref()));

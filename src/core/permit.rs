@@ -256,6 +256,7 @@ impl Permit {
     /// How long ago the request was admitted, to the microsecond: zero for an untimed permit (which never read
     /// the clock) and for an admission instant after now. Good for up to 2^37 µs (about 1.6 days); the stamps
     /// are kept modulo 2^38 µs, and the upper half of that range reads as "before the admission".
+    #[inline]
     pub fn elapsed(&self) -> Duration {
         if self.word & TIMED == 0 {
             return Duration::ZERO;
@@ -269,6 +270,7 @@ impl Permit {
     }
 
     /// The tag given at admission.
+    #[inline]
     pub fn tag(&self) -> u64 {
         if self.word & TIMED == 0 {
             self.word & MAX_UNTIMED_TAG

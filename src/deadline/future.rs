@@ -1,5 +1,6 @@
 //! Response futures of the deadline layers: one state machine, shared by the server and the client future.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -24,9 +25,7 @@ pin_project! {
     /// inner future.
     pub struct ResponseFuture<F, C, M> {
         #[pin]
-        state: State<F, C, NotSent>,
-        // A malformed timeout header refused in strict mode; the state is then `Done`.
-        invalid: Option<InvalidTimeout>,
+        state: State<F, C, NotSent, InvalidTimeout>,
         mode: M,
     }
 }
@@ -37,14 +36,17 @@ pin_project! {
     /// that enforces the timeout it was sent: an error once that budget is spent is deadline-exceeded.
     pub struct PropagateFuture<F, C, M> {
         #[pin]
-        state: State<F, C, Sent>,
+        state: State<F, C, Sent, Infallible>,
         mode: M,
     }
 }
 
 pin_project! {
+    // `I`: why a request is refused before it starts, besides its deadline (the server's malformed timeout header;
+    // nothing for the client). A variant rather than a field of the future beside the state, which would make the
+    // future a word larger: past 256 bytes, every move of it (at least two before it is polled) is a slower copy.
     #[project = StateProj]
-    enum State<F, C, T> {
+    enum State<F, C, T, I> {
         Passthrough {
             #[pin]
             inner: F,
@@ -67,6 +69,10 @@ pin_project! {
             sent: T,
         },
         Rejected,
+        // A malformed timeout header, refused in strict mode.
+        Invalid {
+            error: I,
+        },
         Done,
     }
 }
@@ -99,7 +105,7 @@ impl SentBudget for Sent {
     }
 }
 
-impl<F, C, T> State<F, C, T> {
+impl<F, C, T, I> State<F, C, T, I> {
     fn running(inner: DeadlineScope<F>, permit: Permit, classify: C, sent: T) -> Self {
         State::Running {
             inner,
@@ -115,23 +121,27 @@ impl<F, C, T> State<F, C, T> {
             State::Passthrough { .. } => "passthrough",
             State::Running { .. } => "running",
             State::Rejected => "rejected",
+            State::Invalid { .. } => "invalid",
             State::Done => "done",
         }
     }
 }
 
-/// Polls the state to its answer, then leaves it `Done` (dropping the inner future and the timer at once rather
-/// than whenever the caller drops the future).
-fn poll_state<F, Res, E, C, M, T>(
-    mut state: Pin<&mut State<F, C, T>>,
+/// Polls the state to its answer, dropping the inner future and the timer at once rather than whenever the caller
+/// drops the future. `invalid` answers the `Invalid` state.
+#[inline]
+fn poll_state<F, Res, E, C, M, T, I>(
+    mut state: Pin<&mut State<F, C, T, I>>,
     mode: &M,
     cx: &mut Context<'_>,
+    invalid: impl FnOnce(&M, I) -> Result<C::Response, M::Error>,
 ) -> Poll<Result<C::Response, M::Error>>
 where
     F: Future<Output = Result<Res, E>>,
     C: Classify<Res, E>,
     M: RejectMode<C::Response, E>,
     T: SentBudget,
+    I: Copy,
 {
     let output = match state.as_mut().project() {
         StateProj::Passthrough { inner, classify } => {
@@ -152,9 +162,19 @@ where
             // own error, which callers would see as CANCELLED or UNKNOWN. An error once the sent budget is spent
             // is that expiry: answer deadline-exceeded, as the local timer would have.
             Poll::Ready(Err(_)) if sent.spent() => expired(permit, mode),
-            Poll::Ready(result) => classify
-                .finish(result, permit.take())
-                .map_err(|e| mode.inner_error(e)),
+            Poll::Ready(result) => {
+                // The scope has dropped the inner future already; a timer armed goes now too. Nothing else is
+                // left to drop, so the state stays as it is (a second poll finds the scope empty and panics),
+                // which spares the common path, an answer before the deadline, rewriting the whole state.
+                if sleep.is_some() {
+                    sleep.set(None);
+                }
+                return Poll::Ready(
+                    classify
+                        .finish(result, permit.take())
+                        .map_err(|e| mode.inner_error(e)),
+                );
+            }
             Poll::Pending => {
                 if sleep.is_none() {
                     sleep.set(Some(tokio::time::sleep_until(inner.deadline().instant())));
@@ -164,6 +184,7 @@ where
             }
         },
         StateProj::Rejected => mode.reject(Rejection::new(Reason::DeadlineExceeded)),
+        StateProj::Invalid { error } => invalid(mode, *error),
         StateProj::Done => panic!("deadline response future polled after completion"),
     };
     state.set(State::Done);
@@ -182,12 +203,8 @@ fn expired<Res, E, M: RejectMode<Res, E>>(
 }
 
 impl<F, C, M> ResponseFuture<F, C, M> {
-    fn new(state: State<F, C, NotSent>, mode: M) -> Self {
-        ResponseFuture {
-            state,
-            invalid: None,
-            mode,
-        }
+    fn new(state: State<F, C, NotSent, InvalidTimeout>, mode: M) -> Self {
+        ResponseFuture { state, mode }
     }
 
     pub(super) fn passthrough(inner: F, classify: C, mode: M) -> Self {
@@ -203,11 +220,7 @@ impl<F, C, M> ResponseFuture<F, C, M> {
     }
 
     pub(super) fn invalid(error: InvalidTimeout, mode: M) -> Self {
-        ResponseFuture {
-            state: State::Done,
-            invalid: Some(error),
-            mode,
-        }
+        Self::new(State::Invalid { error }, mode)
     }
 }
 
@@ -219,24 +232,17 @@ where
 {
     type Output = Result<C::Response, M::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Some(error) = this.invalid.take() {
-            return Poll::Ready(this.mode.reject_invalid(error));
-        }
-        poll_state(this.state, this.mode, cx)
+        poll_state(this.state, this.mode, cx, M::reject_invalid)
     }
 }
 
 impl<F, C, M> fmt::Debug for ResponseFuture<F, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = if self.invalid.is_some() {
-            "invalid"
-        } else {
-            self.state.name()
-        };
         f.debug_struct("ResponseFuture")
-            .field("state", &state)
+            .field("state", &self.state.name())
             .finish()
     }
 }
@@ -278,9 +284,16 @@ where
 {
     type Output = Result<C::Response, M::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        poll_state(this.state, this.mode, cx)
+        // The client refuses nothing as malformed: its state is never `Invalid`.
+        poll_state(
+            this.state,
+            this.mode,
+            cx,
+            |_, never: Infallible| match never {},
+        )
     }
 }
 

@@ -81,63 +81,88 @@ fn store<B>(request: &mut Request<B>, deadline: Deadline) {
 }
 
 /// Admits a request under `deadline`, which is no later than the current one: stores it in the extensions if
-/// asked to, counts the request, and calls the inner service with the deadline current (and `now` as the call's
-/// clock reading), in the deadline's scope. The permit is timed only for an observer that wants latencies.
-fn start<S, B, K, O>(
-    inner: &mut S,
+/// asked to, counts the request and makes its permit, timed only for an observer that wants latencies.
+#[inline]
+fn admit<B, K, O>(
     shared: &mut Instance<Shared<K, O>>,
     extension: bool,
-    mut request: Request<B>,
+    request: &mut Request<B>,
     deadline: Deadline,
     now: Instant,
-) -> (DeadlineScope<S::Future>, Permit)
+) -> Permit
 where
-    S: Service<Request<B>>,
     K: Send + Sync + 'static,
     O: Observer,
 {
     if extension {
-        store(&mut request, deadline);
+        store(request, deadline);
     }
     let (shared, releaser) = shared.next();
     shared.admitted();
-    let permit = shared.permit(releaser, now);
-    let inner = deadline.scope_earliest(deadline.during_call(now, || inner.call(request)));
-    (inner, permit)
+    shared.permit(releaser, now)
+}
+
+/// Calls `inner` with `deadline` current (and `now` as the call's clock reading), and runs the future it returns
+/// in the deadline's scope.
+#[inline]
+fn call_in_scope<S, R>(
+    inner: &mut S,
+    request: R,
+    deadline: Deadline,
+    now: Instant,
+) -> DeadlineScope<S::Future>
+where
+    S: Service<R>,
+{
+    let future = {
+        let _call = deadline.enter_call(now);
+        inner.call(request)
+    };
+    deadline.scope_earliest(future)
 }
 
 /// The smallest valid timeout among the configured headers, and the first malformed one.
+#[inline(always)]
 fn read_timeout(
     headers: &HeaderMap,
     config: &ServerConfig,
 ) -> (Option<Duration>, Option<InvalidTimeout>) {
-    let mut timeout: Option<Duration> = None;
+    let mut timeout = None;
     let mut invalid = None;
-    let mut take = |name: &HeaderName, decode: fn(&[u8]) -> Result<Duration, InvalidTimeout>| {
+    if config.read_grpc_timeout {
+        if let Some(value) = headers.get(&GRPC_TIMEOUT) {
+            match decode_grpc_timeout(value.as_bytes()) {
+                Ok(t) => timeout = Some(t),
+                Err(e) => invalid = Some(malformed(&GRPC_TIMEOUT, e, config.strict)),
+            }
+        }
+    }
+    if let Some(name) = &config.timeout_header {
         if let Some(value) = headers.get(name) {
-            match decode(value.as_bytes()) {
-                Ok(t) => timeout = Some(timeout.map_or(t, |old| old.min(t))),
+            match decode_timeout_ms(value.as_bytes()) {
+                Ok(t) => timeout = Some(timeout.map_or(t, |old: Duration| old.min(t))),
                 Err(e) => {
-                    tracing::debug!(
-                        target: "tower_backpressure",
-                        layer = "deadline",
-                        header = name.as_str(),
-                        error = %e,
-                        strict = config.strict,
-                        "malformed timeout header"
-                    );
+                    let e = malformed(name, e, config.strict);
                     invalid.get_or_insert(e);
                 }
             }
         }
-    };
-    if config.read_grpc_timeout {
-        take(&GRPC_TIMEOUT, decode_grpc_timeout);
-    }
-    if let Some(name) = &config.timeout_header {
-        take(name, decode_timeout_ms);
     }
     (timeout, invalid)
+}
+
+/// Reports a malformed timeout header with a `tracing` event, and hands the error back.
+#[cold]
+fn malformed(name: &HeaderName, error: InvalidTimeout, strict: bool) -> InvalidTimeout {
+    tracing::debug!(
+        target: "tower_backpressure",
+        layer = "deadline",
+        header = name.as_str(),
+        error = %error,
+        strict,
+        "malformed timeout header"
+    );
+    error
 }
 
 impl<S, B, C, M, O> Service<Request<B>> for DeadlineService<S, C, M, O>
@@ -157,7 +182,7 @@ where
             .map_err(|e| self.mode.inner_error(e))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let config = &self.shared.config;
         let (header, invalid) = read_timeout(request.headers(), config);
         if let Some(error) = invalid {
@@ -166,13 +191,14 @@ where
                 return ResponseFuture::invalid(error, self.mode.clone());
             }
         }
-        let existing = Deadline::of(&request);
-        let current = Deadline::current();
-        if header.is_none()
-            && config.max_timeout.is_none()
-            && existing.is_none()
-            && current.is_none()
-        {
+        // The deadline already set (in the extensions, or current), and the smaller of the header's budget and
+        // the layer's maximum.
+        let found = Deadline::find(&request);
+        let budget = match (header, config.max_timeout) {
+            (Some(header), Some(max)) => Some(header.min(max)),
+            (header, max) => header.or(max),
+        };
+        if budget.is_none() && found.is_none() {
             return ResponseFuture::passthrough(
                 self.inner.call(request),
                 self.classify.clone(),
@@ -182,13 +208,8 @@ where
 
         let now = Instant::now();
         // A budget too large to add to the clock is no constraint at all, not an error.
-        let after =
-            |budget: Option<Duration>| budget.and_then(|b| now.checked_add(b)).map(Deadline::at);
-        let deadline = [existing, current, after(header), after(config.max_timeout)]
-            .into_iter()
-            .flatten()
-            .min();
-        let Some(deadline) = deadline else {
+        let from_budget = budget.and_then(|b| now.checked_add(b)).map(Deadline::at);
+        let Some(deadline) = Deadline::earlier(found, from_budget) else {
             return ResponseFuture::passthrough(
                 self.inner.call(request),
                 self.classify.clone(),
@@ -206,14 +227,8 @@ where
 
         // `deadline` already takes the current one into account.
         let extension = config.extension;
-        let (inner, permit) = start(
-            &mut self.inner,
-            &mut self.shared,
-            extension,
-            request,
-            deadline,
-            now,
-        );
+        let permit = admit(&mut self.shared, extension, &mut request, deadline, now);
+        let inner = call_in_scope(&mut self.inner, request, deadline, now);
         ResponseFuture::running(inner, permit, self.classify.clone(), self.mode.clone())
     }
 }
@@ -345,14 +360,8 @@ where
         // Layers below (breaker, limiter) may shed a request that cannot finish in time: they find the deadline
         // in the extensions, or as the current one during their `call`. `find` took the earlier of the two.
         let extension = config.extension;
-        let (inner, permit) = start(
-            &mut self.inner,
-            &mut self.shared,
-            extension,
-            request,
-            deadline,
-            now,
-        );
+        let permit = admit(&mut self.shared, extension, &mut request, deadline, now);
+        let inner = call_in_scope(&mut self.inner, request, deadline, now);
         PropagateFuture::running(
             inner,
             permit,
