@@ -18,7 +18,7 @@ thread_local! {
     // and swaps it in and out through fallible accessors, several times the cost per poll).
     static CURRENT: Cell<Option<Deadline>> = const { Cell::new(None) };
 
-    // While a deadline layer runs the inner service's `call` (`Deadline::during_call`): the instant it read the
+    // While a deadline layer runs the inner service's `call` (`Deadline::enter_call`): the instant it read the
     // clock at. `None` otherwise, and in particular while futures are polled.
     static CALLED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
 }
