@@ -103,6 +103,85 @@ async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
     assert_eq!(layer.handle().snapshot().admitted, 4);
 }
 
+#[tokio::test(start_paused = true)]
+async fn timeout_headers_are_found_among_few_or_many_other_headers() {
+    // The layer compares names one by one on small maps and looks them up on larger ones: both ways must find
+    // the same headers, and never take a name of the same length for ours.
+    let seen = Arc::new(Seen::default());
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
+    let start = Instant::now();
+    let counts = [0usize, 1, 7, 14, 15, 16, 17, 40];
+    let others = |n: usize| -> Vec<(String, String)> {
+        let mut headers = vec![
+            // Same lengths as ours, different names, valid values: never read.
+            ("grpc-timeoux".to_string(), "1m".to_string()),
+            ("x-request-timeout-mz".to_string(), "1".to_string()),
+            ("accept".to_string(), "*/*".to_string()),
+        ];
+        headers.extend((0..n).map(|i| (format!("x-other-{i}"), "v".to_string())));
+        headers.truncate(n);
+        headers
+    };
+    for &n in &counts {
+        for carried in [false, true] {
+            let mut headers = others(n);
+            if carried {
+                // Ours go in the middle, so a scan that stops early or starts late misses them.
+                let at = headers.len() / 2;
+                headers.insert(at, ("grpc-timeout".into(), "2S".into()));
+                headers.push(("x-request-timeout-ms".into(), "1500".into()));
+            }
+            let pairs: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            svc.clone().oneshot(request(&pairs)).await.unwrap();
+        }
+    }
+    {
+        let deadlines = seen.deadlines.lock().unwrap();
+        assert_eq!(deadlines.len(), counts.len() * 2);
+        let max = Deadline::at(start + Duration::from_secs(10));
+        let header = Deadline::at(start + Duration::from_millis(1500));
+        for (i, seen) in deadlines.iter().enumerate() {
+            let expected = if i % 2 == 1 { header } else { max };
+            assert_eq!(
+                *seen,
+                (Some(expected), Some(expected)),
+                "{} other headers, timeout headers carried: {}",
+                counts[i / 2],
+                i % 2 == 1
+            );
+        }
+    }
+
+    // A configured name that is a standard header is found both ways too.
+    let seen = Arc::new(Seen::default());
+    let svc = DeadlineLayer::builder()
+        .timeout_header("age")
+        .build()
+        .unwrap()
+        .layer(recording(seen.clone(), Duration::ZERO));
+    for n in [3, 20] {
+        let mut headers = others(n);
+        headers.push(("age".into(), "250".into()));
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        svc.clone().oneshot(request(&pairs)).await.unwrap();
+    }
+    let quarter = Deadline::at(start + Duration::from_millis(250));
+    assert_eq!(
+        *seen.deadlines.lock().unwrap(),
+        vec![(Some(quarter), Some(quarter)); 2]
+    );
+}
+
 /// An extension of the caller's own, to show the layer leaves other extensions alone.
 #[derive(Debug, Clone, PartialEq)]
 struct Tag(&'static str);
