@@ -2,6 +2,7 @@
 #![cfg(feature = "http")]
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -105,8 +106,9 @@ async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
 
 #[tokio::test(start_paused = true)]
 async fn timeout_headers_are_found_among_few_or_many_other_headers() {
-    // The layer compares names one by one on small maps and looks them up on larger ones: both ways must find
-    // the same headers, and never take a name of the same length for ours.
+    // The layer compares names one by one on maps of up to 16 names and looks them up on larger ones: both ways
+    // must find each header alone and both together, read the first of repeated values, and never take a name
+    // of the same length for ours.
     let seen = Arc::new(Seen::default());
     let layer = DeadlineLayer::builder()
         .max_timeout(Duration::from_secs(10))
@@ -114,7 +116,6 @@ async fn timeout_headers_are_found_among_few_or_many_other_headers() {
         .unwrap();
     let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
     let start = Instant::now();
-    let counts = [0usize, 1, 7, 14, 15, 16, 17, 40];
     let others = |n: usize| -> Vec<(String, String)> {
         let mut headers = vec![
             // Same lengths as ours, different names, valid values: never read.
@@ -126,35 +127,56 @@ async fn timeout_headers_are_found_among_few_or_many_other_headers() {
         headers.truncate(n);
         headers
     };
+    // (timeout headers, in order, and the budget expected)
+    let cases: [(&[(&str, &str)], u64); 6] = [
+        (&[], 10_000),
+        (&[("grpc-timeout", "1200m")], 1200),
+        (&[("x-request-timeout-ms", "1500")], 1500),
+        (
+            &[("grpc-timeout", "1200m"), ("x-request-timeout-ms", "1500")],
+            1200,
+        ),
+        (
+            &[("x-request-timeout-ms", "1500"), ("grpc-timeout", "2S")],
+            1500,
+        ),
+        // Repeated: the first value counts.
+        (
+            &[
+                ("x-request-timeout-ms", "1500"),
+                ("x-request-timeout-ms", "900"),
+            ],
+            1500,
+        ),
+    ];
+    // From no other header to well past the 16 names compared one by one.
+    let counts = [0usize, 1, 7, 13, 14, 15, 16, 17, 40];
+    let mut expected = Vec::new();
     for &n in &counts {
-        for carried in [false, true] {
+        for (ours, budget) in cases {
             let mut headers = others(n);
-            if carried {
-                // Ours go in the middle, so a scan that stops early or starts late misses them.
-                let at = headers.len() / 2;
-                headers.insert(at, ("grpc-timeout".into(), "2S".into()));
-                headers.push(("x-request-timeout-ms".into(), "1500".into()));
+            // In the middle, so that a scan starting late or stopping early misses them.
+            let at = headers.len() / 2;
+            for (i, (name, value)) in ours.iter().enumerate() {
+                headers.insert(at + i, (name.to_string(), value.to_string()));
             }
             let pairs: Vec<(&str, &str)> = headers
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             svc.clone().oneshot(request(&pairs)).await.unwrap();
+            expected.push((n, ours, budget));
         }
     }
     {
         let deadlines = seen.deadlines.lock().unwrap();
-        assert_eq!(deadlines.len(), counts.len() * 2);
-        let max = Deadline::at(start + Duration::from_secs(10));
-        let header = Deadline::at(start + Duration::from_millis(1500));
-        for (i, seen) in deadlines.iter().enumerate() {
-            let expected = if i % 2 == 1 { header } else { max };
+        assert_eq!(deadlines.len(), expected.len());
+        for (seen, (n, ours, budget)) in deadlines.iter().zip(&expected) {
+            let deadline = Deadline::at(start + Duration::from_millis(*budget));
             assert_eq!(
                 *seen,
-                (Some(expected), Some(expected)),
-                "{} other headers, timeout headers carried: {}",
-                counts[i / 2],
-                i % 2 == 1
+                (Some(deadline), Some(deadline)),
+                "{n} other headers, timeout headers {ours:?}"
             );
         }
     }
@@ -168,7 +190,7 @@ async fn timeout_headers_are_found_among_few_or_many_other_headers() {
         .layer(recording(seen.clone(), Duration::ZERO));
     for n in [3, 20] {
         let mut headers = others(n);
-        headers.push(("age".into(), "250".into()));
+        headers.insert(1, ("age".into(), "250".into()));
         let pairs: Vec<(&str, &str)> = headers
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -569,6 +591,41 @@ fn an_answer_ready_at_once_arms_no_timer() {
     assert_eq!((snapshot.admitted, snapshot.in_flight), (1, 0));
 }
 
+/// An answer leaves the response future's state as it was, with its scope empty: it reads as done, holds no
+/// permit any more, and a second poll panics rather than answering twice.
+#[test]
+fn a_second_poll_after_the_answer_panics() {
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(service_fn(|_req: Request<String>| async {
+        Ok::<_, Infallible>(Response::new(()))
+    }));
+    let mut future = Box::pin(svc.call(request(&[])));
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(future.as_mut().poll(&mut cx).is_ready());
+    assert_eq!(format!("{future:?}"), r#"ResponseFuture { state: "done" }"#);
+    let snapshot = layer.handle().snapshot();
+    assert_eq!((snapshot.admitted, snapshot.in_flight), (1, 0));
+    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        future.as_mut().poll(&mut cx)
+    }));
+    assert!(again.is_err());
+    assert_eq!(
+        Deadline::current(),
+        None,
+        "the unwinding poll left no deadline"
+    );
+    drop(future);
+    let snapshot = layer.handle().snapshot();
+    assert_eq!(
+        (snapshot.admitted, snapshot.in_flight, snapshot.dropped),
+        (1, 0, 0)
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn work_finishing_in_time_is_delivered_and_counted_a_success() {
     let (log, observer) = events();
@@ -581,13 +638,23 @@ async fn work_finishing_in_time_is_delivered_and_counted_a_success() {
         .await
         .unwrap();
     assert_eq!(response.into_body(), "done");
+    // The answer came after the timer was armed (the work was pending first): one completion, a success, and
+    // nothing left in flight once the future is gone.
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
     assert!(matches!(
-        log.lock().unwrap()[1],
+        log[1],
         Event::Completed {
             outcome: Outcome::Success,
+            in_flight: 0,
             ..
         }
     ));
+    let snapshot = layer.handle().snapshot();
+    assert_eq!(
+        (snapshot.admitted, snapshot.in_flight, snapshot.dropped),
+        (1, 0, 0)
+    );
 }
 
 #[cfg(feature = "grpc")]

@@ -152,6 +152,7 @@ impl Deadline {
     /// `call` instead of being moved into a closure first (a copy of a few hundred bytes).
     #[cfg(feature = "http")]
     #[inline]
+    #[must_use = "the deadline is current only while the guard lives"]
     pub(crate) fn enter_call(self, now: Instant) -> CallScope {
         debug_assert!(Deadline::current().is_none_or(|outer| self <= outer));
         CallScope {
@@ -230,6 +231,12 @@ impl<F> DeadlineScope<F> {
     /// The deadline this scope sets.
     pub fn deadline(&self) -> Deadline {
         self.deadline
+    }
+
+    /// Whether the inner future has answered (and been dropped).
+    #[cfg(feature = "http")]
+    pub(crate) fn is_done(&self) -> bool {
+        self.future.is_none()
     }
 }
 

@@ -119,6 +119,8 @@ impl<F, C, T, I> State<F, C, T, I> {
     fn name(&self) -> &'static str {
         match self {
             State::Passthrough { .. } => "passthrough",
+            // An answer leaves the state as it is (see `poll_state`), with the scope empty.
+            State::Running { inner, .. } if inner.is_done() => "done",
             State::Running { .. } => "running",
             State::Rejected => "rejected",
             State::Invalid { .. } => "invalid",
@@ -163,9 +165,10 @@ where
             // is that expiry: answer deadline-exceeded, as the local timer would have.
             Poll::Ready(Err(_)) if sent.spent() => expired(permit, mode),
             Poll::Ready(result) => {
-                // The scope has dropped the inner future already; a timer armed goes now too. Nothing else is
-                // left to drop, so the state stays as it is (a second poll finds the scope empty and panics),
-                // which spares the common path, an answer before the deadline, rewriting the whole state.
+                // The scope has dropped the inner future already, and a timer armed goes now too; the permit is
+                // taken below. The state otherwise stays as it is, which spares the common path (an answer
+                // before the deadline) rewriting the whole state: the classifier lives on until the future is
+                // dropped, and a second poll finds the scope empty and panics.
                 if sleep.is_some() {
                     sleep.set(None);
                 }

@@ -138,10 +138,10 @@ fn carried(headers: &HeaderMap, grpc: bool, ms: Option<&HeaderName>) -> (bool, b
     }
     let (mut has_grpc, mut has_ms) = (false, false);
     for name in headers.keys() {
-        has_grpc |= *name == GRPC_TIMEOUT;
+        has_grpc |= grpc && *name == GRPC_TIMEOUT;
         has_ms |= ms == Some(name);
     }
-    (grpc && has_grpc, has_ms)
+    (has_grpc, has_ms)
 }
 
 /// The smallest valid timeout among the configured headers, and the first malformed one.
