@@ -51,6 +51,15 @@ fn request(headers: &[(&str, &str)]) -> Request<String> {
     builder.body(String::new()).unwrap()
 }
 
+/// [`request`] with headers held as owned strings.
+fn owned_request(headers: &[(String, String)]) -> Request<String> {
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    request(&pairs)
+}
+
 fn events() -> (
     Arc<Mutex<Vec<Event>>>,
     impl Fn(&Event) + Send + Sync + 'static,
@@ -160,11 +169,7 @@ async fn timeout_headers_are_found_among_few_or_many_other_headers() {
             for (i, (name, value)) in ours.iter().enumerate() {
                 headers.insert(at + i, (name.to_string(), value.to_string()));
             }
-            let pairs: Vec<(&str, &str)> = headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            svc.clone().oneshot(request(&pairs)).await.unwrap();
+            svc.clone().oneshot(owned_request(&headers)).await.unwrap();
             expected.push((n, ours, budget));
         }
     }
@@ -191,11 +196,7 @@ async fn timeout_headers_are_found_among_few_or_many_other_headers() {
     for n in [3, 20] {
         let mut headers = others(n);
         headers.insert(1, ("age".into(), "250".into()));
-        let pairs: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        svc.clone().oneshot(request(&pairs)).await.unwrap();
+        svc.clone().oneshot(owned_request(&headers)).await.unwrap();
     }
     let quarter = Deadline::at(start + Duration::from_millis(250));
     assert_eq!(

@@ -121,7 +121,7 @@ where
     deadline.scope_earliest(future)
 }
 
-/// Up to this many distinct header names, [`carried`] compares each with ours rather than trusting a look-up.
+/// Up to this many distinct header names, [`carried`] compares each with ours instead of looking ours up.
 const SCAN_UP_TO: usize = 16;
 
 /// Whether the request may carry `grpc-timeout` (looked for if `grpc`) and the millisecond header `ms`.
@@ -138,10 +138,12 @@ fn carried(headers: &HeaderMap, grpc: bool, ms: Option<&HeaderName>) -> (bool, b
     }
     let (mut has_grpc, mut has_ms) = (false, false);
     for name in headers.keys() {
-        has_grpc |= grpc && *name == GRPC_TIMEOUT;
+        // Compared whether or not it is read: a test per name costs the default (it is read) more than the
+        // comparison saves the rare layer that does not read it.
+        has_grpc |= *name == GRPC_TIMEOUT;
         has_ms |= ms == Some(name);
     }
-    (has_grpc, has_ms)
+    (grpc && has_grpc, has_ms)
 }
 
 /// The smallest valid timeout among the configured headers, and the first malformed one.
@@ -220,24 +222,19 @@ where
             }
         }
         // The deadline already set (in the extensions, or current), and the smaller of the header's budget and
-        // the layer's maximum.
+        // the layer's maximum. With neither, the clock is not read.
         let found = Deadline::find(&request);
         let budget = match (header, config.max_timeout) {
             (Some(header), Some(max)) => Some(header.min(max)),
             (header, max) => header.or(max),
         };
-        if budget.is_none() && found.is_none() {
-            return ResponseFuture::passthrough(
-                self.inner.call(request),
-                self.classify.clone(),
-                self.mode.clone(),
-            );
-        }
-
-        let now = Instant::now();
-        // A budget too large to add to the clock is no constraint at all, not an error.
-        let from_budget = budget.and_then(|b| now.checked_add(b)).map(Deadline::at);
-        let Some(deadline) = Deadline::earlier(found, from_budget) else {
+        let timed = (budget.is_some() || found.is_some()).then(|| {
+            let now = Instant::now();
+            // A budget too large to add to the clock is no constraint at all, not an error.
+            let from_budget = budget.and_then(|b| now.checked_add(b)).map(Deadline::at);
+            (Deadline::earlier(found, from_budget), now)
+        });
+        let Some((Some(deadline), now)) = timed else {
             return ResponseFuture::passthrough(
                 self.inner.call(request),
                 self.classify.clone(),
