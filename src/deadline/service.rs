@@ -307,6 +307,32 @@ impl<S: fmt::Debug, C, M, O> fmt::Debug for PropagateDeadline<S, C, M, O> {
     }
 }
 
+/// A number's decimal digits, on the stack: the header value made from them is one allocation (its copy), where
+/// `HeaderValue::from(u64)` makes two (a growable buffer, then its conversion).
+struct Decimal {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    fn new(mut n: u64) -> Self {
+        let mut buf = [0u8; 20];
+        let mut start = buf.len();
+        loop {
+            start -= 1;
+            buf[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break Decimal { buf, start };
+            }
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
 /// Writes `budget` into the outgoing headers, keeping a valid value the caller set that is already smaller.
 ///
 /// Returns the smallest timeout the written headers now carry, which is what a transport enforcing them (a tonic
@@ -339,8 +365,11 @@ fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duratio
             Some(t) => sent = sent.min(t),
             None => {
                 let millis = encode_timeout_ms(budget);
-                headers.insert(name.clone(), HeaderValue::from(millis));
-                sent = sent.min(Duration::from_millis(millis));
+                // Digits always make a valid header value.
+                if let Ok(value) = HeaderValue::from_bytes(Decimal::new(millis).as_bytes()) {
+                    headers.insert(name.clone(), value);
+                    sent = sent.min(Duration::from_millis(millis));
+                }
             }
         }
     }
@@ -394,5 +423,29 @@ where
             self.mode.clone(),
             now + sent,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Decimal;
+
+    #[test]
+    fn decimal_digits_match_display() {
+        for n in [
+            0,
+            7,
+            9,
+            10,
+            99,
+            100,
+            1_000,
+            3_599_995,
+            1 << 40,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            assert_eq!(Decimal::new(n).as_bytes(), n.to_string().as_bytes());
+        }
     }
 }
