@@ -71,46 +71,53 @@ fn events() -> (
 
 #[tokio::test(start_paused = true)]
 async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
-    let start = Instant::now();
-    let seen = Arc::new(Seen::default());
-    let layer = DeadlineLayer::builder()
-        .max_timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
+    for store in [false, true] {
+        let start = Instant::now();
+        let seen = Arc::new(Seen::default());
+        let layer = DeadlineLayer::builder()
+            .max_timeout(Duration::from_secs(10))
+            .request_extension(store)
+            .build()
+            .unwrap();
+        let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
 
-    // Header smallest (grpc-timeout and the ms header: the smaller of the two).
-    svc.clone()
-        .oneshot(request(&[
-            ("grpc-timeout", "3S"),
-            ("x-request-timeout-ms", "2500"),
-        ]))
-        .await
-        .unwrap();
-    // Maximum smallest.
-    svc.clone()
-        .oneshot(request(&[("grpc-timeout", "1M")]))
-        .await
-        .unwrap();
-    // Existing deadline smallest.
-    let mut req = request(&[("x-request-timeout-ms", "5000")]);
-    req.extensions_mut()
-        .insert(Deadline::at(start + Duration::from_secs(1)));
-    svc.clone().oneshot(req).await.unwrap();
-    // An outer task-local scope counts too.
-    Deadline::at(start + Duration::from_millis(700))
-        .scope(svc.clone().oneshot(request(&[("grpc-timeout", "3S")])))
-        .await
-        .unwrap();
+        // Header smallest (grpc-timeout and the ms header: the smaller of the two).
+        svc.clone()
+            .oneshot(request(&[
+                ("grpc-timeout", "3S"),
+                ("x-request-timeout-ms", "2500"),
+            ]))
+            .await
+            .unwrap();
+        // Maximum smallest.
+        svc.clone()
+            .oneshot(request(&[("grpc-timeout", "1M")]))
+            .await
+            .unwrap();
+        // Existing deadline smallest.
+        let mut req = request(&[("x-request-timeout-ms", "5000")]);
+        req.extensions_mut()
+            .insert(Deadline::at(start + Duration::from_secs(1)));
+        svc.clone().oneshot(req).await.unwrap();
+        // An outer task-local scope counts too.
+        Deadline::at(start + Duration::from_millis(700))
+            .scope(svc.clone().oneshot(request(&[("grpc-timeout", "3S")])))
+            .await
+            .unwrap();
 
-    let expected =
-        [2500, 10_000, 1000, 700].map(|ms| Deadline::at(start + Duration::from_millis(ms)));
-    let deadlines = seen.deadlines.lock().unwrap();
-    assert_eq!(deadlines.len(), 4);
-    for (seen, expected) in deadlines.iter().zip(expected) {
-        assert_eq!(*seen, (Some(expected), Some(expected)));
+        let expected =
+            [2500, 10_000, 1000, 700].map(|ms| Deadline::at(start + Duration::from_millis(ms)));
+        // In the extensions: the layer's deadline if it stores it; without, only the request that brought one
+        // has one (kept, as it is the earliest).
+        let stored = [store, store, true, store];
+        let deadlines = seen.deadlines.lock().unwrap();
+        assert_eq!(deadlines.len(), 4);
+        for ((seen, expected), stored) in deadlines.iter().zip(expected).zip(stored) {
+            let in_extension = stored.then_some(expected);
+            assert_eq!(*seen, (in_extension, Some(expected)), "store: {store}");
+        }
+        assert_eq!(layer.handle().snapshot().admitted, 4);
     }
-    assert_eq!(layer.handle().snapshot().admitted, 4);
 }
 
 #[tokio::test(start_paused = true)]
@@ -178,9 +185,10 @@ async fn timeout_headers_are_found_among_few_or_many_other_headers() {
         assert_eq!(deadlines.len(), expected.len());
         for (seen, (n, ours, budget)) in deadlines.iter().zip(&expected) {
             let deadline = Deadline::at(start + Duration::from_millis(*budget));
+            // Current, and not in the extensions (the layer's default).
             assert_eq!(
                 *seen,
-                (Some(deadline), Some(deadline)),
+                (None, Some(deadline)),
                 "{n} other headers, timeout headers {ours:?}"
             );
         }
@@ -201,7 +209,7 @@ async fn timeout_headers_are_found_among_few_or_many_other_headers() {
     let quarter = Deadline::at(start + Duration::from_millis(250));
     assert_eq!(
         *seen.deadlines.lock().unwrap(),
-        vec![(Some(quarter), Some(quarter)); 2]
+        vec![(None, Some(quarter)); 2]
     );
 }
 
@@ -712,12 +720,9 @@ async fn malformed_headers_are_ignored_by_default() {
     let max = Deadline::at(start + Duration::from_secs(5));
     assert!(deadlines[..MALFORMED.len()]
         .iter()
-        .all(|d| *d == (Some(max), Some(max))));
+        .all(|d| *d == (None, Some(max))));
     let one_second = Deadline::at(start + Duration::from_secs(1));
-    assert_eq!(
-        deadlines[MALFORMED.len()],
-        (Some(one_second), Some(one_second))
-    );
+    assert_eq!(deadlines[MALFORMED.len()], (None, Some(one_second)));
     assert_eq!(
         layer.handle().snapshot().invalid,
         MALFORMED.len() as u64 + 1
@@ -806,6 +811,34 @@ fn builders_validate() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_later_deadline_the_request_brought_is_overwritten_by_the_propagating_layer() {
+    // Built without storing its own (the default), the layer still leaves no later deadline in the extensions
+    // than the one it enforces and sends; with `request_extension(true)` it stores it on every request.
+    for store in [false, true] {
+        let seen = Arc::new(Seen::default());
+        let client = PropagateDeadlineLayer::builder()
+            .request_extension(store)
+            .build()
+            .unwrap()
+            .layer(recording(seen.clone(), Duration::ZERO));
+        let scope = Deadline::after(Duration::from_secs(2));
+        let mut late = request(&[]);
+        late.extensions_mut()
+            .insert(Deadline::after(Duration::from_secs(9)));
+        scope.scope(client.clone().oneshot(late)).await.unwrap();
+        scope.scope(client.oneshot(request(&[]))).await.unwrap();
+        assert_eq!(
+            *seen.deadlines.lock().unwrap(),
+            vec![
+                (Some(scope), Some(scope)),
+                (store.then_some(scope), Some(scope))
+            ],
+            "store: {store}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn propagation_writes_the_budget_minus_the_margin() {
     let seen = Arc::new(Seen::default());
     let layer = PropagateDeadlineLayer::builder()
@@ -851,11 +884,12 @@ async fn propagation_writes_the_budget_minus_the_margin() {
     assert_eq!(written(1), (Some("1490000u".into()), Some("1490".into())));
     assert_eq!(written(2), (Some("100m".into()), Some("1990".into())));
     assert_eq!(written(3), (None, None));
-    // The inner client stack sees the deadline too (for shedding doomed calls).
-    assert_eq!(
-        seen.deadlines.lock().unwrap()[0],
-        (Some(deadline), Some(deadline))
-    );
+    // The inner client stack sees the deadline too (for shedding doomed calls): current, and in the extensions
+    // only where the request brought one (the layer's default stores none).
+    let deadlines = seen.deadlines.lock().unwrap();
+    assert_eq!(deadlines[0], (None, Some(deadline)));
+    let brought = Deadline::at(deadline.instant() - Duration::from_millis(500));
+    assert_eq!(deadlines[1], (Some(brought), Some(brought)));
 }
 
 #[tokio::test(start_paused = true)]

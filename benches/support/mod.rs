@@ -42,7 +42,10 @@ pub(crate) mod name {
     pub(crate) const PRESSURE: &str = "ours Pressure (calm runtime)";
     pub(crate) const BREAKER: &str = "ours CircuitBreaker (closed)";
     pub(crate) const DEADLINE: &str = "ours Deadline (server, max 30 s)";
-    pub(crate) const DEADLINE_NO_EXTENSION: &str = "ours Deadline (server, max 30 s, no extension)";
+    /// The same, built to also store the deadline in the request's extensions (opt-in): measured to show what
+    /// that costs, and held to no goal.
+    pub(crate) const DEADLINE_EXTENSION: &str =
+        "ours Deadline (server, max 30 s, extension stored)";
     pub(crate) const PROPAGATE: &str = "ours PropagateDeadline (no deadline set)";
     pub(crate) const SERVER: &str = "ours server stack (Deadline+Queue+Adaptive)";
     pub(crate) const CLIENT: &str = "ours client stack (PropagateDeadline+Breaker+Adaptive)";
@@ -58,7 +61,6 @@ pub(crate) mod name {
         QUEUE,
         BREAKER,
         DEADLINE,
-        DEADLINE_NO_EXTENSION,
         PROPAGATE,
         RATE,
         PRESSURE,
@@ -71,7 +73,6 @@ pub(crate) mod name {
         (BREAKER, FAILSAFE_BREAKER, 0.5),
         (BREAKER, TR_BREAKER, 0.15),
         (DEADLINE, TOWER_TIMEOUT, 1.0),
-        (DEADLINE_NO_EXTENSION, TOWER_TIMEOUT, 1.0),
         (SERVER, TOWER_SHED_LIMIT_TIMEOUT, 2.0),
     ];
 }
@@ -314,12 +315,12 @@ fn deadline_stacks(v: &mut impl Visit) {
             .service(backend()),
     );
     v.stack(
-        name::DEADLINE_NO_EXTENSION,
+        name::DEADLINE_EXTENSION,
         ServiceBuilder::new()
             .layer(
                 DeadlineLayer::builder()
                     .max_timeout(TIMEOUT)
-                    .request_extension(false)
+                    .request_extension(true)
                     .build()
                     .expect("deadline config"),
             )

@@ -72,9 +72,10 @@ pub(crate) struct CallScope {
 /// The absolute instant by which a request must be answered.
 ///
 /// Around the inner service's `call` and the handler future a deadline is current in a task-local scope, so code
-/// deep in a handler finds it with [`Deadline::current`] and outbound calls inherit it without plumbing; the
-/// deadline layers also store it in the request's extensions (`req.extensions().get::<Deadline>()`) unless built
-/// not to. Time comes from `tokio::time`, so paused-time tests are deterministic.
+/// deep in a handler finds it with [`Deadline::current`] and outbound calls inherit it without plumbing. The
+/// deadline layers can also store it in the request's extensions (`req.extensions().get::<Deadline>()`), for code
+/// that moves the request to another task before calling on it: see `request_extension` on their builders.
+/// Time comes from `tokio::time`, so paused-time tests are deterministic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Deadline(Instant);
 

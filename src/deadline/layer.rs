@@ -83,7 +83,7 @@ impl DeadlineLayer {
                 read_grpc_timeout: true,
                 timeout_header: Some(Cow::Borrowed(TIMEOUT_MS_HEADER)),
                 strict: false,
-                extension: true,
+                extension: false,
             },
         }
     }
@@ -190,21 +190,24 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
         self
     }
 
-    /// Whether to store the effective deadline in the request's extensions (default `true`), where
-    /// `req.extensions().get::<Deadline>()` and [`Deadline::of`](crate::core::Deadline::of) find it.
+    /// Whether to also store the effective deadline in the request's extensions, where
+    /// `req.extensions().get::<Deadline>()` and [`Deadline::of`](crate::core::Deadline::of) find it (default
+    /// `false`).
     ///
-    /// Without it the deadline is still wherever this crate's layers and handlers look: around the inner
-    /// service's `call` and around its future it is [`Deadline::current`](crate::core::Deadline::current), and
-    /// [`Deadline::find`](crate::core::Deadline::find) reads both places. Only code that takes the request to
-    /// another task before calling on it (a service behind tower's `Buffer` below this layer, a hand-off to a
-    /// worker task) needs the extension. Turning it off saves the insert, which on a request without extensions
-    /// allocates three times (http's map, its table, the entry): about 50 ns, as much as the rest of the layer
-    /// (docs/PERFORMANCE.md).
+    /// It is not needed to find the deadline on the task that runs the request: around the inner service's `call`
+    /// and around its future the deadline is [`Deadline::current`](crate::core::Deadline::current), and
+    /// [`Deadline::find`](crate::core::Deadline::find) (what this crate's layers read) looks there as well as in
+    /// the extensions. Turn it on when something below this layer takes the request to another task before calling
+    /// on it, where the task-local scope does not follow: a service behind tower's `Buffer`, a hand-off to a
+    /// worker task. It is off by default because the first extension of a request costs three allocations (http's
+    /// map, its table, the entry): about 50 ns, as much as the rest of the layer (docs/PERFORMANCE.md), on every
+    /// request, for a copy that code on the same task never reads.
     ///
     /// ```
     /// use tower_backpressure::deadline::DeadlineLayer;
     ///
-    /// let layer = DeadlineLayer::builder().request_extension(false).build().unwrap();
+    /// // The inner service is behind a `Buffer`: its worker task finds the deadline in the request.
+    /// let layer = DeadlineLayer::builder().request_extension(true).build().unwrap();
     /// # let _ = layer;
     /// ```
     #[must_use]
@@ -328,7 +331,7 @@ impl PropagateDeadlineLayer {
                 margin: DEFAULT_MARGIN,
                 write_grpc_timeout: true,
                 timeout_header: Some(Cow::Borrowed(TIMEOUT_MS_HEADER)),
-                extension: true,
+                extension: false,
             },
         }
     }
@@ -406,16 +409,14 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
         self
     }
 
-    /// Whether to store the deadline in the outgoing request's extensions (default `true`), for the layers and
-    /// the transport below this one.
+    /// Whether to also store the deadline in the outgoing request's extensions (default `false`), for code below
+    /// this layer that takes the request to another task before calling on it (a service behind tower's
+    /// `Buffer`, a hand-off to a worker task).
     ///
-    /// Without it the deadline is still wherever this crate's layers and handlers look: around the inner
-    /// service's `call` and around its future it is [`Deadline::current`](crate::core::Deadline::current), and
-    /// [`Deadline::find`](crate::core::Deadline::find) reads both places. Only code that takes the request to
-    /// another task before calling on it (a service behind tower's `Buffer` below this layer, a hand-off to a
-    /// worker task) needs the extension. Turning it off saves the insert, which on a request without extensions
-    /// allocates three times (http's map, its table, the entry): about 50 ns, as much as the rest of the layer
-    /// (docs/PERFORMANCE.md).
+    /// The layers and code on the calling task do not need it: around the inner service's `call` and its future
+    /// the deadline is [`Deadline::current`](crate::core::Deadline::current), and
+    /// [`Deadline::find`](crate::core::Deadline::find) reads both places. The first extension of a request costs
+    /// three allocations (http's map, its table, the entry), about 50 ns (docs/PERFORMANCE.md).
     #[must_use]
     pub fn request_extension(mut self, store: bool) -> Self {
         self.config.extension = store;

@@ -21,15 +21,17 @@
 //!
 //! # The pieces
 //!
-//! - [`Deadline`] (from [`core`](crate::core)): an absolute `tokio::time::Instant`, stored in the request's
-//!   extensions (`Deadline::of(&req)`) and, around the inner service's `call` and its future, in a task-local
-//!   scope ([`Deadline::current`]); nested scopes keep the earliest. [`Deadline::find`] reads both places.
+//! - [`Deadline`] (from [`core`](crate::core)): an absolute `tokio::time::Instant`, current in a task-local scope
+//!   around the inner service's `call` and its future ([`Deadline::current`]; nested scopes keep the earliest),
+//!   and, when the layer is built with `request_extension(true)`, also stored in the request's extensions
+//!   (`Deadline::of(&req)`). [`Deadline::find`] reads both places.
 //! - [`codec`]: the `grpc-timeout` grammar of the gRPC HTTP/2 protocol and the millisecond header
 //!   ([`TIMEOUT_MS_HEADER`], `x-request-timeout-ms` by default). Budgets are encoded **truncated**, never larger
 //!   than they are.
 //! - [`DeadlineLayer`] (server, feature `http`): computes the effective deadline, refuses doomed requests, stores
-//!   the deadline in the request's extensions (unless built with
-//!   [`request_extension(false)`](DeadlineLayerBuilder::request_extension)), makes it current while the inner
+//!   the deadline in the request's extensions if built to
+//!   ([`request_extension(true)`](DeadlineLayerBuilder::request_extension): for a request handed to another task
+//!   before the inner `call`, as behind tower's `Buffer`), makes it current while the inner
 //!   service's `call` runs (so a queue or a limiter inside sees it when it decides, and judges it by this layer's
 //!   clock reading instead of reading the clock again), runs the inner future inside [`Deadline::scope`] and races
 //!   it against a timer. On expiry the inner future is

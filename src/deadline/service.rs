@@ -81,11 +81,12 @@ fn store<B>(request: &mut Request<B>, deadline: Deadline) {
 }
 
 /// Admits a request under `deadline`, which is no later than the current one: stores it in the extensions if
-/// asked to, counts the request and makes its permit, timed only for an observer that wants latencies.
+/// `store` (asked to, or to overwrite one the request brought), counts the request and makes its permit, timed
+/// only for an observer that wants latencies.
 #[inline]
 fn admit<B, K, O>(
     shared: &mut Instance<Shared<K, O>>,
-    extension: bool,
+    store_it: bool,
     request: &mut Request<B>,
     deadline: Deadline,
     now: Instant,
@@ -94,7 +95,7 @@ where
     K: Send + Sync + 'static,
     O: Observer,
 {
-    if extension {
+    if store_it {
         store(request, deadline);
     }
     let (shared, releaser) = shared.next();
@@ -223,7 +224,8 @@ where
         }
         // The deadline already set (in the extensions, or current), and the smaller of the header's budget and
         // the layer's maximum. With neither, the clock is not read.
-        let found = Deadline::find(&request);
+        let brought = Deadline::of(&request);
+        let found = Deadline::earlier(brought, Deadline::current());
         let budget = match (header, config.max_timeout) {
             (Some(header), Some(max)) => Some(header.min(max)),
             (header, max) => header.or(max),
@@ -250,9 +252,11 @@ where
             return ResponseFuture::rejected(self.mode.clone());
         }
 
-        // `deadline` already takes the current one into account.
-        let extension = config.extension;
-        let permit = admit(&mut self.shared, extension, &mut request, deadline, now);
+        // `deadline` already takes the current one into account. A deadline the request brought in its
+        // extensions is overwritten even when the layer does not store its own there (in place: no allocation),
+        // so that no later one is left for `Deadline::of` to find.
+        let store_it = config.extension || brought.is_some();
+        let permit = admit(&mut self.shared, store_it, &mut request, deadline, now);
         let inner = call_in_scope(&mut self.inner, request, deadline, now);
         ResponseFuture::running(inner, permit, self.classify.clone(), self.mode.clone())
     }
@@ -394,7 +398,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let Some(deadline) = Deadline::find(&request) else {
+        let brought = Deadline::of(&request);
+        let Some(deadline) = Deadline::earlier(brought, Deadline::current()) else {
             return PropagateFuture::passthrough(
                 self.inner.call(request),
                 self.classify.clone(),
@@ -412,9 +417,10 @@ where
         let config = &self.shared.config;
         let sent = write_timeout(request.headers_mut(), config, budget);
         // Layers below (breaker, limiter) may shed a request that cannot finish in time: they find the deadline
-        // in the extensions, or as the current one during their `call`. `find` took the earlier of the two.
-        let extension = config.extension;
-        let permit = admit(&mut self.shared, extension, &mut request, deadline, now);
+        // in the extensions, or as the current one during their `call`. `deadline` is the earlier of the two; one
+        // the request brought is overwritten with it in place, as on the server.
+        let store_it = config.extension || brought.is_some();
+        let permit = admit(&mut self.shared, store_it, &mut request, deadline, now);
         let inner = call_in_scope(&mut self.inner, request, deadline, now);
         PropagateFuture::running(
             inner,
