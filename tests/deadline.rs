@@ -853,7 +853,7 @@ async fn propagation_writes_the_budget_minus_the_margin() {
         .scope(client.clone().oneshot(request(&[])))
         .await
         .unwrap();
-    // ... or from the request's extensions, which win.
+    // ... or from the request's extensions, when earlier.
     let mut req = request(&[]);
     req.extensions_mut()
         .insert(Deadline::after(Duration::from_millis(1500)));

@@ -171,9 +171,10 @@ impl Deadline {
     }
 
     /// The deadline that applies to `request`: the earlier of the one in its extensions ([`Deadline::of`]) and
-    /// [`Deadline::current`]. This is what the crate's layers read in `call`; a service that sits behind a
-    /// [`DeadlineLayer`](crate::deadline::DeadlineLayer) finds the deadline here even when the layer was built
-    /// not to store it in the extensions.
+    /// [`Deadline::current`]. A service behind a [`DeadlineLayer`](crate::deadline::DeadlineLayer) finds the
+    /// deadline here whether or not the layer stores it in the extensions (it does not by default); so does one
+    /// on another task, if the layer does. The HTTP and gRPC deadline layers and the queue's
+    /// [`HeaderPriority`](crate::queue::HeaderPriority) read it in `call`.
     #[cfg(feature = "http")]
     #[inline]
     pub fn find<B>(request: &http::Request<B>) -> Option<Deadline> {

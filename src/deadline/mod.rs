@@ -40,8 +40,8 @@
 //!   default, or refused in [strict](DeadlineLayerBuilder::strict) mode with 400 / INVALID_ARGUMENT /
 //!   [`InvalidTimeout`]; never a panic, never a wrong deadline. A request with no deadline anywhere and no
 //!   configured maximum passes straight through: no clock read, no timer, no allocation.
-//! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (its extensions, else
-//!   [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
+//! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (the earlier of its extensions'
+//!   and [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
 //!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set), and enforces the
 //!   deadline locally. If nothing is left, the call fails at once with deadline-exceeded and nothing is sent.
 //!   The deadline is read in `call`: under [`Deadline::scope`], make the call inside the scoped future

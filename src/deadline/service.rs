@@ -416,8 +416,8 @@ where
         }
         let config = &self.shared.config;
         let sent = write_timeout(request.headers_mut(), config, budget);
-        // Layers below (breaker, limiter) may shed a request that cannot finish in time: they find the deadline
-        // in the extensions, or as the current one during their `call`. `deadline` is the earlier of the two; one
+        // A queue below sheds a request that cannot finish in time: it finds the deadline as the current one
+        // during its `call` (and in the extensions, if stored there). `deadline` is the earlier of the two; one
         // the request brought is overwritten with it in place, as on the server.
         let store_it = config.extension || brought.is_some();
         let permit = admit(&mut self.shared, store_it, &mut request, deadline, now);

@@ -250,7 +250,8 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
 
     /// HTTP services: [`HttpStatus`](crate::core::HttpStatus) classification (permit held until the body ends),
     /// [`HttpMode`](crate::core::HttpMode) rejections (503/504 responses), priorities from the `x-priority`
-    /// header and deadlines from the request's extensions ([`HeaderPriority::default`](super::HeaderPriority)).
+    /// header and deadlines from [`Deadline::find`](crate::core::Deadline::find): the current one, or one stored
+    /// in the request's extensions ([`HeaderPriority::default`](super::HeaderPriority)).
     /// Call it before [`QueueBuilder::prioritize`] to read priorities another way.
     #[cfg(feature = "http")]
     pub fn http(
