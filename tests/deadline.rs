@@ -262,6 +262,24 @@ struct CallWatcher {
     in_poll: Arc<Mutex<Vec<Option<Deadline>>>>,
 }
 
+impl CallWatcher {
+    /// Asserts the one request seen had `deadline` current during its `call` and its poll, and in its extensions
+    /// during the `call` only if `stored`.
+    fn saw(&self, deadline: Deadline, stored: bool) {
+        let in_call = self.in_call.lock().unwrap()[0];
+        assert_eq!(
+            in_call,
+            (Some(deadline), stored.then_some(deadline)),
+            "stored: {stored}"
+        );
+        assert_eq!(
+            *self.in_poll.lock().unwrap(),
+            [Some(deadline)],
+            "stored: {stored}"
+        );
+    }
+}
+
 impl Service<Request<String>> for CallWatcher {
     type Response = Response<String>;
     type Error = Infallible;
@@ -308,17 +326,7 @@ async fn the_inner_call_sees_the_deadline_with_or_without_the_extension() {
         // The call scope ends with the inner `call`: nothing is left behind on this thread.
         assert_eq!(Deadline::current(), None);
         future.await.unwrap();
-        let in_call = watcher.in_call.lock().unwrap()[0];
-        assert_eq!(
-            in_call,
-            (Some(expected), store.then_some(expected)),
-            "store: {store}"
-        );
-        assert_eq!(
-            *watcher.in_poll.lock().unwrap(),
-            [Some(expected)],
-            "store: {store}"
-        );
+        watcher.saw(expected, store);
     }
 }
 
@@ -335,17 +343,7 @@ async fn the_propagating_layer_gives_the_inner_call_the_deadline_with_or_without
         let deadline = Deadline::after(Duration::from_secs(3));
         let call = deadline.scope(async { svc.ready().await.unwrap().call(request(&[])).await });
         call.await.unwrap();
-        let in_call = watcher.in_call.lock().unwrap()[0];
-        assert_eq!(
-            in_call,
-            (Some(deadline), store.then_some(deadline)),
-            "store: {store}"
-        );
-        assert_eq!(
-            *watcher.in_poll.lock().unwrap(),
-            [Some(deadline)],
-            "store: {store}"
-        );
+        watcher.saw(deadline, store);
     }
 }
 

@@ -69,57 +69,46 @@ impl<S: fmt::Debug, C, M, O> fmt::Debug for DeadlineService<S, C, M, O> {
     }
 }
 
-/// Stores `deadline` in the request's extensions. One already there is overwritten in place (the caller's is never
-/// later): no allocation. Inserting the first extension of a request allocates the map, its table and the entry.
-fn store<B>(request: &mut Request<B>, deadline: Deadline) {
+/// Puts `deadline` in the request's extensions: over one the request brought, always (in place, no allocation;
+/// that one is never earlier), so that `Deadline::of` finds no later deadline than the one in force; as a new
+/// entry only if `insert`, since the first extension of a request allocates the map, its table and the entry.
+fn store<B>(request: &mut Request<B>, deadline: Deadline, insert: bool) {
     match request.extensions_mut().get_mut::<Deadline>() {
         Some(slot) => *slot = deadline,
-        None => {
+        None if insert => {
             request.extensions_mut().insert(deadline);
         }
+        None => {}
     }
 }
 
-/// Admits a request under `deadline`, which is no later than the current one: stores it in the extensions if
-/// `store` (asked to, or to overwrite one the request brought), counts the request and makes its permit, timed
-/// only for an observer that wants latencies.
+/// Admits a request under `deadline`, which is no later than the current one: [`store`]s it (inserted only if
+/// `extension`), counts the request and makes its permit (timed only for an observer that wants latencies), then
+/// calls `inner` with the deadline current (and `now` as the call's clock reading) and puts the future it returns
+/// in the deadline's scope.
 #[inline]
-fn admit<B, K, O>(
+fn admit_and_call<S, B, K, O>(
     shared: &mut Instance<Shared<K, O>>,
-    store_it: bool,
-    request: &mut Request<B>,
+    inner: &mut S,
+    extension: bool,
+    mut request: Request<B>,
     deadline: Deadline,
     now: Instant,
-) -> Permit
+) -> (Permit, DeadlineScope<S::Future>)
 where
+    S: Service<Request<B>>,
     K: Send + Sync + 'static,
     O: Observer,
 {
-    if store_it {
-        store(request, deadline);
-    }
+    store(&mut request, deadline, extension);
     let (shared, releaser) = shared.next();
     shared.admitted();
-    shared.permit(releaser, now)
-}
-
-/// Calls `inner` with `deadline` current (and `now` as the call's clock reading), and runs the future it returns
-/// in the deadline's scope.
-#[inline]
-fn call_in_scope<S, R>(
-    inner: &mut S,
-    request: R,
-    deadline: Deadline,
-    now: Instant,
-) -> DeadlineScope<S::Future>
-where
-    S: Service<R>,
-{
+    let permit = shared.permit(releaser, now);
     let future = {
         let _call = deadline.enter_call(now);
         inner.call(request)
     };
-    deadline.scope_earliest(future)
+    (permit, deadline.scope_earliest(future))
 }
 
 /// Up to this many distinct header names, [`carried`] compares each with ours instead of looking ours up.
@@ -213,7 +202,7 @@ where
             .map_err(|e| self.mode.inner_error(e))
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let config = &self.shared.config;
         let (header, invalid) = read_timeout(request.headers(), config);
         if let Some(error) = invalid {
@@ -224,8 +213,7 @@ where
         }
         // The deadline already set (in the extensions, or current), and the smaller of the header's budget and
         // the layer's maximum. With neither, the clock is not read.
-        let brought = Deadline::of(&request);
-        let found = Deadline::earlier(brought, Deadline::current());
+        let found = Deadline::find(&request);
         let budget = match (header, config.max_timeout) {
             (Some(header), Some(max)) => Some(header.min(max)),
             (header, max) => header.or(max),
@@ -252,12 +240,16 @@ where
             return ResponseFuture::rejected(self.mode.clone());
         }
 
-        // `deadline` already takes the current one into account. A deadline the request brought in its
-        // extensions is overwritten even when the layer does not store its own there (in place: no allocation),
-        // so that no later one is left for `Deadline::of` to find.
-        let store_it = config.extension || brought.is_some();
-        let permit = admit(&mut self.shared, store_it, &mut request, deadline, now);
-        let inner = call_in_scope(&mut self.inner, request, deadline, now);
+        // `deadline` already takes the current one into account.
+        let extension = config.extension;
+        let (permit, inner) = admit_and_call(
+            &mut self.shared,
+            &mut self.inner,
+            extension,
+            request,
+            deadline,
+            now,
+        );
         ResponseFuture::running(inner, permit, self.classify.clone(), self.mode.clone())
     }
 }
@@ -398,8 +390,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let brought = Deadline::of(&request);
-        let Some(deadline) = Deadline::earlier(brought, Deadline::current()) else {
+        let Some(deadline) = Deadline::find(&request) else {
             return PropagateFuture::passthrough(
                 self.inner.call(request),
                 self.classify.clone(),
@@ -417,11 +408,16 @@ where
         let config = &self.shared.config;
         let sent = write_timeout(request.headers_mut(), config, budget);
         // A queue below sheds a request that cannot finish in time: it finds the deadline as the current one
-        // during its `call` (and in the extensions, if stored there). `deadline` is the earlier of the two; one
-        // the request brought is overwritten with it in place, as on the server.
-        let store_it = config.extension || brought.is_some();
-        let permit = admit(&mut self.shared, store_it, &mut request, deadline, now);
-        let inner = call_in_scope(&mut self.inner, request, deadline, now);
+        // during its `call` (and in the extensions, if stored there). `find` took the earlier of the two.
+        let extension = config.extension;
+        let (permit, inner) = admit_and_call(
+            &mut self.shared,
+            &mut self.inner,
+            extension,
+            request,
+            deadline,
+            now,
+        );
         PropagateFuture::running(
             inner,
             permit,
