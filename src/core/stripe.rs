@@ -15,14 +15,33 @@ pub(crate) const STRIPES: usize = 8;
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    // This thread's number: threads are numbered in the order they first touch a striped figure, from 0.
+    static SEQ: usize = NEXT.fetch_add(1, Ordering::Relaxed);
 }
 
 /// This thread's stripe index in `0..STRIPES`, fixed for the thread's life.
 #[inline]
 pub(crate) fn index() -> usize {
     // A thread being torn down (a permit dropped from a TLS destructor) still gets a valid stripe.
-    INDEX.try_with(|i| *i).unwrap_or(0)
+    SEQ.try_with(|n| n % STRIPES).unwrap_or(0)
+}
+
+/// How many threads own a [`Counter`] cell: the first ones numbered.
+const OWNED: usize = STRIPES;
+
+/// A [`Counter`]'s cells: one for each owner, then [`STRIPES`] that all other threads share round robin.
+const CELLS: usize = OWNED + STRIPES;
+
+/// This thread's [`Counter`] cell, and whether the thread owns it. The first [`OWNED`] threads each own one for
+/// life: nobody else ever writes it. Later threads (short-lived ones, such as a blocking pool's, come and go) and
+/// threads being torn down write the shared cells, round robin, as every thread wrote [`Striped`]'s.
+#[inline]
+fn counter_cell() -> (usize, bool) {
+    match SEQ.try_with(|n| *n) {
+        Ok(n) if n < OWNED => (n, true),
+        Ok(n) => (OWNED + n % STRIPES, false),
+        Err(_) => (OWNED, false),
+    }
 }
 
 /// One thread's share of a window's figures, and of a limiter's admission tokens, alone on its cache lines.
@@ -170,15 +189,17 @@ struct Cell(AtomicU64);
 /// For statistics (in flight, admitted) that no admission decision depends on. Each stripe wraps on its own (a
 /// request may be added on one thread and subtracted on another), and the wrapping sum is exact: it is the
 /// true count whenever that count fits in a `u64`. A sum taken while other threads update may mix instants.
+/// Unlike [`Striped`], whose stripes threads share round robin, the first threads each own a cell and update it
+/// without atomic read-modify-writes; later threads share the other cells (see [`Counter::add`]).
 #[derive(Debug)]
 pub(crate) struct Counter {
-    cells: [Cell; STRIPES],
+    cells: [Cell; CELLS],
 }
 
 impl Default for Counter {
     fn default() -> Self {
         Counter {
-            cells: [const { Cell(AtomicU64::new(0)) }; STRIPES],
+            cells: [const { Cell(AtomicU64::new(0)) }; CELLS],
         }
     }
 }
@@ -219,14 +240,29 @@ impl Tally {
 }
 
 impl Counter {
+    /// Adds `n` (wrapping) to this thread's cell.
+    ///
+    /// A cell the thread owns is written with a plain load and store: no other thread writes it, so no update
+    /// can be lost, and a read-modify-write would cost a locked instruction (which also waits for every store
+    /// before it to drain) on each of the two counts a request makes. A shared cell takes an atomic addition.
     #[inline]
     pub(crate) fn add(&self, n: u64) {
-        self.cells[index()].0.fetch_add(n, Ordering::Relaxed);
+        let (i, owned) = counter_cell();
+        let cell = &self.cells[i].0;
+        if owned {
+            cell.store(
+                cell.load(Ordering::Relaxed).wrapping_add(n),
+                Ordering::Relaxed,
+            );
+        } else {
+            cell.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
+    /// Subtracts `n` (wrapping) from this thread's cell: adds its two's complement.
     #[inline]
     pub(crate) fn sub(&self, n: u64) {
-        self.cells[index()].0.fetch_sub(n, Ordering::Relaxed);
+        self.add(n.wrapping_neg());
     }
 
     /// The count: the wrapping sum of the stripes. Read while a request's subtraction is visible but not yet its
@@ -280,6 +316,46 @@ mod tests {
         assert_eq!(totals.latency_min, 10);
         assert_eq!(striped.peek().timed, 0);
         assert_eq!(striped.take().latency_min, u64::MAX);
+    }
+
+    #[test]
+    fn a_counter_loses_no_update_with_more_threads_than_cells() {
+        // Three times as many threads as cells, all counting at once: the owners of cells write them without
+        // atomic read-modify-writes, and an update lost because two threads wrote one cell that way would show.
+        const THREADS: usize = 3 * STRIPES;
+        const EACH: u64 = 200_000;
+        let counter = std::sync::Arc::new(Counter::default());
+        let start = std::sync::Arc::new(std::sync::Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (counter, start) = (counter.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    for i in 0..EACH {
+                        counter.add(2);
+                        if (i + t as u64) % 2 == 0 {
+                            counter.sub(1);
+                        }
+                    }
+                    counter_cell()
+                })
+            })
+            .collect();
+        let cells: Vec<_> = threads.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(counter.sum(), THREADS as u64 * EACH * 3 / 2);
+        // No two threads own one cell, and the others write only the shared cells.
+        let mut owned: Vec<usize> = cells.iter().filter(|c| c.1).map(|c| c.0).collect();
+        owned.sort_unstable();
+        let count = owned.len();
+        owned.dedup();
+        assert_eq!(owned.len(), count);
+        assert!(cells
+            .iter()
+            .all(|&(i, own)| i < CELLS && (i < OWNED) == own));
+        assert!(
+            cells.iter().any(|c| !c.1),
+            "more threads than owned cells share some"
+        );
     }
 
     #[test]
