@@ -16,7 +16,7 @@ use super::future::{PropagateFuture, ResponseFuture};
 use super::layer::{ClientConfig, ServerConfig};
 use super::mode::RejectInvalid;
 use super::shared::Shared;
-use crate::core::{Classify, Deadline, DeadlineScope, Instance, Observer, Permit, RejectMode};
+use crate::core::{Classify, Deadline, Instance, Observer, Permit, RejectMode};
 
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static(GRPC_TIMEOUT_HEADER);
 
@@ -82,33 +82,17 @@ fn store<B>(request: &mut Request<B>, deadline: Deadline, insert: bool) {
     }
 }
 
-/// Admits a request under `deadline`, which is no later than the current one: [`store`]s it (inserted only if
-/// `extension`), counts the request and makes its permit (timed only for an observer that wants latencies), then
-/// calls `inner` with the deadline current (and `now` as the call's clock reading) and puts the future it returns
-/// in the deadline's scope.
+/// Counts a request admitted under a deadline and makes its permit (timed only for an observer that wants
+/// latencies).
 #[inline]
-fn admit_and_call<S, B, K, O>(
-    shared: &mut Instance<Shared<K, O>>,
-    inner: &mut S,
-    extension: bool,
-    mut request: Request<B>,
-    deadline: Deadline,
-    now: Instant,
-) -> (Permit, DeadlineScope<S::Future>)
+fn admit<K, O>(shared: &mut Instance<Shared<K, O>>, now: Instant) -> Permit
 where
-    S: Service<Request<B>>,
     K: Send + Sync + 'static,
     O: Observer,
 {
-    store(&mut request, deadline, extension);
     let (shared, releaser) = shared.next();
     shared.admitted();
-    let permit = shared.permit(releaser, now);
-    let future = {
-        let _call = deadline.enter_call(now);
-        inner.call(request)
-    };
-    (permit, deadline.scope_earliest(future))
+    shared.permit(releaser, now)
 }
 
 /// Up to this many distinct header names, [`carried`] compares each with ours instead of looking ours up.
@@ -202,7 +186,7 @@ where
             .map_err(|e| self.mode.inner_error(e))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let config = &self.shared.config;
         let (header, invalid) = read_timeout(request.headers(), config);
         if let Some(error) = invalid {
@@ -224,33 +208,40 @@ where
             let from_budget = budget.and_then(|b| now.checked_add(b)).map(Deadline::at);
             (Deadline::earlier(found, from_budget), now)
         });
-        let Some((Some(deadline), now)) = timed else {
-            return ResponseFuture::passthrough(
-                self.inner.call(request),
-                self.classify.clone(),
-                self.mode.clone(),
-            );
+        let admitted = match timed {
+            Some((Some(deadline), now)) => {
+                // With no minimum budget (the default) only an expired deadline is refused, which one comparison
+                // tells.
+                let doomed = deadline.instant() <= now
+                    || (!config.min_budget.is_zero()
+                        && deadline.remaining_at(now) < config.min_budget);
+                if doomed {
+                    self.shared.rejected();
+                    return ResponseFuture::rejected(self.mode.clone());
+                }
+                // `deadline` already takes the current one into account.
+                store(&mut request, deadline, config.extension);
+                let permit = admit(&mut self.shared, now);
+                Some((deadline, permit, deadline.enter_call(now)))
+            }
+            _ => None,
         };
-
-        // With no minimum budget (the default) only an expired deadline is refused, which one comparison tells.
-        let doomed = deadline.instant() <= now
-            || (!config.min_budget.is_zero() && deadline.remaining_at(now) < config.min_budget);
-        if doomed {
-            self.shared.rejected();
-            return ResponseFuture::rejected(self.mode.clone());
+        // One call site, with or without a deadline: the request goes from this frame straight to the inner
+        // service, not through a helper's parameters (each a copy of its few hundred bytes).
+        let inner = self.inner.call(request);
+        match admitted {
+            None => ResponseFuture::passthrough(inner, self.classify.clone(), self.mode.clone()),
+            Some((deadline, permit, call)) => {
+                // The inner `call` is over: the deadline and the clock reading stop being current.
+                drop(call);
+                ResponseFuture::running(
+                    deadline.scope_earliest(inner),
+                    permit,
+                    self.classify.clone(),
+                    self.mode.clone(),
+                )
+            }
         }
-
-        // `deadline` already takes the current one into account.
-        let extension = config.extension;
-        let (permit, inner) = admit_and_call(
-            &mut self.shared,
-            &mut self.inner,
-            extension,
-            request,
-            deadline,
-            now,
-        );
-        ResponseFuture::running(inner, permit, self.classify.clone(), self.mode.clone())
     }
 }
 
@@ -409,17 +400,14 @@ where
         let sent = write_timeout(request.headers_mut(), config, budget);
         // A queue below sheds a request that cannot finish in time: it finds the deadline as the current one
         // during its `call` (and in the extensions, if stored there). `find` took the earlier of the two.
-        let extension = config.extension;
-        let (permit, inner) = admit_and_call(
-            &mut self.shared,
-            &mut self.inner,
-            extension,
-            request,
-            deadline,
-            now,
-        );
+        store(&mut request, deadline, config.extension);
+        let permit = admit(&mut self.shared, now);
+        let inner = {
+            let _call = deadline.enter_call(now);
+            self.inner.call(request)
+        };
         PropagateFuture::running(
-            inner,
+            deadline.scope_earliest(inner),
             permit,
             self.classify.clone(),
             self.mode.clone(),
