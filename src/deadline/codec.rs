@@ -288,27 +288,45 @@ pub fn encode_grpc_timeout(timeout: Duration) -> GrpcTimeout {
             (value <= u128::from(GRPC_TIMEOUT_MAX_VALUE)).then_some((value as u32, unit))
         })
         .unwrap_or((GRPC_TIMEOUT_MAX_VALUE as u32, GrpcTimeoutUnit::Hours));
+    // At most `MAX_DIGITS` digits: `value` is capped at `GRPC_TIMEOUT_MAX_VALUE` above.
+    let digits = Digits::new(u64::from(value));
+    let digits = digits.as_bytes();
     let mut buf = [0u8; MAX_DIGITS + 1];
-    let mut digits = [0u8; MAX_DIGITS];
-    let mut n = value;
-    let mut count = 0;
-    loop {
-        digits[count] = b'0' + (n % 10) as u8;
-        count += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for (slot, digit) in buf.iter_mut().zip(digits[..count].iter().rev()) {
-        *slot = *digit;
-    }
-    buf[count] = unit.letter();
+    buf[..digits.len()].copy_from_slice(digits);
+    buf[digits.len()] = unit.letter();
     GrpcTimeout {
         buf,
-        len: (count + 1) as u8,
+        len: (digits.len() + 1) as u8,
         value,
         unit,
+    }
+}
+
+/// A number's decimal digits, written on the stack: what both encoders put in a header value, which is then one
+/// allocation (its copy), where `HeaderValue::from(u64)` makes two (a growable buffer, then its conversion).
+pub(crate) struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    /// The digits of `n` (as many as `u64::MAX` has, at most).
+    pub(crate) fn new(mut n: u64) -> Self {
+        let mut buf = [0u8; 20];
+        let mut start = buf.len();
+        loop {
+            start -= 1;
+            buf[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break Digits { buf, start };
+            }
+        }
+    }
+
+    /// The digits, most significant first.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
     }
 }
 
@@ -322,6 +340,25 @@ pub fn encode_timeout_ms(timeout: Duration) -> u64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn digits_match_display() {
+        for n in [
+            0,
+            7,
+            9,
+            10,
+            99,
+            100,
+            1_000,
+            3_599_995,
+            1 << 40,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            assert_eq!(Digits::new(n).as_bytes(), n.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn every_unit_decodes() {

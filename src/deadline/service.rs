@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::codec::{
-    decode_grpc_timeout, decode_timeout_ms, encode_grpc_timeout, encode_timeout_ms, InvalidTimeout,
-    GRPC_TIMEOUT_HEADER,
+    decode_grpc_timeout, decode_timeout_ms, encode_grpc_timeout, encode_timeout_ms, Digits,
+    InvalidTimeout, GRPC_TIMEOUT_HEADER,
 };
 use super::future::{PropagateFuture, ResponseFuture};
 use super::layer::{ClientConfig, ServerConfig};
@@ -294,32 +294,6 @@ impl<S: fmt::Debug, C, M, O> fmt::Debug for PropagateDeadline<S, C, M, O> {
     }
 }
 
-/// A number's decimal digits, on the stack: the header value made from them is one allocation (its copy), where
-/// `HeaderValue::from(u64)` makes two (a growable buffer, then its conversion).
-struct Decimal {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Decimal {
-    fn new(mut n: u64) -> Self {
-        let mut buf = [0u8; 20];
-        let mut start = buf.len();
-        loop {
-            start -= 1;
-            buf[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break Decimal { buf, start };
-            }
-        }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
 /// Writes `budget` into the outgoing headers, keeping a valid value the caller set that is already smaller.
 ///
 /// Returns the smallest timeout the written headers now carry, which is what a transport enforcing them (a tonic
@@ -353,7 +327,7 @@ fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duratio
             None => {
                 let millis = encode_timeout_ms(budget);
                 // Digits always make a valid header value.
-                if let Ok(value) = HeaderValue::from_bytes(Decimal::new(millis).as_bytes()) {
+                if let Ok(value) = HeaderValue::from_bytes(Digits::new(millis).as_bytes()) {
                     headers.insert(name.clone(), value);
                     sent = sent.min(Duration::from_millis(millis));
                 }
@@ -413,29 +387,5 @@ where
             self.mode.clone(),
             now + sent,
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Decimal;
-
-    #[test]
-    fn decimal_digits_match_display() {
-        for n in [
-            0,
-            7,
-            9,
-            10,
-            99,
-            100,
-            1_000,
-            3_599_995,
-            1 << 40,
-            u64::MAX - 1,
-            u64::MAX,
-        ] {
-            assert_eq!(Decimal::new(n).as_bytes(), n.to_string().as_bytes());
-        }
     }
 }
