@@ -226,8 +226,9 @@ where
             }
             _ => None,
         };
-        // One call site, with or without a deadline: the request goes from this frame straight to the inner
-        // service, not through a helper's parameters (each a copy of its few hundred bytes).
+        // One call site, with or without a deadline, and no helper taking the request as a parameter: each such
+        // hand-over may copy its few hundred bytes. The compiler may still copy it once on its way in; whether it
+        // does depends on the build, not on this code (docs/PERFORMANCE.md, "Stop 21").
         let inner = self.inner.call(request);
         match admitted {
             None => ResponseFuture::passthrough(inner, self.classify.clone(), self.mode.clone()),
