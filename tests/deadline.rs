@@ -580,6 +580,44 @@ async fn expiry_mid_flight_answers_504_and_records_dropped() {
     assert_eq!(layer.handle().snapshot().dropped, 1);
 }
 
+/// The budget runs from the layer's `call`, not from the response future's first poll. Between the two, hyper's
+/// HTTP/2 server (so every tonic server) hands the response future to the runtime as a task of its own, and under
+/// overload that task waits in the run queue: the time a request waits there is time its caller has already
+/// spent, and must count. A layer that read the clock later (at the first poll, or at the first `Pending`) would
+/// let this request run 600 ms past its deadline and answer 200.
+#[tokio::test(start_paused = true)]
+async fn the_budget_runs_from_the_call_not_from_the_first_poll() {
+    for (max, header) in [
+        (Some(1000), None),
+        (None, Some("1000m")),
+        (Some(5000), Some("1S")),
+    ] {
+        let case = format!("max {max:?} ms, grpc-timeout {header:?}");
+        let seen = Arc::new(Seen::default());
+        let mut builder = DeadlineLayer::builder().http();
+        if let Some(max) = max {
+            builder = builder.max_timeout(Duration::from_millis(max));
+        }
+        let layer = builder.build().unwrap();
+        let mut svc = layer.layer(recording(seen.clone(), Duration::from_millis(500)));
+        let headers: Vec<(&str, &str)> = header.map(|h| ("grpc-timeout", h)).into_iter().collect();
+        let start = Instant::now();
+        let future = svc.ready().await.unwrap().call(request(&headers));
+        // The future waits 600 ms before anyone polls it; then its handler needs 500 ms more.
+        tokio::time::advance(Duration::from_millis(600)).await;
+        let response = tokio::spawn(future).await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT, "{case}");
+        assert_eq!(start.elapsed(), Duration::from_secs(1), "{case}");
+        let (_, current) = seen.deadlines.lock().unwrap()[0];
+        assert_eq!(
+            current,
+            Some(Deadline::at(start + Duration::from_secs(1))),
+            "{case}: the handler sees the deadline fixed at the call"
+        );
+        assert_eq!(layer.handle().snapshot().dropped, 1, "{case}");
+    }
+}
+
 /// The timer is armed only when the inner future is pending: an answer ready at the first poll makes none, so
 /// it needs no runtime at all (making a timer outside one panics).
 #[test]

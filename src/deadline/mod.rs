@@ -60,6 +60,11 @@
 //! against the budget, and the client layer first on outbound stacks
 //! (`PropagateDeadline → CircuitBreaker → AdaptiveConcurrency → transport`).
 //!
+//! The server layer reads the clock once, in its `call`, and the budget runs from there, as tower's `Timeout`'s
+//! does. The time the response future then waits to be polled counts too: hyper's HTTP/2 server (so every tonic
+//! server) calls the service on the connection's task and runs the response future as a task of its own, which
+//! under overload waits in the runtime's queue.
+//!
 //! # Example
 //!
 //! A handler gets 30 s from its caller, spends 7 s, and calls a dependency, which is told 23 s minus the margin:
