@@ -580,11 +580,12 @@ async fn expiry_mid_flight_answers_504_and_records_dropped() {
     assert_eq!(layer.handle().snapshot().dropped, 1);
 }
 
-/// The budget runs from the layer's `call`, not from the response future's first poll. Between the two, hyper's
-/// HTTP/2 server (so every tonic server) hands the response future to the runtime as a task of its own, and under
-/// overload that task waits in the run queue: the time a request waits there is time its caller has already
-/// spent, and must count. A layer that read the clock later (at the first poll, or at the first `Pending`) would
-/// let this request run 600 ms past its deadline and answer 200.
+/// The budget runs from the layer's `call`, not from the response future's first poll, as tower's `Timeout`'s
+/// does. The two are apart when the future is polled by a different task from the one that called: a tower `Buffer`
+/// above the layer (its worker calls, the caller's task polls once woken), or a hyper service that calls the stack
+/// directly under hyper's HTTP/2 server (which runs the response future as a task of its own). The wait in between
+/// is time the caller has spent and must count. A layer that read the clock later (at the first poll, or at the
+/// first `Pending`) would let this request run 600 ms past its deadline and answer 200.
 #[tokio::test(start_paused = true)]
 async fn the_budget_runs_from_the_call_not_from_the_first_poll() {
     for (max, header) in [
@@ -616,6 +617,39 @@ async fn the_budget_runs_from_the_call_not_from_the_first_poll() {
         );
         assert_eq!(layer.handle().snapshot().dropped, 1, "{case}");
     }
+}
+
+/// The same through tower's `Buffer` above the layer: its worker task calls the layer, and the caller's task polls
+/// the response future when it next runs, here 600 ms later. The wait counts.
+#[tokio::test(start_paused = true)]
+async fn behind_a_buffer_the_wait_before_the_first_poll_counts() {
+    let seen = Arc::new(Seen::default());
+    let layer = DeadlineLayer::builder()
+        .http()
+        .max_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    // Tells the test when the worker has called the deadline layer (in the same synchronous `call`, before the
+    // clock can move).
+    let (called, mut worker_called) = tokio::sync::mpsc::unbounded_channel();
+    let stack = tower::ServiceBuilder::new()
+        .map_request(move |req: Request<String>| {
+            called.send(()).unwrap();
+            req
+        })
+        .layer(layer.clone())
+        .service(recording(seen.clone(), Duration::from_millis(500)));
+    let mut buffered = tower::buffer::Buffer::new(stack, 4);
+    let start = Instant::now();
+    let future = buffered.ready().await.unwrap().call(request(&[]));
+    worker_called.recv().await.unwrap();
+    tokio::time::advance(Duration::from_millis(600)).await;
+    let response = future.await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    let (_, current) = seen.deadlines.lock().unwrap()[0];
+    assert_eq!(current, Some(Deadline::at(start + Duration::from_secs(1))));
+    assert_eq!(layer.handle().snapshot().dropped, 1);
 }
 
 /// The timer is armed only when the inner future is pending: an answer ready at the first poll makes none, so

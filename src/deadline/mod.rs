@@ -61,9 +61,10 @@
 //! (`PropagateDeadline → CircuitBreaker → AdaptiveConcurrency → transport`).
 //!
 //! The server layer reads the clock once, in its `call`, and the budget runs from there, as tower's `Timeout`'s
-//! does. The time the response future then waits to be polled counts too: hyper's HTTP/2 server (so every tonic
-//! server) calls the service on the connection's task and runs the response future as a task of its own, which
-//! under overload waits in the runtime's queue.
+//! does: a wait between the call and the response future's first poll counts. Such a wait happens when the future
+//! is polled by a different task from the one that called, as behind a tower `Buffer` placed above the layer. Served
+//! through hyper-util's `TowerToHyperService` (axum's `serve`, tonic's server), the stack is called in the task
+//! that polls it, so the time that task waited to be run comes before the call: no tower layer can count it.
 //!
 //! # Example
 //!
