@@ -585,7 +585,7 @@ async fn expiry_mid_flight_answers_504_and_records_dropped() {
 /// above the layer (its worker calls, the caller's task polls once woken), or a hyper service that calls the stack
 /// directly under hyper's HTTP/2 server (which runs the response future as a task of its own). The wait in between
 /// is time the caller has spent and must count. A layer that read the clock later (at the first poll, or at the
-/// first `Pending`) would let this request run 600 ms past its deadline and answer 200.
+/// first `Pending`) would move the deadline 600 ms later and answer 200 at 1.1 s, after the deadline.
 #[tokio::test(start_paused = true)]
 async fn the_budget_runs_from_the_call_not_from_the_first_poll() {
     for (max, header) in [
