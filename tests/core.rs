@@ -1,6 +1,7 @@
 //! Tests of the shared core: one outcome per request on every exit path, body tracking, classification tables,
 //! rejection modes, Retry-After rounding.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -684,11 +685,36 @@ async fn nested_deadline_scopes_keep_the_earliest() {
                 .await;
         })
         .await;
+    // A scope made first and awaited inside a shorter one: the shorter deadline stays current while it is
+    // polled, and while it is dropped unfinished.
+    let made_first = inner_later.scope(async move { Deadline::current() });
+    assert_eq!(outer.scope(made_first).await, Some(outer));
+    let pending = inner_later.scope(async move {
+        let _seen = SeenOnDrop;
+        std::future::pending::<()>().await
+    });
+    let mut pending = Box::pin(outer.scope(pending));
+    assert!(futures::poll!(pending.as_mut()).is_pending());
+    drop(pending);
+    assert_eq!(DROPPED_UNDER.with(Cell::get), Some(outer));
     tokio::time::advance(Duration::from_secs(6)).await;
     assert!(inner_sooner.is_expired());
     assert_eq!(outer.remaining(), Duration::from_secs(4));
     assert!(outer.can_finish(tokio::time::Instant::now(), Duration::from_secs(3)));
     assert!(!outer.can_finish(tokio::time::Instant::now(), Duration::from_secs(4)));
+}
+
+thread_local! {
+    static DROPPED_UNDER: Cell<Option<Deadline>> = const { Cell::new(None) };
+}
+
+/// Records the deadline current when it is dropped.
+struct SeenOnDrop;
+
+impl Drop for SeenOnDrop {
+    fn drop(&mut self) {
+        DROPPED_UNDER.with(|c| c.set(Deadline::current()));
+    }
 }
 
 #[tokio::test]

@@ -54,6 +54,28 @@ impl<T: Copy + 'static> Restore<T> {
     }
 }
 
+impl Restore<Deadline> {
+    /// Makes `deadline` current, or leaves the current one if that is earlier: a scope polled (or dropped) inside
+    /// another keeps the earlier deadline whichever was made first.
+    #[inline]
+    fn earliest(deadline: Deadline) -> Self {
+        let previous = CURRENT
+            .try_with(|c| {
+                let previous = c.get();
+                if previous.is_none_or(|outer| deadline < outer) {
+                    c.set(Some(deadline));
+                }
+                previous
+            })
+            .ok()
+            .flatten();
+        Restore {
+            key: &CURRENT,
+            previous,
+        }
+    }
+}
+
 impl<T: Copy + 'static> Drop for Restore<T> {
     #[inline]
     fn drop(&mut self) {
@@ -124,8 +146,9 @@ impl Deadline {
     }
 
     /// Runs `future` with this deadline as [`Deadline::current`]. Nested scopes keep the earliest deadline: an
-    /// inner scope can shorten the budget, never extend it (the outer scope is the one current when `scope` is
-    /// called).
+    /// inner scope can shorten the budget, never extend it. That holds for the scope current when `scope` is
+    /// called and for any scope the returned future is later polled or dropped in (a future made first and
+    /// awaited under a shorter deadline sees the shorter one).
     ///
     /// Like `tokio::task_local!`, the deadline is set while the future is polled and while it is dropped, and
     /// only then: a task spawned from inside does not inherit it, and two tasks on one thread never see each
@@ -216,7 +239,7 @@ pin_project! {
             let this = this.project();
             let mut future = this.future;
             if std::mem::needs_drop::<F>() && future.is_some() {
-                let _enter = Restore::set(&CURRENT, *this.deadline);
+                let _enter = Restore::earliest(*this.deadline);
                 future.set(None);
             }
         }
@@ -231,7 +254,8 @@ impl<F> DeadlineScope<F> {
         }
     }
 
-    /// The deadline this scope sets.
+    /// The deadline this scope sets (while it is polled inside a scope with an earlier one, that one stays
+    /// current).
     pub fn deadline(&self) -> Deadline {
         self.deadline
     }
@@ -248,7 +272,7 @@ impl<F: Future> Future for DeadlineScope<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let _enter = Restore::set(&CURRENT, *this.deadline);
+        let _enter = Restore::earliest(*this.deadline);
         let mut future = this.future;
         let Some(inner) = future.as_mut().as_pin_mut() else {
             panic!("`DeadlineScope` polled after completion");
