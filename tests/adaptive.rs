@@ -1,18 +1,25 @@
 //! Layer tests for the adaptive concurrency limiter.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
+use http::StatusCode;
+use tokio::time::Instant;
 use tower::util::BoxService;
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_backpressure::adaptive::{
     AdaptiveConcurrency, AdaptiveConcurrencyBuilder, AdaptiveConcurrencyLayer, AdaptiveHandle,
     Aimd, Gradient2, Knee, Vegas,
 };
+use tower_backpressure::breaker::CircuitBreakerLayer;
 use tower_backpressure::core::{
-    error::Overloaded, AnyOk, BoxError, ErrorMode, Event, LimitSource, Observer, Outcome,
+    error::{DeadlineExceeded, Overloaded},
+    AnyOk, BoxError, CircuitState, Deadline, ErrorMode, Event, LimitSource, Observer, Outcome,
+    Reason,
 };
+use tower_backpressure::deadline::{DeadlineLayer, PropagateDeadlineLayer};
 use tower_test::mock;
 
 fn layer(limit: usize) -> AdaptiveConcurrencyLayer {
@@ -563,4 +570,198 @@ async fn a_busy_limiter_times_a_sample_of_requests_and_still_measures_latency() 
     }
     assert_eq!(handle.snapshot().timed_one_in, 1);
     assert_eq!(*seen.lock().unwrap(), 15_000);
+}
+
+/// Counts the inner service's `call`s (not its futures' polls, which a layer could skip by dropping the future),
+/// each answering `Res::default()` after `work`.
+fn counted<Req: Send + 'static, Res: Default + Send + 'static>(
+    calls: Arc<AtomicUsize>,
+    work: Duration,
+) -> impl Service<Req, Response = Res, Error = BoxError, Future: Send> + Clone {
+    service_fn(move |_: Req| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(work).await;
+            Ok::<_, BoxError>(Res::default())
+        }
+    })
+}
+
+/// A limiter that learns fast: a limit of 4, AIMD, 10 ms windows of 2 samples.
+fn quick() -> AdaptiveConcurrencyBuilder {
+    AdaptiveConcurrencyLayer::builder()
+        .initial_limit(4)
+        .algorithm(Aimd::new())
+        .min_samples(2)
+        .window(Duration::from_millis(10))
+}
+
+/// Runs pairs of requests made by `request` through `svc` until the limiter behind `handle` expects `latency`.
+async fn learn<Req, S>(
+    svc: &mut S,
+    handle: &AdaptiveHandle,
+    latency: Duration,
+    request: impl Fn() -> Req,
+) where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..10 {
+        if handle.expected_latency() == Some(latency) {
+            return;
+        }
+        let a = svc.ready().await.unwrap().call(request());
+        let b = svc.ready().await.unwrap().call(request());
+        let (a, b) = tokio::join!(a, b);
+        a.unwrap();
+        b.unwrap();
+    }
+    assert_eq!(handle.expected_latency(), Some(latency));
+}
+
+#[tokio::test(start_paused = true)]
+async fn doomed_requests_are_rejected_before_they_take_a_permit() {
+    let reasons = Arc::new(Mutex::new(Vec::new()));
+    let log = reasons.clone();
+    let layer = quick()
+        .observer(move |e: &Event| {
+            if let Event::Rejected { reason, .. } = e {
+                log.lock().unwrap().push(*reason);
+            }
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = layer.layer(counted::<bool, ()>(
+        calls.clone(),
+        Duration::from_millis(100),
+    ));
+    let doomed = |e: BoxError| e.is::<DeadlineExceeded>();
+
+    // Before any window has closed the service time is unknown: only an expired deadline is refused.
+    let expired = Deadline::at(Instant::now());
+    let call = expired.scope(async { svc.ready().await.unwrap().call(true).await });
+    assert!(call.await.is_err_and(doomed));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let short = Deadline::after(Duration::from_millis(1));
+    let call = short.scope(async { svc.ready().await.unwrap().call(true).await });
+    assert!(call.await.is_ok());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    learn(&mut svc, &handle, Duration::from_millis(100), || true).await;
+    let before = calls.load(Ordering::SeqCst);
+    let limit = handle.limit();
+    // A budget of exactly the expected service time cannot finish in time; a nanosecond more can.
+    let exact = Deadline::after(Duration::from_millis(100));
+    let call = exact.scope(async { svc.ready().await.unwrap().call(true).await });
+    assert!(call.await.is_err_and(doomed));
+    assert_eq!(calls.load(Ordering::SeqCst), before);
+    assert_eq!(handle.in_flight(), 0);
+    let enough = Deadline::after(Duration::from_millis(100) + Duration::from_nanos(1));
+    let call = enough.scope(async { svc.ready().await.unwrap().call(true).await });
+    assert!(call.await.is_ok());
+    // Without a deadline, nothing is judged.
+    svc.ready().await.unwrap().call(true).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), before + 2);
+
+    let snapshot = handle.snapshot();
+    assert_eq!((snapshot.rejected, snapshot.rejected_deadline), (2, 2));
+    assert_eq!(handle.in_flight(), 0);
+    // The doomed requests were never admitted: the limit learned nothing from them.
+    assert!(handle.limit() >= limit);
+    assert_eq!(
+        *reasons.lock().unwrap(),
+        [Reason::DeadlineExceeded, Reason::DeadlineExceeded]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn bypassed_requests_are_not_judged_by_their_deadline() {
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .bypass(|health: &bool| *health)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = layer.layer(counted::<bool, ()>(calls.clone(), Duration::ZERO));
+    let expired = Deadline::at(Instant::now());
+    let call = expired.scope(async { svc.ready().await.unwrap().call(true).await });
+    assert!(call.await.is_ok());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.snapshot().rejected_deadline, 0);
+}
+
+/// An HTTP request, carrying `grpc-timeout: value` if given.
+fn request(grpc_timeout: Option<&'static str>) -> http::Request<String> {
+    let mut request = http::Request::new(String::new());
+    if let Some(value) = grpc_timeout {
+        let value = http::HeaderValue::from_static(value);
+        request.headers_mut().insert("grpc-timeout", value);
+    }
+    request
+}
+
+#[tokio::test(start_paused = true)]
+async fn behind_the_server_deadline_layer_a_doomed_request_answers_504_without_running() {
+    let limiter = quick().http().build().unwrap();
+    let handle = limiter.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::builder().http().build().unwrap())
+        .layer(limiter)
+        .service(counted::<_, http::Response<String>>(
+            calls.clone(),
+            Duration::from_millis(100),
+        ));
+    learn(&mut svc, &handle, Duration::from_millis(100), || {
+        request(Some("1S"))
+    })
+    .await;
+    let before = calls.load(Ordering::SeqCst);
+    let call = svc.ready().await.unwrap().call(request(Some("50m")));
+    assert_eq!(call.await.unwrap().status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(calls.load(Ordering::SeqCst), before);
+    assert_eq!(handle.snapshot().rejected_deadline, 1);
+    let call = svc.ready().await.unwrap().call(request(Some("150m")));
+    assert_eq!(call.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(calls.load(Ordering::SeqCst), before + 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn doomed_requests_shed_below_a_breaker_do_not_count_against_the_dependency() {
+    // The recommended client stack: propagation, breaker, limiter.
+    let limiter = quick().http().build().unwrap();
+    let handle = limiter.handle();
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(3)
+        .http()
+        .build()
+        .unwrap();
+    let circuit = breaker.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = ServiceBuilder::new()
+        .layer(PropagateDeadlineLayer::builder().http().build().unwrap())
+        .layer(breaker)
+        .layer(limiter)
+        .service(counted::<_, http::Response<String>>(
+            calls.clone(),
+            Duration::from_millis(100),
+        ));
+    learn(&mut svc, &handle, Duration::from_millis(100), || {
+        request(None)
+    })
+    .await;
+    let before = calls.load(Ordering::SeqCst);
+    // The caller has 60 ms left: more than the propagation margin, less than the dependency takes.
+    for _ in 0..5 {
+        let deadline = Deadline::after(Duration::from_millis(60));
+        let call = deadline.scope(async { svc.ready().await.unwrap().call(request(None)).await });
+        assert_eq!(call.await.unwrap().status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), before);
+    assert_eq!(handle.snapshot().rejected_deadline, 5);
+    let snapshot = circuit.snapshot();
+    assert_eq!(snapshot.state, CircuitState::Closed);
+    assert_eq!((snapshot.failures, snapshot.consecutive_failures), (0, 0));
 }

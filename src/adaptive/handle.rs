@@ -47,8 +47,11 @@ pub struct AdaptiveSnapshot {
     pub algorithm: &'static str,
     /// The estimated service time (an average of recent windows), once one window has closed.
     pub expected_latency: Option<Duration>,
-    /// Requests rejected so far.
+    /// Requests rejected so far: over the limit, or doomed (see `rejected_deadline`).
     pub rejected: u64,
+    /// Of `rejected`, the requests refused because their [`Deadline`](crate::core::Deadline) would pass before
+    /// the expected service time (see the module docs, "Deadlines").
+    pub rejected_deadline: u64,
     /// Sample windows applied so far.
     pub windows: u64,
     /// One admitted request in this many is timed: 1 unless the service is busy enough that a window holds
@@ -91,6 +94,7 @@ impl AdaptiveHandle {
             algorithm,
             expected_latency: self.expected_latency(),
             rejected: core.rejected.load(Ordering::Relaxed),
+            rejected_deadline: core.rejected_deadline.load(Ordering::Relaxed),
             windows: core.windows.load(Ordering::Relaxed),
             timed_one_in: core.timing_mask() + 1,
         }

@@ -29,6 +29,25 @@
 //!   clock is read.
 //! - The limit is observable and tunable live through an [`AdaptiveHandle`], which also serves as the queue
 //!   layer's [`LimitSource`](crate::core::LimitSource).
+//! - Requests that cannot finish before their deadline are refused without a permit (see "Deadlines").
+//!
+//! # Deadlines
+//!
+//! A request whose [`Deadline`](crate::core::Deadline) is current when `call` runs (set by a
+//! [`DeadlineLayer`](crate::deadline::DeadlineLayer) or
+//! [`PropagateDeadlineLayer`](crate::deadline::PropagateDeadlineLayer) outside, or by
+//! [`Deadline::scope`](crate::core::Deadline::scope) around the caller) is refused at once with
+//! [`Reason::DeadlineExceeded`](crate::core::Reason::DeadlineExceeded) (504, gRPC DEADLINE_EXCEEDED, or
+//! [`DeadlineExceeded`](crate::core::error::DeadlineExceeded)) when its remaining budget is no more than the
+//! service time the limiter expects ([`AdaptiveHandle::expected_latency`], an average of recent windows' mean
+//! latency; before the first window only an expired deadline is refused). It takes no permit and teaches the
+//! limit nothing, and an outer breaker or limiter ignores the refusal, since it was made locally. In the client
+//! stack (`PropagateDeadline → CircuitBreaker → AdaptiveConcurrency`) this spares the dependency calls whose
+//! answer would arrive after the caller gave up. Inside a deadline layer's `call` the check uses that layer's
+//! clock reading instead of reading the clock again (so behind a queue, a request the queue admits at once is
+//! judged twice at one reading; one that waited in the queue costs a clock read). Bypassed requests are not
+//! judged. Without a current deadline the check is one thread-local read. [`AdaptiveSnapshot::rejected_deadline`] counts these
+//! refusals.
 //!
 //! # Cost
 //!

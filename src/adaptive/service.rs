@@ -1,13 +1,15 @@
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_service::Service;
 
 use super::state::{Shared, UNTIMED};
 use crate::core::{
-    observer, AnyOk, Classify, ErrorMode, Event, Instance, Observer, Permit, Reason, RejectMode,
-    Rejection, ResponseFuture,
+    observer, AnyOk, Classify, Deadline, ErrorMode, Event, Instance, Observer, Permit, Reason,
+    RejectMode, Rejection, ResponseFuture,
 };
 
 /// Decides which requests skip the limiter (health checks, metrics scrapes). Implemented by [`NoBypass`] and
@@ -113,17 +115,32 @@ impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
         Some(Permit::untimed(releaser.clone(), tag))
     }
 
-    /// The answer to a request over the limit. Out of line: it keeps the admitted path's code small, and the
-    /// future it returns is written in place by the caller's return.
+    /// Whether a request under `deadline` would still be running when it passes, by the service time the
+    /// limiter expects: the remaining budget is no more than that (zero until a window has closed, so then only
+    /// an expired deadline). The clock is that of a deadline layer whose inner `call` this is, if any.
+    #[inline]
+    fn doomed(&self, deadline: Deadline) -> bool {
+        let core = &self.shared.core;
+        let expected = Duration::from_nanos(core.expected_latency.load(Ordering::Relaxed));
+        !deadline.can_finish(crate::core::deadline::now_in_call(), expected)
+    }
+
+    /// The answer to a refused request. Out of line: it keeps the admitted path's code small, and the future it
+    /// returns is written in place by the caller's return.
     #[cold]
     #[inline(never)]
-    fn rejected<F, Cl>(&self) -> ResponseFuture<F, Cl, M> {
+    fn rejected<F, Cl>(&self, reason: Reason) -> ResponseFuture<F, Cl, M> {
+        if reason == Reason::DeadlineExceeded {
+            let core = &self.shared.core;
+            core.rejected.fetch_add(1, Ordering::Relaxed);
+            core.rejected_deadline.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared.observer.on_event(&Event::Rejected {
             layer: "adaptive",
-            reason: Reason::Overloaded,
+            reason,
             retry_after: None,
         });
-        ResponseFuture::rejected(Rejection::new(Reason::Overloaded), self.mode.clone())
+        ResponseFuture::rejected(Rejection::new(reason), self.mode.clone())
     }
 }
 
@@ -150,9 +167,15 @@ where
         let permit = if self.bypass.bypass(&request) {
             None
         } else {
+            // A request that cannot finish before its deadline takes no permit: it would only hold one, and the
+            // backend's time, for an answer nobody waits for. Without a current deadline this is one
+            // thread-local read.
+            if Deadline::current().is_some_and(|deadline| self.doomed(deadline)) {
+                return self.rejected(Reason::DeadlineExceeded);
+            }
             match self.admit() {
                 Some(permit) => Some(permit),
-                None => return self.rejected(),
+                None => return self.rejected(Reason::Overloaded),
             }
         };
         // One construction for both admitted paths, with the inner call inside it: the inner future is then

@@ -37,6 +37,8 @@ pub(crate) struct Core {
     pub(crate) min_limit: AtomicUsize,
     pub(crate) max_limit: AtomicUsize,
     pub(crate) rejected: AtomicU64,
+    /// Of `rejected`, those refused because their deadline could not be met.
+    pub(crate) rejected_deadline: AtomicU64,
     pub(crate) windows: AtomicU64,
     /// Exponential average of window mean latencies, in nanoseconds; 0 until the first window.
     pub(crate) expected_latency: AtomicU64,
@@ -112,6 +114,7 @@ impl Core {
             min_limit: AtomicUsize::new(config.min),
             max_limit: AtomicUsize::new(config.max),
             rejected: AtomicU64::new(0),
+            rejected_deadline: AtomicU64::new(0),
             windows: AtomicU64::new(0),
             expected_latency: AtomicU64::new(0),
             min_samples: config.min_samples,
