@@ -29,3 +29,35 @@ fn deadline_strategy_removes_wasted_work_at_3x_overload() {
     // Expired requests are answered 504 (a rejection), not left to time out at the client.
     assert!(deadline.row("3x", "all").unwrap().rejected_rps > 0.0);
 }
+
+#[test]
+fn the_client_stack_passes_on_and_enforces_the_callers_deadline() {
+    // Every request takes twice its client's deadline.
+    let mut scenario = Scenario::builtin()
+        .into_iter()
+        .find(|s| s.name == "s5a-hang")
+        .unwrap();
+    for phase in &mut scenario.phases {
+        phase.duration_s = 10.0;
+    }
+    assert!(scenario.client.send_deadline && !scenario.client.cancel_on_timeout);
+    let breaker = strategy("breaker").unwrap();
+    let with_deadline = sim::run(&scenario, breaker).unwrap();
+    scenario.client.send_deadline = false;
+    let without = sim::run(&scenario, breaker).unwrap();
+    let late = |report: &sim::Report| report.row("late", "all").unwrap().clone();
+    // Without a deadline the stack cannot tell that the caller left: the backend works on for nobody.
+    assert!(
+        late(&without).wasted_work > 0.3,
+        "without a deadline the breaker stack wastes {}",
+        late(&without).wasted_work
+    );
+    // With the caller's deadline current, the propagation layer cuts each call off when it passes: no backend
+    // time is spent after the caller gave up, and the caller gets a 504 rather than silence.
+    assert!(
+        late(&with_deadline).wasted_work <= 0.01,
+        "with a deadline the breaker stack wastes {}",
+        late(&with_deadline).wasted_work
+    );
+    assert!(late(&with_deadline).rejected_rps > 0.0);
+}

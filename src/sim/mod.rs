@@ -15,7 +15,8 @@
 //! - **Clients**: open loop. Arrivals are Poisson (or evenly spaced, `arrivals = "uniform"`) with a rate per phase, optionally ramping linearly
 //!   (`rps` → `rps_end`) or given per class (`class_rps`). Each request carries its class's priority in the
 //!   [`PRIORITY_HEADER`] header and, with `send_deadline`, its remaining budget in a `grpc-timeout` header
-//!   (milliseconds, `NNNm`). The client gives up after its timeout; the server keeps working on the request
+//!   (milliseconds, `NNNm`); a [client-side](Stack::client_side) stack (`breaker`) is instead called with the
+//!   client's deadline current, as a handler calls it, and writes the header itself. The client gives up after its timeout; the server keeps working on the request
 //!   unless `cancel_on_timeout` (across a real network nobody tells it). Rejections and errors are retried at
 //!   once up to `retries` times within the same timeout.
 //! - **The stack under test** is any tower service over `http::Request<`[`SimBody`]`>` answering

@@ -22,7 +22,7 @@ use super::{
     Arrivals, Scenario, ScenarioError, ServiceTime, SimBody, SimResponseBody, SimService,
     PRIORITY_HEADER, WINDOW,
 };
-use crate::core::BoxError;
+use crate::core::{BoxError, Deadline};
 
 /// What the backend needs to know about a request, carried in its extensions.
 #[derive(Debug, Clone, Copy)]
@@ -170,11 +170,12 @@ where
         serve(backend_shared.clone(), request)
     }));
     let stack = build(backend, scenario);
+    let client_side = stack.client_side;
     let service = stack.service;
     shared.probes.set(stack.probes).expect("probes set once");
     shared.sample(0);
 
-    generate(&shared, scenario, &service).await;
+    generate(&shared, scenario, &service, client_side).await;
 
     let longest = scenario
         .classes
@@ -221,7 +222,12 @@ struct ClassSpec {
 }
 
 /// The open-loop load generator: Poisson arrivals whose rate is piecewise linear in time.
-async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimService) {
+async fn generate(
+    shared: &Arc<Shared>,
+    scenario: &Scenario,
+    service: &SimService,
+    client_side: bool,
+) {
     let specs: Vec<ClassSpec> = if scenario.classes.is_empty() {
         vec![ClassSpec {
             priority: HeaderValue::from_static(super::Priority::Critical.as_str()),
@@ -277,7 +283,11 @@ async fn generate(shared: &Arc<Shared>, scenario: &Scenario, service: &SimServic
                 issued: Instant::now(),
                 seed: scenario.seed,
                 attempt: 0,
-                send_deadline: scenario.client.send_deadline,
+                deadline: match (scenario.client.send_deadline, client_side) {
+                    (false, _) => SendDeadline::No,
+                    (true, false) => SendDeadline::Header,
+                    (true, true) => SendDeadline::Scope,
+                },
                 cancel_on_timeout: scenario.client.cancel_on_timeout,
                 retries: scenario.client.retries,
             },
@@ -293,9 +303,20 @@ struct Pending {
     issued: Instant,
     seed: u64,
     attempt: u32,
-    send_deadline: bool,
+    deadline: SendDeadline,
     cancel_on_timeout: bool,
     retries: u32,
+}
+
+/// How a client tells the stack its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendDeadline {
+    /// Not at all.
+    No,
+    /// As a remote client does: the remaining budget in a `grpc-timeout` header.
+    Header,
+    /// As a handler calling a client-side stack does: current around the call.
+    Scope,
 }
 
 /// One client request: attempts until success, a final failure or the deadline.
@@ -318,7 +339,8 @@ async fn client(
             service.clone()
         };
         let this_attempt = this_attempt.expect("a service is kept while retries remain");
-        let mut attempt = pin!(attempt(&shared, this_attempt, request));
+        let scope = (req.deadline == SendDeadline::Scope).then_some(Deadline::at(deadline));
+        let mut attempt = pin!(attempt(&shared, this_attempt, request, scope));
         match tokio::time::timeout_at(deadline, attempt.as_mut()).await {
             Ok(Verdict::Good) => break Verdict::Good,
             Ok(verdict) if retries == 0 || Instant::now() >= deadline => break verdict,
@@ -362,7 +384,7 @@ fn build_request(req: &mut Pending, spec: &ClassSpec, deadline: Instant) -> http
     request
         .headers_mut()
         .insert(PRIORITY_HEADER, spec.priority.clone());
-    if req.send_deadline {
+    if req.deadline == SendDeadline::Header {
         let remaining = deadline.saturating_duration_since(Instant::now());
         request
             .headers_mut()
@@ -393,10 +415,20 @@ fn grpc_timeout(budget: Duration) -> HeaderValue {
         .expect("digits and a unit letter are a valid header value")
 }
 
-/// One attempt through the stack, the response body read to its end.
-async fn attempt(shared: &Shared, service: SimService, request: http::Request<SimBody>) -> Verdict {
+/// One attempt through the stack, the response body read to its end; the call made under `scope` if given.
+async fn attempt(
+    shared: &Shared,
+    service: SimService,
+    request: http::Request<SimBody>,
+    scope: Option<Deadline>,
+) -> Verdict {
     let _in_flight = InFlight::enter(shared);
-    let response = match service.oneshot(request).await {
+    let call = service.oneshot(request);
+    let answer = match scope {
+        Some(deadline) => deadline.scope(call).await,
+        None => call.await,
+    };
+    let response = match answer {
         Ok(response) => response,
         Err(_) => return Verdict::Rejected,
     };

@@ -64,14 +64,18 @@ pub struct Stack {
     pub service: SimService,
     /// Live figures of the stack.
     pub probes: Probes,
+    /// Whether the simulated clients call the stack in-process, as a handler calls an outbound stack: see
+    /// [`Stack::client_side`].
+    pub client_side: bool,
 }
 
 impl Stack {
-    /// A stack without probes.
+    /// A stack without probes, served to the simulated clients as a server's stack.
     pub fn new(service: SimService) -> Self {
         Stack {
             service,
             probes: Probes::none(),
+            client_side: false,
         }
     }
 
@@ -79,6 +83,18 @@ impl Stack {
     #[must_use]
     pub fn probes(mut self, probes: Probes) -> Self {
         self.probes = probes;
+        self
+    }
+
+    /// Makes this a client-side stack (one for calling a dependency, with the backend as that dependency): the
+    /// simulated clients call it in-process, as a handler would. With `send_deadline` a client's deadline is
+    /// then [`Deadline::current`](crate::core::Deadline::current) around each attempt's call (a
+    /// [`Deadline::scope`](crate::core::Deadline::scope), as a server's deadline layer sets around its handler),
+    /// and no `grpc-timeout` header is written for it: writing the next hop's header is the stack's job (a
+    /// `PropagateDeadlineLayer`).
+    #[must_use]
+    pub fn client_side(mut self) -> Self {
+        self.client_side = true;
         self
     }
 }
@@ -205,7 +221,9 @@ fn static_limit(backend: SimService, scenario: &Scenario) -> Stack {
 }
 
 /// The recommended client stack for calling a dependency: deadline propagation, then the circuit breaker, then
-/// the adaptive limiter, all in HTTP mode with their defaults.
+/// the adaptive limiter, all in HTTP mode with their defaults. A client-side stack: with `send_deadline` the
+/// clients' deadlines are current around their calls, for the propagation layer to pass on and enforce and the
+/// limiter to judge.
 fn breaker(backend: SimService, _scenario: &Scenario) -> Stack {
     let propagate = crate::deadline::PropagateDeadlineLayer::builder()
         .http()
@@ -225,7 +243,9 @@ fn breaker(backend: SimService, _scenario: &Scenario) -> Stack {
         .layer(breaker)
         .layer(limiter)
         .service(backend);
-    Stack::new(boxed(service)).probes(Probes::none().limit(move || limit.limit()))
+    Stack::new(boxed(service))
+        .probes(Probes::none().limit(move || limit.limit()))
+        .client_side()
 }
 
 /// The recommended server stack: the deadline layer outermost (so queueing time counts), then the queue shedder
