@@ -17,30 +17,52 @@ use tower_backpressure::deadline::{DeadlineLayer, InvalidTimeout, PropagateDeadl
 /// What the inner service saw: the deadline in the extensions and in the task-local scope.
 #[derive(Debug, Default)]
 struct Seen {
+    /// Calls of the inner service's `call`, counted in `call` itself: a call whose future is dropped unpolled
+    /// counts too.
     calls: AtomicUsize,
     deadlines: Mutex<Vec<(Option<Deadline>, Option<Deadline>)>>,
     headers: Mutex<Vec<http::HeaderMap>>,
 }
 
-/// An inner service that records what it saw and answers 200 after `work`.
-fn recording(
+/// An inner service that counts its calls and, once its future is polled, records what it saw and answers 200
+/// after `work`.
+#[derive(Clone)]
+struct Recording {
     seen: Arc<Seen>,
     work: Duration,
-) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send> + Clone
-{
-    service_fn(move |req: Request<String>| {
-        let seen = seen.clone();
-        async move {
-            seen.calls.fetch_add(1, Ordering::SeqCst);
+}
+
+impl Service<Request<String>> for Recording {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Response<String>, Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<String>) -> Self::Future {
+        self.seen.calls.fetch_add(1, Ordering::SeqCst);
+        let (seen, work) = (self.seen.clone(), self.work);
+        Box::pin(async move {
             seen.deadlines
                 .lock()
                 .unwrap()
                 .push((Deadline::of(&req), Deadline::current()));
             seen.headers.lock().unwrap().push(req.headers().clone());
             tokio::time::sleep(work).await;
-            Ok::<_, Infallible>(Response::new(String::from("done")))
-        }
-    })
+            Ok(Response::new(String::from("done")))
+        })
+    }
+}
+
+/// A [`Recording`] inner service over `seen`, answering after `work`.
+fn recording(seen: Arc<Seen>, work: Duration) -> Recording {
+    Recording { seen, work }
 }
 
 fn request(headers: &[(&str, &str)]) -> Request<String> {
