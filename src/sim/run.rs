@@ -397,8 +397,11 @@ fn build_request(req: &mut Pending, spec: &ClassSpec, deadline: Instant) -> http
 /// Words of the RNG stream reserved per attempt: far more than three draws ever take.
 const ATTEMPT_WORDS: u128 = 64;
 
-/// Encodes a `grpc-timeout` value: at most 8 digits and a unit, in the finest unit that fits, rounded down so
-/// the server never believes it has more time than the client gives it.
+/// Encodes a `grpc-timeout` value as the simulated clients send it: at most 8 digits and a unit, in milliseconds
+/// (or the first of seconds, minutes and hours that fits), rounded down so the server never believes it has more
+/// time than the client gives it. Coarser than the finest unit the protocol allows (the crate's own
+/// [`encode_grpc_timeout`](crate::deadline::codec::encode_grpc_timeout) picks that); kept so, since every
+/// scenario figure was measured with it.
 fn grpc_timeout(budget: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
     let ms = budget.as_millis();
