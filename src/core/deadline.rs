@@ -46,6 +46,8 @@ struct Restore<T: Copy + 'static> {
 }
 
 impl<T: Copy + 'static> Restore<T> {
+    // Used by the deadline layers' `enter_call` only.
+    #[cfg(feature = "http")]
     #[inline]
     fn set(key: &'static LocalKey<Cell<Option<T>>>, value: T) -> Self {
         // Never fails for a constant-initialised `Cell` without destructor; if it did, the scope would be empty.
