@@ -24,45 +24,27 @@ struct Seen {
     headers: Mutex<Vec<http::HeaderMap>>,
 }
 
-/// An inner service that counts its calls and, once its future is polled, records what it saw and answers 200
-/// after `work`.
-#[derive(Clone)]
-struct Recording {
+/// An inner service that counts its calls in `call` and, once its future is polled, records what it saw and
+/// answers 200 after `work`.
+fn recording(
     seen: Arc<Seen>,
     work: Duration,
-}
-
-impl Service<Request<String>> for Recording {
-    type Response = Response<String>;
-    type Error = Infallible;
-    type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Response<String>, Infallible>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<String>) -> Self::Future {
-        self.seen.calls.fetch_add(1, Ordering::SeqCst);
-        let (seen, work) = (self.seen.clone(), self.work);
-        Box::pin(async move {
+) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send> + Clone
+{
+    service_fn(move |req: Request<String>| {
+        // The closure runs in `call`, its `async` block when the future is polled.
+        seen.calls.fetch_add(1, Ordering::SeqCst);
+        let seen = seen.clone();
+        async move {
             seen.deadlines
                 .lock()
                 .unwrap()
                 .push((Deadline::of(&req), Deadline::current()));
             seen.headers.lock().unwrap().push(req.headers().clone());
             tokio::time::sleep(work).await;
-            Ok(Response::new(String::from("done")))
-        })
-    }
-}
-
-/// A [`Recording`] inner service over `seen`, answering after `work`.
-fn recording(seen: Arc<Seen>, work: Duration) -> Recording {
-    Recording { seen, work }
+            Ok::<_, Infallible>(Response::new(String::from("done")))
+        }
+    })
 }
 
 fn request(headers: &[(&str, &str)]) -> Request<String> {

@@ -3,15 +3,21 @@
 
 use tower_backpressure::sim::{self, strategy, Scenario};
 
-#[test]
-fn deadline_strategy_removes_wasted_work_at_3x_overload() {
+/// The built-in scenario `name` with every phase cut to `secs` seconds.
+fn shortened(name: &str, secs: f64) -> Scenario {
     let mut scenario = Scenario::builtin()
         .into_iter()
-        .find(|s| s.name == "s7-deadline")
+        .find(|s| s.name == name)
         .unwrap();
     for phase in &mut scenario.phases {
-        phase.duration_s = 5.0;
+        phase.duration_s = secs;
     }
+    scenario
+}
+
+#[test]
+fn deadline_strategy_removes_wasted_work_at_3x_overload() {
+    let scenario = shortened("s7-deadline", 5.0);
     let run = |name| sim::run(&scenario, strategy(name).unwrap()).unwrap();
     let unprotected = run("unprotected");
     let deadline = run("deadline");
@@ -33,13 +39,7 @@ fn deadline_strategy_removes_wasted_work_at_3x_overload() {
 #[test]
 fn the_client_stack_passes_on_and_enforces_the_callers_deadline() {
     // Every request takes twice its client's deadline.
-    let mut scenario = Scenario::builtin()
-        .into_iter()
-        .find(|s| s.name == "s5a-hang")
-        .unwrap();
-    for phase in &mut scenario.phases {
-        phase.duration_s = 10.0;
-    }
+    let mut scenario = shortened("s5a-hang", 10.0);
     assert!(scenario.client.send_deadline && !scenario.client.cancel_on_timeout);
     let breaker = strategy("breaker").unwrap();
     let with_deadline = sim::run(&scenario, breaker).unwrap();
