@@ -992,6 +992,50 @@ async fn propagation_with_nothing_left_fails_at_once_and_sends_nothing() {
     assert_eq!(layer.handle().snapshot().rejected, 1);
 }
 
+/// Less than a millisecond after the margin: the millisecond header would carry `0`, which tells the next hop
+/// its budget is spent, so the call is refused without being sent; with `grpc-timeout` alone (nanoseconds) it
+/// goes out.
+#[tokio::test(start_paused = true)]
+async fn propagation_refuses_a_budget_the_headers_would_carry_as_zero() {
+    for ms_header in [true, false] {
+        let seen = Arc::new(Seen::default());
+        let mut builder = PropagateDeadlineLayer::builder()
+            .margin(Duration::from_millis(10))
+            .http();
+        if !ms_header {
+            builder = builder.no_timeout_header();
+        }
+        let layer = builder.build().unwrap();
+        let client = layer.layer(recording(seen.clone(), Duration::ZERO));
+        let deadline = Deadline::after(Duration::from_micros(10_500));
+        let response = deadline.scope(client.oneshot(request(&[]))).await.unwrap();
+        let snapshot = layer.handle().snapshot();
+        if ms_header {
+            assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+            assert_eq!(seen.calls.load(Ordering::SeqCst), 0, "nothing may be sent");
+            assert_eq!((snapshot.rejected, snapshot.admitted), (1, 0));
+        } else {
+            assert_eq!(response.status(), StatusCode::OK);
+            let headers = seen.headers.lock().unwrap();
+            assert_eq!(headers[0].get("grpc-timeout").unwrap(), "500000n");
+            assert_eq!((snapshot.rejected, snapshot.admitted), (0, 1));
+        }
+    }
+    // A caller's own zero is kept (it is smaller than the budget), and refused the same way.
+    let seen = Arc::new(Seen::default());
+    let client = PropagateDeadlineLayer::builder()
+        .http()
+        .build()
+        .unwrap()
+        .layer(recording(seen.clone(), Duration::ZERO));
+    let response = Deadline::after(Duration::from_secs(1))
+        .scope(client.oneshot(request(&[("grpc-timeout", "0m")])))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn propagation_enforces_the_deadline_locally() {
     let layer = PropagateDeadlineLayer::builder().build().unwrap();

@@ -24,7 +24,8 @@
 //! Plain HTTP has no standard relative-timeout header. This crate reads and writes one in whole milliseconds,
 //! named [`TIMEOUT_MS_HEADER`] (`x-request-timeout-ms`) unless configured otherwise on the layers: one or more
 //! ASCII digits, nothing else, no larger than `u64::MAX` milliseconds. Encoding truncates for the same reason,
-//! so a budget under a millisecond is sent as `0` (expired): the next hop cannot do useful work in it anyway.
+//! so a budget under a millisecond encodes as `0` (expired): the next hop could not do useful work in it anyway,
+//! and [`PropagateDeadlineLayer`](super::PropagateDeadlineLayer) fails such a call at once rather than send it.
 //!
 //! ```
 //! use std::time::Duration;

@@ -43,7 +43,9 @@
 //! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (the earlier of its extensions'
 //!   and [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
 //!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set), and enforces the
-//!   deadline locally. If nothing is left, the call fails at once with deadline-exceeded and nothing is sent.
+//!   deadline locally. If nothing is left (nothing after the margin, or less than the headers written can carry:
+//!   under a millisecond with the millisecond header), the call fails at once with deadline-exceeded and
+//!   nothing is sent.
 //!   The deadline is read in `call`: under [`Deadline::scope`], make the call inside the scoped future
 //!   (`oneshot`, or `call` in an `async` block), not before it. A transport that enforces the timeout it sends
 //!   on its own (a tonic `Channel` fails the call when the `grpc-timeout` runs out, which tonic reports as

@@ -373,6 +373,13 @@ where
         }
         let config = &self.shared.config;
         let sent = write_timeout(request.headers_mut(), config, budget);
+        if sent.is_zero() {
+            // The headers would tell the next hop that its budget is spent (the millisecond header truncates a
+            // budget under a millisecond to 0; a caller may have set 0): as good as nothing left, so fail here
+            // and send nothing, rather than have the next hop refuse it on arrival.
+            self.shared.rejected();
+            return PropagateFuture::rejected(self.mode.clone());
+        }
         // A queue below sheds a request that cannot finish in time: it finds the deadline as the current one
         // during its `call` (and in the extensions, if stored there). `find` took the earlier of the two.
         store(&mut request, deadline, config.extension);
