@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -368,6 +369,103 @@ async fn a_panic_in_the_inner_call_leaves_no_deadline_behind() {
     }));
     assert!(unwound.is_err());
     assert_eq!(Deadline::current(), None);
+}
+
+/// How a request can leave a deadline layer before answering: its caller drops the response future while the
+/// work is in flight, the inner future panics, or the inner `call` panics.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Dropped,
+    PanicInFuture,
+    PanicInCall,
+}
+
+/// An inner service that leaves the way `exit` says.
+fn leaving(
+    exit: Exit,
+) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send> + Clone
+{
+    service_fn(move |_req: Request<String>| {
+        if let Exit::PanicInCall = exit {
+            panic!("the inner call panics");
+        }
+        async move {
+            match exit {
+                Exit::PanicInFuture => panic!("the inner future panics"),
+                _ => std::future::pending::<()>().await,
+            }
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_request_stays_in_flight_when_its_future_is_dropped_or_the_inner_service_panics() {
+    use futures::FutureExt;
+    use std::panic::AssertUnwindSafe;
+
+    for exit in [Exit::Dropped, Exit::PanicInFuture, Exit::PanicInCall] {
+        for server in [true, false] {
+            let (log, observer) = events();
+            let handle;
+            let mut svc: tower::util::BoxService<Request<String>, Response<String>, BoxError> =
+                if server {
+                    let layer = DeadlineLayer::builder().observer(observer).build().unwrap();
+                    handle = layer.handle();
+                    tower::util::BoxService::new(layer.layer(leaving(exit)))
+                } else {
+                    let layer = PropagateDeadlineLayer::builder()
+                        .observer(observer)
+                        .build()
+                        .unwrap();
+                    handle = layer.handle();
+                    tower::util::BoxService::new(layer.layer(leaving(exit)))
+                };
+            let deadline = Deadline::after(Duration::from_secs(5));
+            let left = deadline
+                .scope(async {
+                    svc.ready().await.unwrap();
+                    let call = AssertUnwindSafe(|| svc.call(request(&[("grpc-timeout", "5S")])));
+                    let Ok(mut future) = std::panic::catch_unwind(call) else {
+                        return "call";
+                    };
+                    let polled = AssertUnwindSafe(futures::future::poll_fn(|cx| {
+                        Poll::Ready(future.poll_unpin(cx).is_pending())
+                    }))
+                    .catch_unwind()
+                    .await;
+                    // Pending or unwound, the future still holds the request's permit.
+                    assert_eq!(handle.snapshot().in_flight, 1);
+                    drop(future);
+                    if polled.is_ok() {
+                        "dropped"
+                    } else {
+                        "future"
+                    }
+                })
+                .await;
+            let what = format!("{exit:?}, server {server}, left in {left}");
+            let snapshot = handle.snapshot();
+            assert_eq!(snapshot.in_flight, 0, "{what}");
+            assert_eq!(snapshot.admitted, 1, "{what}");
+            let log = log.lock().unwrap();
+            let completed: Vec<_> = log
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Completed { outcome, .. } => Some(*outcome),
+                    _ => None,
+                })
+                .collect();
+            // Exactly one outcome a request: a caller going away is nobody's signal; a panic in the inner
+            // service is its failure when it unwinds through the permit, and is otherwise caught (by the runtime
+            // or, here, the test) before the future holding the permit is dropped.
+            let expected = match exit {
+                Exit::PanicInCall => Outcome::Failure,
+                _ => Outcome::Ignored,
+            };
+            assert_eq!(completed, vec![expected], "{what}");
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]
