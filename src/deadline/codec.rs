@@ -521,11 +521,42 @@ mod tests {
                 && digits.iter().all(u8::is_ascii_digit))
     }
 
+    /// What the millisecond header's grammar gives, written independently of the parser: one or more ASCII
+    /// digits whose value (leading zeros allowed) is at most `u64::MAX` milliseconds.
+    fn ms_grammar_value(bytes: &[u8]) -> Option<Duration> {
+        if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let text = std::str::from_utf8(bytes).ok()?;
+        let significant = text.trim_start_matches('0');
+        if significant.len() > 20 {
+            return None;
+        }
+        // Up to 20 digits fit in a u128 whatever they are.
+        let value: u128 = if significant.is_empty() {
+            0
+        } else {
+            significant.parse().ok()?
+        };
+        u64::try_from(value).ok().map(Duration::from_millis)
+    }
+
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics_and_follows_the_grammar(bytes in proptest::collection::vec(any::<u8>(), 0..12)) {
             prop_assert_eq!(decode_grpc_timeout(&bytes).is_ok(), grammar_accepts(&bytes));
-            let _ = decode_timeout_ms(&bytes);
+            prop_assert_eq!(decode_timeout_ms(&bytes).ok(), ms_grammar_value(&bytes));
+        }
+
+        #[test]
+        fn the_millisecond_header_follows_its_grammar_up_to_and_past_u64_max(
+            prefix in "[ +-]?",
+            zeros in "0{0,3}",
+            digits in "[0-9]{0,22}",
+            suffix in "(ms| |x)?",
+        ) {
+            let s = format!("{prefix}{zeros}{digits}{suffix}");
+            prop_assert_eq!(decode_timeout_ms(s.as_bytes()).ok(), ms_grammar_value(s.as_bytes()));
         }
 
         #[test]
