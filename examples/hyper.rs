@@ -8,14 +8,16 @@
 //! - The handler answers at once with a body streamed from a channel: the response head leaves long before the
 //!   work is done. The layers hold their permit until the body has ended (or was dropped because the client
 //!   went away), so the limit counts the requests really in progress, and latency is measured to the last byte.
-//! - Client: hyper-util's pooled client under `PropagateDeadline` → `AdaptiveConcurrency`, also in HTTP mode.
+//! - Client: hyper-util's pooled client under `PropagateDeadline` → `AdaptiveConcurrency`, also in HTTP mode. It
+//!   calls under a 5 s deadline, which travels in the request's timeout headers; the handler finds it with
+//!   `Deadline::current()` and reports what is left of it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -45,11 +47,17 @@ pub(crate) struct ServerHandles {
     pub(crate) queue: QueueHandle,
 }
 
+/// The response header in which the handler reports the budget it found left (whole milliseconds): the client's
+/// deadline, passed on by its `PropagateDeadline`, or else the server's own maximum.
+pub(crate) const BUDGET_LEFT: &str = "x-budget-left-ms";
+
 /// The handler: answers with a body fed through a channel whose sending end goes to `feeds`, the producer.
 async fn stream(
     _request: Request<Incoming>,
     feeds: mpsc::UnboundedSender<Feed>,
 ) -> Result<Response<Body>, Infallible> {
+    // No plumbing: the deadline layer makes the request's deadline current while the handler runs.
+    let left = Deadline::current().map(|deadline| deadline.remaining());
     let (feed, chunks) = mpsc::channel::<Bytes>(1);
     if feeds.send(feed).is_err() {
         return Ok(Response::new(Empty::new().boxed_unsync()));
@@ -58,9 +66,14 @@ async fn stream(
         let chunk = chunks.recv().await?;
         Some((Ok::<_, Infallible>(Frame::data(chunk)), chunks))
     });
-    Ok(Response::new(BodyExt::boxed_unsync(StreamBody::new(
-        frames,
-    ))))
+    let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
+    if let Some(left) = left {
+        let millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+        response
+            .headers_mut()
+            .insert(BUDGET_LEFT, HeaderValue::from(millis));
+    }
+    Ok(response)
 }
 
 /// Starts the protected server on `listener`; each response's body is fed by whoever receives from `feeds`.
@@ -124,7 +137,7 @@ pub(crate) fn client() -> (HttpService, AdaptiveHandle) {
     let propagate = PropagateDeadlineLayer::builder()
         .http()
         .build()
-        .expect("the default margin is valid");
+        .expect("the default header names are valid");
     let limiter = AdaptiveConcurrencyLayer::builder()
         .http()
         .build()
@@ -140,6 +153,21 @@ pub(crate) fn client() -> (HttpService, AdaptiveHandle) {
         .map_response(|response| response.map(BodyExt::boxed_unsync))
         .map_err(BoxError::from);
     (BoxCloneService::new(service), handle)
+}
+
+/// Sends a GET to `uri` through `client` under a deadline `budget` from now.
+///
+/// The call is made inside the deadline's scope: `PropagateDeadline` reads the deadline in `call`, so a call made
+/// before the scoped future (as an argument to `scope`) would find none and pass no budget on.
+pub(crate) async fn fetch(
+    client: &mut HttpService,
+    uri: &str,
+    budget: Duration,
+) -> Result<Response<ClientBody>, BoxError> {
+    let request = Request::get(uri).body(Empty::new())?;
+    Deadline::after(budget)
+        .scope(async move { client.ready().await?.call(request).await })
+        .await
 }
 
 /// Writes `count` chunks into `feed`, one every `every`, then ends the body.
@@ -170,12 +198,20 @@ async fn main() -> Result<(), BoxError> {
     println!("serving on http://{addr}/");
 
     let (mut client, client_limiter) = client();
-    let request = Request::get(format!("http://{addr}/")).body(Empty::new())?;
-    let response = Deadline::after(Duration::from_secs(5))
-        .scope(client.ready().await?.call(request))
-        .await?;
+    let response = fetch(
+        &mut client,
+        &format!("http://{addr}/"),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let left = response
+        .headers()
+        .get(BUDGET_LEFT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none");
     println!(
-        "status {}; the head has arrived, the body is streaming",
+        "status {}; the handler found {left} ms of the client's 5 s budget left (less the 5 ms margin and the trip); \
+         the head has arrived, the body is streaming",
         response.status()
     );
     let mut body = response.into_body();

@@ -104,3 +104,43 @@ async fn permits_are_released_when_the_client_drops_a_half_read_body() {
     })
     .await;
 }
+
+/// The budget the handler reported in the example's response header.
+fn budget_left(response: &http::Response<ex::ClientBody>) -> u64 {
+    response
+        .headers()
+        .get(ex::BUDGET_LEFT)
+        .expect("the handler runs under a deadline")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_clients_deadline_reaches_the_handler_less_the_margin() {
+    let (addr, _server, mut produced) = start().await;
+    let (mut client, _) = ex::client();
+    let uri = format!("http://{addr}/");
+
+    // The client's 5 s budget, less the default 5 ms margin, replaces the server's 30 s maximum.
+    let response = ex::fetch(&mut client, &uri, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let left = budget_left(&response);
+    assert!(left <= 4_995, "the handler found {left} ms left");
+    drop(produced.recv().await.unwrap());
+    assert!(response.into_body().collect().await.is_ok());
+
+    // Without a deadline the client passes none on and the server's maximum applies: the figure above came from
+    // the client. (The bound only fails if 25 s pass between the server's clock read and the handler's.)
+    let request = Request::get(&uri).body(Empty::<Bytes>::new()).unwrap();
+    let response = client.ready().await.unwrap().call(request).await.unwrap();
+    let left = budget_left(&response);
+    assert!(
+        (5_000..=30_000).contains(&left),
+        "the handler found {left} ms left"
+    );
+    drop(produced.recv().await.unwrap());
+}
