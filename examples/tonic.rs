@@ -266,7 +266,7 @@ impl Client {
             .grpc()
             .no_timeout_header()
             .build()
-            .expect("the default margin is valid");
+            .expect("the default header names are valid");
         let breaker = CircuitBreakerLayer::builder()
             .grpc()
             .build()

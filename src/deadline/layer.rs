@@ -434,7 +434,8 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
         self
     }
 
-    /// Write no millisecond timeout header.
+    /// Write no millisecond timeout header. With [`grpc_timeout(false)`](Self::grpc_timeout) as well, the layer
+    /// passes no budget on and only enforces the deadline locally (for a backend that reads no timeout header).
     #[must_use]
     pub fn no_timeout_header(mut self) -> Self {
         self.config.timeout_header = None;
@@ -493,7 +494,8 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
             .reject_mode(crate::core::GrpcMode)
     }
 
-    /// Checks the configuration (the header name).
+    /// Checks the configuration (the header name). Any margin is valid; one at least as large as a request's
+    /// remaining budget fails that request at once with deadline-exceeded.
     pub fn build(self) -> Result<PropagateDeadlineLayer<C, M, O>, ConfigError>
     where
         O: Observer,

@@ -46,7 +46,8 @@ impl<B: Default, E> RejectInvalid<http::Response<B>, E> for crate::core::GrpcMod
         );
         headers.insert(
             "grpc-message",
-            HeaderValue::from_static("invalid grpc-timeout"),
+            // The header may be `grpc-timeout` or the millisecond header, whichever was malformed.
+            HeaderValue::from_static("malformed timeout header"),
         );
         Ok(response)
     }
