@@ -31,6 +31,7 @@ use tower::util::BoxCloneService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_backpressure::adaptive::{AdaptiveConcurrencyLayer, AdaptiveHandle};
 use tower_backpressure::core::Deadline;
+use tower_backpressure::deadline::codec::encode_timeout_ms;
 use tower_backpressure::deadline::{DeadlineLayer, PropagateDeadlineLayer};
 use tower_backpressure::queue::{QueueHandle, QueueLayer};
 
@@ -68,10 +69,9 @@ async fn stream(
     });
     let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
     if let Some(left) = left {
-        let millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
         response
             .headers_mut()
-            .insert(BUDGET_LEFT, HeaderValue::from(millis));
+            .insert(BUDGET_LEFT, HeaderValue::from(encode_timeout_ms(left)));
     }
     Ok(response)
 }

@@ -266,7 +266,7 @@ impl Client {
             .grpc()
             .no_timeout_header()
             .build()
-            .expect("the default header names are valid");
+            .expect("with no millisecond header there is no header name to reject");
         let breaker = CircuitBreakerLayer::builder()
             .grpc()
             .build()

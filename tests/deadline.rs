@@ -1121,17 +1121,16 @@ async fn propagation_refuses_a_budget_the_headers_would_carry_as_zero() {
     }
     // A caller's own zero is kept (it is smaller than the budget), and refused the same way.
     let seen = Arc::new(Seen::default());
-    let client = PropagateDeadlineLayer::builder()
-        .http()
-        .build()
-        .unwrap()
-        .layer(recording(seen.clone(), Duration::ZERO));
+    let layer = PropagateDeadlineLayer::builder().http().build().unwrap();
+    let client = layer.layer(recording(seen.clone(), Duration::ZERO));
     let response = Deadline::after(Duration::from_secs(1))
         .scope(client.oneshot(request(&[("grpc-timeout", "0m")])))
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
+    let snapshot = layer.handle().snapshot();
+    assert_eq!((snapshot.rejected, snapshot.admitted), (1, 0));
 }
 
 #[tokio::test(start_paused = true)]

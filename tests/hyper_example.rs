@@ -118,18 +118,22 @@ fn budget_left(response: &http::Response<ex::ClientBody>) -> u64 {
 }
 
 #[tokio::test]
-async fn the_clients_deadline_reaches_the_handler_less_the_margin() {
+async fn the_clients_deadline_reaches_the_handler() {
     let (addr, _server, mut produced) = start().await;
     let (mut client, _) = ex::client();
     let uri = format!("http://{addr}/");
 
-    // The client's 5 s budget, less the default 5 ms margin, replaces the server's 30 s maximum.
+    // The client's 5 s budget, less the default 5 ms margin, replaces the server's 30 s maximum. (The margin
+    // itself is checked exactly, in paused time, by the multi-hop tests.)
     let response = ex::fetch(&mut client, &uri, Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
     let left = budget_left(&response);
-    assert!(left <= 4_995, "the handler found {left} ms left");
+    assert!(
+        (1_000..=4_995).contains(&left),
+        "the handler found {left} ms left"
+    );
     drop(produced.recv().await.unwrap());
     assert!(response.into_body().collect().await.is_ok());
 

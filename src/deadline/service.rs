@@ -367,16 +367,13 @@ where
         let budget = deadline
             .remaining_at(now)
             .saturating_sub(self.shared.config.margin);
-        if budget.is_zero() {
-            self.shared.rejected();
-            return PropagateFuture::rejected(self.mode.clone());
-        }
         let config = &self.shared.config;
         let sent = write_timeout(request.headers_mut(), config, budget);
         if sent.is_zero() {
-            // The headers would tell the next hop that its budget is spent (the millisecond header truncates a
-            // budget under a millisecond to 0; a caller may have set 0): as good as nothing left, so fail here
-            // and send nothing, rather than have the next hop refuse it on arrival.
+            // Nothing left after the margin, or the headers would tell the next hop that its budget is spent (the
+            // millisecond header truncates a budget under a millisecond to 0; a caller may have set 0): fail here
+            // and send nothing, rather than have the next hop refuse it on arrival. (`sent` is never more than
+            // `budget`.)
             self.shared.rejected();
             return PropagateFuture::rejected(self.mode.clone());
         }
