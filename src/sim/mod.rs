@@ -16,9 +16,10 @@
 //!   (`rps` → `rps_end`) or given per class (`class_rps`). Each request carries its class's priority in the
 //!   [`PRIORITY_HEADER`] header and, with `send_deadline`, its remaining budget in a `grpc-timeout` header
 //!   (milliseconds, `NNNm`); a [client-side](Stack::client_side) stack (`breaker`) is instead called with the
-//!   client's deadline current, as a handler calls it, and writes the header itself. The client gives up after its timeout; the server keeps working on the request
-//!   unless `cancel_on_timeout` (across a real network nobody tells it). Rejections and errors are retried at
-//!   once up to `retries` times within the same timeout.
+//!   client's deadline current, as a handler calls it, and writes the header itself. The client gives up after
+//!   its timeout; the server keeps working on the request unless `cancel_on_timeout` (across a real network
+//!   nobody tells it). Rejections and errors are retried at once up to `retries` times within the same
+//!   timeout.
 //! - **The stack under test** is any tower service over `http::Request<`[`SimBody`]`>` answering
 //!   `http::Response<`[`SimResponseBody`]`>`, boxed as a [`SimService`] (see [`boxed`]). The simulator reads
 //!   every response body to its end, so layers that hold a permit until the body is done release it as in
