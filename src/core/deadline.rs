@@ -198,8 +198,9 @@ impl Deadline {
     /// The deadline that applies to `request`: the earlier of the one in its extensions ([`Deadline::of`]) and
     /// [`Deadline::current`]. A service behind a [`DeadlineLayer`](crate::deadline::DeadlineLayer) finds the
     /// deadline here whether or not the layer stores it in the extensions (it does not by default); so does one
-    /// on another task, if the layer does. The HTTP and gRPC deadline layers and the queue's
-    /// [`HeaderPriority`](crate::queue::HeaderPriority) read it in `call`.
+    /// on another task, if the layer does. The HTTP and gRPC deadline layers, the queue's
+    /// [`HeaderPriority`](crate::queue::HeaderPriority) and the adaptive limiter's [`RequestDeadline`] read it in
+    /// `call`.
     #[cfg(feature = "http")]
     #[inline]
     pub fn find<B>(request: &http::Request<B>) -> Option<Deadline> {
@@ -294,6 +295,59 @@ impl<F> fmt::Debug for DeadlineScope<F> {
             .field("deadline", &self.deadline)
             .field("done", &self.future.is_none())
             .finish()
+    }
+}
+
+/// Where a layer that judges deadlines finds a request's deadline: the adaptive limiter's
+/// [`deadline_source`](crate::adaptive::AdaptiveConcurrencyBuilder::deadline_source).
+///
+/// - [`CurrentDeadline`] (the default, any request type): [`Deadline::current`], which a deadline layer outside
+///   sets around the inner `call`, as does [`Deadline::scope`] around a caller.
+/// - [`RequestDeadline`] (feature `http`, what the limiter's `.http()` and `.grpc()` pick): [`Deadline::find`],
+///   the earlier of the current deadline and one stored in the request's extensions. It also finds a deadline
+///   when the request was taken to another task before this `call` (behind tower's `Buffer`), where no scope is
+///   current, if the deadline layer stores it there
+///   ([`request_extension(true)`](crate::deadline::DeadlineLayerBuilder::request_extension)).
+/// - A closure `Fn(&Req) -> Option<Deadline>`. What it returns is the deadline: it replaces the current one rather
+///   than adding to it, so to keep a deadline layer's outside in force, take the earlier of the two (see the
+///   example on `deadline_source`).
+pub trait DeadlineSource<Req>: Clone + Send + Sync + 'static {
+    /// The deadline `request` must be answered by, if it has one.
+    fn deadline(&self, request: &Req) -> Option<Deadline>;
+}
+
+/// Reads [`Deadline::current`] for any request type: see [`DeadlineSource`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CurrentDeadline;
+
+impl<Req> DeadlineSource<Req> for CurrentDeadline {
+    #[inline(always)]
+    fn deadline(&self, _request: &Req) -> Option<Deadline> {
+        Deadline::current()
+    }
+}
+
+/// Reads [`Deadline::find`] for HTTP requests (the current deadline, or an earlier one in the extensions): see
+/// [`DeadlineSource`].
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestDeadline;
+
+#[cfg(feature = "http")]
+impl<B> DeadlineSource<http::Request<B>> for RequestDeadline {
+    #[inline(always)]
+    fn deadline(&self, request: &http::Request<B>) -> Option<Deadline> {
+        Deadline::find(request)
+    }
+}
+
+impl<F, Req> DeadlineSource<Req> for F
+where
+    F: Fn(&Req) -> Option<Deadline> + Clone + Send + Sync + 'static,
+{
+    #[inline]
+    fn deadline(&self, request: &Req) -> Option<Deadline> {
+        self(request)
     }
 }
 

@@ -34,7 +34,9 @@ mod http;
 mod metrics;
 
 pub use self::classify::{AnyOk, Classify};
-pub use self::deadline::{Deadline, DeadlineScope};
+#[cfg(feature = "http")]
+pub use self::deadline::RequestDeadline;
+pub use self::deadline::{CurrentDeadline, Deadline, DeadlineScope, DeadlineSource};
 pub use self::error::{BoxError, ConfigError};
 pub use self::future::ResponseFuture;
 pub use self::hint::WithRetryAfter;
