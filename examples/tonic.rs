@@ -36,9 +36,11 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status};
 use tower::ServiceBuilder;
-use tower_backpressure::adaptive::{AdaptiveConcurrency, AdaptiveConcurrencyLayer, AdaptiveHandle};
+use tower_backpressure::adaptive::{
+    AdaptiveConcurrency, AdaptiveConcurrencyLayer, AdaptiveHandle, NoBypass,
+};
 use tower_backpressure::breaker::{CircuitBreaker, CircuitBreakerLayer};
-use tower_backpressure::core::{Deadline, GrpcClassifier, GrpcMode};
+use tower_backpressure::core::{Deadline, GrpcClassifier, GrpcMode, RequestDeadline};
 use tower_backpressure::deadline::{DeadlineLayer, PropagateDeadline, PropagateDeadlineLayer};
 use tower_backpressure::queue::{QueueHandle, QueueLayer};
 use tower_backpressure::rate::{RateLimitHandle, RateLimitLayer};
@@ -239,7 +241,7 @@ pub(crate) fn serve(
 /// The client stack around a tonic channel.
 type ClientStack = PropagateDeadline<
     CircuitBreaker<
-        AdaptiveConcurrency<Channel, GrpcClassifier, GrpcMode>,
+        AdaptiveConcurrency<Channel, GrpcClassifier, GrpcMode, (), NoBypass, RequestDeadline>,
         GrpcClassifier,
         GrpcMode,
     >,

@@ -94,10 +94,11 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
     ) -> ServiceBuilder<Stack<QueueLayer<S, C, M, O, P>, L>>;
 
     /// Adds an [`AdaptiveConcurrencyLayer`].
-    fn adaptive_concurrency<C, M, O, B>(
+    #[allow(clippy::type_complexity)]
+    fn adaptive_concurrency<C, M, O, B, D>(
         self,
-        layer: AdaptiveConcurrencyLayer<C, M, O, B>,
-    ) -> ServiceBuilder<Stack<AdaptiveConcurrencyLayer<C, M, O, B>, L>>;
+        layer: AdaptiveConcurrencyLayer<C, M, O, B, D>,
+    ) -> ServiceBuilder<Stack<AdaptiveConcurrencyLayer<C, M, O, B, D>, L>>;
 
     /// Adds a [`CircuitBreakerLayer`]: on outbound stacks, inside the deadline propagation.
     fn circuit_breaker<C, M, O>(
@@ -144,10 +145,11 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(layer)
     }
 
-    fn adaptive_concurrency<C, M, O, B>(
+    #[allow(clippy::type_complexity)]
+    fn adaptive_concurrency<C, M, O, B, D>(
         self,
-        layer: AdaptiveConcurrencyLayer<C, M, O, B>,
-    ) -> ServiceBuilder<Stack<AdaptiveConcurrencyLayer<C, M, O, B>, L>> {
+        layer: AdaptiveConcurrencyLayer<C, M, O, B, D>,
+    ) -> ServiceBuilder<Stack<AdaptiveConcurrencyLayer<C, M, O, B, D>, L>> {
         self.layer(layer)
     }
 

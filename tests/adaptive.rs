@@ -374,11 +374,28 @@ mod http_mode {
         }
     }
 
+    /// Sends a request through `svc` and waits for the response.
+    async fn send<S>(svc: &mut S) -> S::Response
+    where
+        S: Service<http::Request<()>>,
+        S::Error: std::fmt::Debug,
+    {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap()
+    }
+
     fn http_layer(
         limit: usize,
     ) -> AdaptiveConcurrencyLayer<
         tower_backpressure::core::HttpStatus,
         tower_backpressure::core::HttpMode,
+        (),
+        tower_backpressure::adaptive::NoBypass,
+        tower_backpressure::core::RequestDeadline,
     > {
         AdaptiveConcurrencyLayer::builder()
             .initial_limit(limit)
@@ -390,13 +407,13 @@ mod http_mode {
     #[tokio::test(start_paused = true)]
     async fn limit_plus_first_request_gets_503() {
         let layer = http_layer(1);
-        let mut svc = layer.layer(service_fn(|_: ()| async {
+        let mut svc = layer.layer(service_fn(|_: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(Chunks(2)))
         }));
-        let first = svc.ready().await.unwrap().call(()).await.unwrap();
+        let first = send(&mut svc).await;
         // The body holds the permit until it is read to the end.
         assert_eq!(layer.handle().in_flight(), 1);
-        let second = svc.ready().await.unwrap().call(()).await.unwrap();
+        let second = send(&mut svc).await;
         assert_eq!(second.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         let bytes = first.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"xx");
@@ -407,17 +424,10 @@ mod http_mode {
     async fn dropped_half_read_body_releases_its_permit() {
         let layer = http_layer(4);
         let handle = layer.handle();
-        let mut svc = layer.layer(service_fn(|_: ()| async {
+        let mut svc = layer.layer(service_fn(|_: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(Chunks(3)))
         }));
-        let mut body = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(())
-            .await
-            .unwrap()
-            .into_body();
+        let mut body = send(&mut svc).await.into_body();
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"x"));
         assert_eq!(handle.in_flight(), 1);
@@ -433,11 +443,11 @@ mod http_mode {
             .grpc()
             .build()
             .unwrap();
-        let mut svc = layer.layer(service_fn(|_: ()| async {
+        let mut svc = layer.layer(service_fn(|_: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(Chunks(1)))
         }));
-        let _first = svc.ready().await.unwrap().call(()).await.unwrap();
-        let second = svc.ready().await.unwrap().call(()).await.unwrap();
+        let _first = send(&mut svc).await;
+        let second = send(&mut svc).await;
         assert_eq!(second.status(), http::StatusCode::OK);
         assert_eq!(second.headers()["grpc-status"], "14");
     }
@@ -702,19 +712,18 @@ fn request(grpc_timeout: Option<&'static str>) -> http::Request<String> {
     request
 }
 
-#[tokio::test(start_paused = true)]
-async fn behind_the_server_deadline_layer_a_doomed_request_answers_504_without_running() {
-    let limiter = quick().http().build().unwrap();
-    let handle = limiter.handle();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let mut svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::builder().http().build().unwrap())
-        .layer(limiter)
-        .service(counted::<_, http::Response<String>>(
-            calls.clone(),
-            Duration::from_millis(100),
-        ));
-    learn(&mut svc, &handle, Duration::from_millis(100), || {
+/// Teaches the limiter behind `handle` a service time of 100 ms through `svc`, then checks that a request arriving
+/// with 50 ms left is answered 504 by the limiter without running (the inner service counts its `calls`; a
+/// request timed out by the deadline layer would have run), and one with 150 ms left is served.
+async fn sheds_the_doomed_and_serves_the_rest<S, B>(
+    mut svc: S,
+    handle: &AdaptiveHandle,
+    calls: &AtomicUsize,
+) where
+    S: Service<http::Request<String>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    learn(&mut svc, handle, Duration::from_millis(100), || {
         request(Some("1S"))
     })
     .await;
@@ -726,6 +735,72 @@ async fn behind_the_server_deadline_layer_a_doomed_request_answers_504_without_r
     let call = svc.ready().await.unwrap().call(request(Some("150m")));
     assert_eq!(call.await.unwrap().status(), StatusCode::OK);
     assert_eq!(calls.load(Ordering::SeqCst), before + 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn behind_the_server_deadline_layer_a_doomed_request_answers_504_without_running() {
+    let limiter = quick().http().build().unwrap();
+    let handle = limiter.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::builder().http().build().unwrap())
+        .layer(limiter)
+        .service(counted::<_, http::Response<String>>(
+            calls.clone(),
+            Duration::from_millis(100),
+        ));
+    sheds_the_doomed_and_serves_the_rest(svc, &handle, &calls).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn behind_a_buffer_the_limiter_finds_the_deadline_in_the_request() {
+    let limiter = quick().http().build().unwrap();
+    let handle = limiter.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The limiter is called on the buffer's worker task, where the deadline layer's scope is not current: it
+    // finds the deadline only in the request's extensions, where the layer is built to store it.
+    let limited = limiter.layer(counted::<_, http::Response<String>>(
+        calls.clone(),
+        Duration::from_millis(100),
+    ));
+    let svc = DeadlineLayer::builder()
+        .http()
+        .request_extension(true)
+        .build()
+        .unwrap()
+        .layer(tower::buffer::Buffer::new(limited, 8));
+    sheds_the_doomed_and_serves_the_rest(svc, &handle, &calls).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_type_can_carry_its_own_deadline() {
+    #[derive(Clone, Copy)]
+    struct Job {
+        deadline: Option<Deadline>,
+    }
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .deadline_source(|job: &Job| job.deadline)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = layer.layer(counted::<Job, ()>(calls.clone(), Duration::ZERO));
+    let expired = Job {
+        deadline: Some(Deadline::at(Instant::now())),
+    };
+    let call = svc.ready().await.unwrap().call(expired);
+    assert!(call.await.unwrap_err().is::<DeadlineExceeded>());
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    // The source replaces the current deadline: an expired scope around the call is not read.
+    let call = Deadline::at(Instant::now()).scope(async {
+        let later = Job {
+            deadline: Some(Deadline::after(Duration::from_secs(1))),
+        };
+        svc.ready().await.unwrap().call(later).await
+    });
+    call.await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.snapshot().rejected_deadline, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -86,6 +86,7 @@ impl AdaptiveHandle {
     pub fn snapshot(&self) -> AdaptiveSnapshot {
         let core = self.shared.core();
         let algorithm = core.lock_updater().algorithm.name();
+        let rejected_deadline = core.rejected_deadline.load(Ordering::Relaxed);
         AdaptiveSnapshot {
             limit: self.limit(),
             in_flight: self.in_flight(),
@@ -93,8 +94,8 @@ impl AdaptiveHandle {
             max_limit: core.max_limit.load(Ordering::Relaxed),
             algorithm,
             expected_latency: self.expected_latency(),
-            rejected: core.rejected.load(Ordering::Relaxed),
-            rejected_deadline: core.rejected_deadline.load(Ordering::Relaxed),
+            rejected: rejected_deadline + core.rejected_overloaded.load(Ordering::Relaxed),
+            rejected_deadline,
             windows: core.windows.load(Ordering::Relaxed),
             timed_one_in: core.timing_mask() + 1,
         }

@@ -36,7 +36,9 @@
 //! A request whose [`Deadline`](crate::core::Deadline) is current when `call` runs (set by a
 //! [`DeadlineLayer`](crate::deadline::DeadlineLayer) or
 //! [`PropagateDeadlineLayer`](crate::deadline::PropagateDeadlineLayer) outside, or by
-//! [`Deadline::scope`](crate::core::Deadline::scope) around the caller) is refused at once with
+//! [`Deadline::scope`](crate::core::Deadline::scope) around the caller), or, with the builder's `http()` or
+//! `grpc()`, stored in its extensions (a deadline layer built with `request_extension(true)` above a tower
+//! `Buffer`, whose worker task calls this layer outside the deadline's scope), is refused at once with
 //! [`Reason::DeadlineExceeded`](crate::core::Reason::DeadlineExceeded) (504, gRPC DEADLINE_EXCEEDED, or
 //! [`DeadlineExceeded`](crate::core::error::DeadlineExceeded)) when its remaining budget is no more than the
 //! service time the limiter expects ([`AdaptiveHandle::expected_latency`], an average of recent windows' mean
@@ -46,8 +48,10 @@
 //! answer would arrive after the caller gave up. Inside a deadline layer's `call` the check uses that layer's
 //! clock reading instead of reading the clock again (so behind a queue, a request the queue admits at once is
 //! judged twice at one reading; one that waited in the queue costs a clock read). Bypassed requests are not
-//! judged. Without a current deadline the check is one thread-local read. [`AdaptiveSnapshot::rejected_deadline`] counts these
-//! refusals.
+//! judged. Without a current deadline the check is one thread-local read (and, in HTTP and gRPC mode, a look
+//! at the request's extensions). [`deadline_source`](AdaptiveConcurrencyBuilder::deadline_source) reads the
+//! deadline instead from elsewhere, such as a field of your own request type.
+//! [`AdaptiveSnapshot::rejected_deadline`] counts these refusals.
 //!
 //! # Cost
 //!

@@ -8,8 +8,8 @@ use tower_service::Service;
 
 use super::state::{Shared, UNTIMED};
 use crate::core::{
-    observer, AnyOk, Classify, Deadline, ErrorMode, Event, Instance, Observer, Permit, Reason,
-    RejectMode, Rejection, ResponseFuture,
+    observer, AnyOk, Classify, CurrentDeadline, Deadline, DeadlineSource, ErrorMode, Event,
+    Instance, Observer, Permit, Reason, RejectMode, Rejection, ResponseFuture,
 };
 
 /// Decides which requests skip the limiter (health checks, metrics scrapes). Implemented by [`NoBypass`] and
@@ -44,21 +44,30 @@ where
 /// [`AdaptiveConcurrencyLayer`](super::AdaptiveConcurrencyLayer).
 ///
 /// Clones share one limit and one in-flight count.
-pub struct AdaptiveConcurrency<S, C = AnyOk, M = ErrorMode, O = (), B = NoBypass> {
+pub struct AdaptiveConcurrency<
+    S,
+    C = AnyOk,
+    M = ErrorMode,
+    O = (),
+    B = NoBypass,
+    D = CurrentDeadline,
+> {
     inner: S,
     shared: Instance<Shared<O>>,
     classify: C,
     mode: M,
     bypass: B,
+    deadline: D,
 }
 
-impl<S, C, M, O, B> AdaptiveConcurrency<S, C, M, O, B> {
+impl<S, C, M, O, B, D> AdaptiveConcurrency<S, C, M, O, B, D> {
     pub(crate) fn new(
         inner: S,
         shared: Instance<Shared<O>>,
         classify: C,
         mode: M,
         bypass: B,
+        deadline: D,
     ) -> Self {
         AdaptiveConcurrency {
             inner,
@@ -66,6 +75,7 @@ impl<S, C, M, O, B> AdaptiveConcurrency<S, C, M, O, B> {
             classify,
             mode,
             bypass,
+            deadline,
         }
     }
 
@@ -85,7 +95,9 @@ impl<S, C, M, O, B> AdaptiveConcurrency<S, C, M, O, B> {
     }
 }
 
-impl<S: Clone, C: Clone, M: Clone, O, B: Clone> Clone for AdaptiveConcurrency<S, C, M, O, B> {
+impl<S: Clone, C: Clone, M: Clone, O, B: Clone, D: Clone> Clone
+    for AdaptiveConcurrency<S, C, M, O, B, D>
+{
     fn clone(&self) -> Self {
         AdaptiveConcurrency {
             inner: self.inner.clone(),
@@ -93,11 +105,12 @@ impl<S: Clone, C: Clone, M: Clone, O, B: Clone> Clone for AdaptiveConcurrency<S,
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             bypass: self.bypass.clone(),
+            deadline: self.deadline.clone(),
         }
     }
 }
 
-impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
+impl<S, C, M: Clone, O: Observer, B, D> AdaptiveConcurrency<S, C, M, O, B, D> {
     /// Takes a permit, or `None` when the limit is reached.
     #[inline]
     fn admit(&mut self) -> Option<Permit> {
@@ -130,9 +143,9 @@ impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
     #[cold]
     #[inline(never)]
     fn rejected<F, Cl>(&self, reason: Reason) -> ResponseFuture<F, Cl, M> {
+        // A refusal at the limit was counted when the limit was found reached.
         if reason == Reason::DeadlineExceeded {
             let core = &self.shared.core;
-            core.rejected.fetch_add(1, Ordering::Relaxed);
             core.rejected_deadline.fetch_add(1, Ordering::Relaxed);
         }
         self.shared.observer.on_event(&Event::Rejected {
@@ -144,13 +157,14 @@ impl<S, C, M: Clone, O: Observer, B> AdaptiveConcurrency<S, C, M, O, B> {
     }
 }
 
-impl<S, C, M, O, B, Req> Service<Req> for AdaptiveConcurrency<S, C, M, O, B>
+impl<S, C, M, O, B, D, Req> Service<Req> for AdaptiveConcurrency<S, C, M, O, B, D>
 where
     S: Service<Req>,
     C: Classify<S::Response, S::Error>,
     M: RejectMode<C::Response, S::Error>,
     O: Observer,
     B: Bypass<Req>,
+    D: DeadlineSource<Req>,
 {
     type Response = C::Response;
     type Error = M::Error;
@@ -168,9 +182,13 @@ where
             None
         } else {
             // A request that cannot finish before its deadline takes no permit: it would only hold one, and the
-            // backend's time, for an answer nobody waits for. Without a current deadline this is one
-            // thread-local read.
-            if Deadline::current().is_some_and(|deadline| self.doomed(deadline)) {
+            // backend's time, for an answer nobody waits for. Without a deadline this is one thread-local read
+            // (and, for an HTTP request, a look at its extensions).
+            if self
+                .deadline
+                .deadline(&request)
+                .is_some_and(|deadline| self.doomed(deadline))
+            {
                 return self.rejected(Reason::DeadlineExceeded);
             }
             match self.admit() {
@@ -190,7 +208,7 @@ where
     }
 }
 
-impl<S: fmt::Debug, C, M, O, B> fmt::Debug for AdaptiveConcurrency<S, C, M, O, B> {
+impl<S: fmt::Debug, C, M, O, B, D> fmt::Debug for AdaptiveConcurrency<S, C, M, O, B, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdaptiveConcurrency")
             .field("inner", &self.inner)

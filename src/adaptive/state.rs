@@ -36,8 +36,9 @@ pub(crate) struct Core {
     thin_timing: bool,
     pub(crate) min_limit: AtomicUsize,
     pub(crate) max_limit: AtomicUsize,
-    pub(crate) rejected: AtomicU64,
-    /// Of `rejected`, those refused because their deadline could not be met.
+    /// Requests refused at the limit.
+    pub(crate) rejected_overloaded: AtomicU64,
+    /// Requests refused because their deadline could not be met (counted by the service, which judges them).
     pub(crate) rejected_deadline: AtomicU64,
     pub(crate) windows: AtomicU64,
     /// Exponential average of window mean latencies, in nanoseconds; 0 until the first window.
@@ -113,7 +114,7 @@ impl Core {
             thin_timing: true,
             min_limit: AtomicUsize::new(config.min),
             max_limit: AtomicUsize::new(config.max),
-            rejected: AtomicU64::new(0),
+            rejected_overloaded: AtomicU64::new(0),
             rejected_deadline: AtomicU64::new(0),
             windows: AtomicU64::new(0),
             expected_latency: AtomicU64::new(0),
@@ -239,7 +240,7 @@ impl Core {
                 continue;
             }
             if before >= limit {
-                self.rejected.fetch_add(1, Ordering::Relaxed);
+                self.rejected_overloaded.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
             let batch = batch(limit);
