@@ -88,10 +88,10 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
     /// Adds a [`QueueLayer`]; give it an [`AdaptiveHandle`](crate::adaptive::AdaptiveHandle) as its limit to
     /// queue in front of an adaptive limit.
     #[allow(clippy::type_complexity)]
-    fn queue<S, C, M, O, P>(
+    fn queue<S, C, M, O, P, D>(
         self,
-        layer: QueueLayer<S, C, M, O, P>,
-    ) -> ServiceBuilder<Stack<QueueLayer<S, C, M, O, P>, L>>;
+        layer: QueueLayer<S, C, M, O, P, D>,
+    ) -> ServiceBuilder<Stack<QueueLayer<S, C, M, O, P, D>, L>>;
 
     /// Adds an [`AdaptiveConcurrencyLayer`].
     #[allow(clippy::type_complexity)]
@@ -138,10 +138,10 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     }
 
     #[allow(clippy::type_complexity)]
-    fn queue<S, C, M, O, P>(
+    fn queue<S, C, M, O, P, D>(
         self,
-        layer: QueueLayer<S, C, M, O, P>,
-    ) -> ServiceBuilder<Stack<QueueLayer<S, C, M, O, P>, L>> {
+        layer: QueueLayer<S, C, M, O, P, D>,
+    ) -> ServiceBuilder<Stack<QueueLayer<S, C, M, O, P, D>, L>> {
         self.layer(layer)
     }
 

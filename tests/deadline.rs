@@ -504,10 +504,11 @@ impl tower_backpressure::core::LimitSource for Expecting {
 
 #[tokio::test(start_paused = true)]
 async fn a_queue_inside_sheds_what_cannot_finish_whichever_way_it_reads_the_deadline() {
-    use tower_backpressure::queue::{HeaderPriority, QueueLayer};
+    use tower_backpressure::core::RequestDeadline;
+    use tower_backpressure::queue::QueueLayer;
 
-    // A generic queue reads only the current deadline, an HTTP one the extension too; with the extension stored
-    // or not, both must see 10 ms left for 20 ms of work and refuse before the handler runs.
+    // The default source reads only the current deadline, `RequestDeadline` the extension too; with the extension
+    // stored or not, both must see 10 ms left for 20 ms of work and refuse before the handler runs.
     for (http_queue, store) in [(false, true), (false, false), (true, true), (true, false)] {
         let seen = Arc::new(Seen::default());
         let queue = QueueLayer::builder().limit(Expecting(Duration::from_millis(20)));
@@ -515,7 +516,7 @@ async fn a_queue_inside_sheds_what_cannot_finish_whichever_way_it_reads_the_dead
         let inner = if http_queue {
             tower::util::BoxCloneService::new(
                 queue
-                    .prioritize(HeaderPriority::default())
+                    .deadline_source(RequestDeadline)
                     .build()
                     .unwrap()
                     .layer(inner),
@@ -542,6 +543,51 @@ async fn a_queue_inside_sheds_what_cannot_finish_whichever_way_it_reads_the_dead
         );
         assert_eq!(start.elapsed(), Duration::ZERO, "{case}");
         assert_eq!(seen.calls.load(Ordering::SeqCst), 0, "{case}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn behind_a_buffer_an_http_queue_finds_the_deadline_in_the_request() {
+    use tower_backpressure::queue::QueueLayer;
+
+    // The queue is called on the buffer's worker task, where the deadline layer's scope is not current: it finds
+    // the deadline only in the request's extensions, where the layer is built to store it, and only through the
+    // source `.http()` picks. With the default source it lets the doomed request run (into the layer's timer).
+    for (request_source, store) in [(true, true), (false, true), (true, false)] {
+        let seen = Arc::new(Seen::default());
+        let queue = QueueLayer::builder()
+            .limit(Expecting(Duration::from_millis(20)))
+            .http();
+        let inner = recording(seen.clone(), Duration::from_millis(20));
+        let queued = if request_source {
+            tower::util::BoxCloneService::new(queue.build().unwrap().layer(inner))
+        } else {
+            let queue = queue.deadline_source(tower_backpressure::core::CurrentDeadline);
+            tower::util::BoxCloneService::new(queue.build().unwrap().layer(inner))
+        };
+        let mut svc = DeadlineLayer::builder()
+            .http()
+            .request_extension(store)
+            .build()
+            .unwrap()
+            .layer(tower::buffer::Buffer::new(queued, 8));
+        let case = format!("request source: {request_source}, extension: {store}");
+        let start = Instant::now();
+        let doomed = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(&[("x-request-timeout-ms", "10")]))
+            .await
+            .unwrap();
+        assert_eq!(doomed.status(), StatusCode::GATEWAY_TIMEOUT, "{case}");
+        let refused = seen.calls.load(Ordering::SeqCst) == 0;
+        assert_eq!(refused, request_source && store, "{case}");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(if refused { 0 } else { 10 }),
+            "{case}"
+        );
     }
 }
 

@@ -350,6 +350,83 @@ impl LimitSource for Live {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_request_type_can_carry_its_own_priority_and_deadline() {
+    #[derive(Clone, Copy)]
+    struct Job {
+        id: u64,
+        priority: Priority,
+        deadline: Option<Deadline>,
+    }
+    let layer = QueueLayer::builder()
+        .limit(Live {
+            limit: Arc::new(AtomicUsize::new(1)),
+            expected_ms: Arc::new(AtomicUsize::new(20)),
+        })
+        .codel(false)
+        .adaptive_lifo(false)
+        .max_wait(Duration::from_secs(5))
+        .prioritize(|job: &Job| job.priority)
+        .deadline_source(|job: &Job| job.deadline)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let log = Log::default();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .map_request(|job: Job| job.id)
+        .service(sleeper(log.clone(), 20));
+    let job = |id, priority, left: Option<Duration>| Job {
+        id,
+        priority,
+        deadline: left.map(Deadline::after),
+    };
+    // 10 ms left for 20 ms of work: refused on arrival, though a slot is free.
+    let doomed = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(job(0, Priority::Critical, Some(MS * 10)))
+        .await;
+    assert!(
+        matches!(&doomed, Err(e) if e.is::<DeadlineExceeded>()),
+        "{doomed:?}"
+    );
+    let running = tokio::spawn(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(job(1, Priority::Critical, None)),
+    );
+    // Both wait for the running one; the critical one is served first, though it came second.
+    let low = tokio::spawn(svc.ready().await.unwrap().call(job(
+        2,
+        Priority::Sheddable,
+        Some(Duration::from_secs(1)),
+    )));
+    let high = tokio::spawn(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(job(3, Priority::Critical, None)),
+    );
+    running.await.unwrap().unwrap();
+    high.await.unwrap().unwrap();
+    low.await.unwrap().unwrap();
+    // The source replaces the current deadline: an expired scope around the call is not read.
+    let unread = Deadline::at(Instant::now()).scope(async {
+        let call = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(job(4, Priority::Critical, None));
+        call.await
+    });
+    assert_eq!(unread.await.unwrap(), 4);
+    assert_eq!(*log.lock().unwrap(), vec![1, 3, 2, 4]);
+    assert_eq!(handle.snapshot().rejected_deadline, 1);
+}
+
 #[cfg(feature = "http")]
 mod http_requests {
     use super::*;
@@ -394,7 +471,8 @@ mod http_requests {
             })
             .codel(false)
             .max_wait(Duration::from_secs(5))
-            .prioritize(tower_backpressure::queue::HeaderPriority::default())
+            // The deadlines are in the requests' extensions, which only this source reads.
+            .deadline_source(tower_backpressure::core::RequestDeadline)
             .build()
             .unwrap();
         let handle = layer.handle();

@@ -198,9 +198,8 @@ impl Deadline {
     /// The deadline that applies to `request`: the earlier of the one in its extensions ([`Deadline::of`]) and
     /// [`Deadline::current`]. A service behind a [`DeadlineLayer`](crate::deadline::DeadlineLayer) finds the
     /// deadline here whether or not the layer stores it in the extensions (it does not by default); so does one
-    /// on another task, if the layer does. The HTTP and gRPC deadline layers, the queue's
-    /// [`HeaderPriority`](crate::queue::HeaderPriority) and the adaptive limiter's [`RequestDeadline`] read it in
-    /// `call`.
+    /// on another task, if the layer does. The HTTP and gRPC deadline layers read it in `call`, and so do the
+    /// queue and the adaptive limiter through [`RequestDeadline`].
     #[cfg(feature = "http")]
     #[inline]
     pub fn find<B>(request: &http::Request<B>) -> Option<Deadline> {
@@ -299,11 +298,12 @@ impl<F> fmt::Debug for DeadlineScope<F> {
 }
 
 /// Where a layer that judges deadlines finds a request's deadline: the adaptive limiter's
-/// [`deadline_source`](crate::adaptive::AdaptiveConcurrencyBuilder::deadline_source).
+/// [`deadline_source`](crate::adaptive::AdaptiveConcurrencyBuilder::deadline_source) and the queue's
+/// [`deadline_source`](crate::queue::QueueBuilder::deadline_source).
 ///
 /// - [`CurrentDeadline`] (the default, any request type): [`Deadline::current`], which a deadline layer outside
 ///   sets around the inner `call`, as does [`Deadline::scope`] around a caller.
-/// - [`RequestDeadline`] (feature `http`, what the limiter's `.http()` and `.grpc()` pick): [`Deadline::find`],
+/// - [`RequestDeadline`] (feature `http`, what both layers' `.http()` and `.grpc()` pick): [`Deadline::find`],
 ///   the earlier of the current deadline and one stored in the request's extensions. It also finds a deadline
 ///   when the request was taken to another task before this `call` (behind tower's `Buffer`), where no scope is
 ///   current, if the deadline layer stores it there

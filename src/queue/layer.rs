@@ -5,18 +5,20 @@ use tower_layer::Layer;
 
 use super::shared::{Config, Shared};
 use super::{Queue, QueueHandle, Uniform};
-use crate::core::{AnyOk, ConfigError, ErrorMode, LimitSource, Observer, Owner};
+use crate::core::{AnyOk, ConfigError, CurrentDeadline, ErrorMode, LimitSource, Observer, Owner};
 
 const NAME: &str = "queue";
 
 /// Puts a bounded, managed wait queue in front of a concurrency limit. See the [module docs](super).
 ///
 /// Every service this layer builds shares the one limit and queue of the layer.
-pub struct QueueLayer<L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
+pub struct QueueLayer<L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform, D = CurrentDeadline>
+{
     shared: Owner<Shared<L, O>>,
     classify: C,
     mode: M,
     prioritize: P,
+    deadline: D,
 }
 
 impl QueueLayer {
@@ -38,19 +40,20 @@ impl QueueLayer {
             mode: ErrorMode,
             observer: (),
             prioritize: Uniform::default(),
+            deadline: CurrentDeadline,
         }
     }
 }
 
-impl<L: LimitSource, C, M, O: Observer, P> QueueLayer<L, C, M, O, P> {
+impl<L: LimitSource, C, M, O: Observer, P, D> QueueLayer<L, C, M, O, P, D> {
     /// A cheap, cloneable handle on the layer's shared state.
     pub fn handle(&self) -> QueueHandle {
         QueueHandle::new(self.shared.arc().clone())
     }
 }
 
-impl<S, L, C: Clone, M: Clone, O, P: Clone> Layer<S> for QueueLayer<L, C, M, O, P> {
-    type Service = Queue<S, L, C, M, O, P>;
+impl<S, L, C: Clone, M: Clone, O, P: Clone, D: Clone> Layer<S> for QueueLayer<L, C, M, O, P, D> {
+    type Service = Queue<S, L, C, M, O, P, D>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Queue::new(
@@ -59,22 +62,24 @@ impl<S, L, C: Clone, M: Clone, O, P: Clone> Layer<S> for QueueLayer<L, C, M, O, 
             self.classify.clone(),
             self.mode.clone(),
             self.prioritize.clone(),
+            self.deadline.clone(),
         )
     }
 }
 
-impl<L, C: Clone, M: Clone, O, P: Clone> Clone for QueueLayer<L, C, M, O, P> {
+impl<L, C: Clone, M: Clone, O, P: Clone, D: Clone> Clone for QueueLayer<L, C, M, O, P, D> {
     fn clone(&self) -> Self {
         QueueLayer {
             shared: self.shared.clone(),
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             prioritize: self.prioritize.clone(),
+            deadline: self.deadline.clone(),
         }
     }
 }
 
-impl<L, C, M, O, P> fmt::Debug for QueueLayer<L, C, M, O, P> {
+impl<L, C, M, O, P, D> fmt::Debug for QueueLayer<L, C, M, O, P, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueueLayer").finish_non_exhaustive()
     }
@@ -96,13 +101,21 @@ impl<L, C, M, O, P> fmt::Debug for QueueLayer<L, C, M, O, P> {
 /// assert!(QueueLayer::builder().build().is_err()); // no limit
 /// ```
 #[must_use]
-pub struct QueueBuilder<L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
+pub struct QueueBuilder<
+    L = usize,
+    C = AnyOk,
+    M = ErrorMode,
+    O = (),
+    P = Uniform,
+    D = CurrentDeadline,
+> {
     limit: Option<L>,
     settings: Settings,
     classify: C,
     mode: M,
     observer: O,
     prioritize: P,
+    deadline: D,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,7 +129,7 @@ struct Settings {
     critical_reserve: f64,
 }
 
-impl<L, C, M, O, P> fmt::Debug for QueueBuilder<L, C, M, O, P> {
+impl<L, C, M, O, P, D> fmt::Debug for QueueBuilder<L, C, M, O, P, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueueBuilder")
             .field("limit_set", &self.limit.is_some())
@@ -125,10 +138,10 @@ impl<L, C, M, O, P> fmt::Debug for QueueBuilder<L, C, M, O, P> {
     }
 }
 
-impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
+impl<L, C, M, O, P, D> QueueBuilder<L, C, M, O, P, D> {
     /// The concurrency limit: a fixed number, or any [`LimitSource`] such as an adaptive limiter's handle, read
     /// live on every arrival and release (so a raised limit is used at the next one). Required.
-    pub fn limit<L2: LimitSource>(self, limit: L2) -> QueueBuilder<L2, C, M, O, P> {
+    pub fn limit<L2: LimitSource>(self, limit: L2) -> QueueBuilder<L2, C, M, O, P, D> {
         QueueBuilder {
             limit: Some(limit),
             settings: self.settings,
@@ -136,6 +149,7 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
             mode: self.mode,
             observer: self.observer,
             prioritize: self.prioritize,
+            deadline: self.deadline,
         }
     }
 
@@ -191,7 +205,7 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
     }
 
     /// How results are classified into outcomes (default [`AnyOk`]).
-    pub fn classifier<C2>(self, classify: C2) -> QueueBuilder<L, C2, M, O, P> {
+    pub fn classifier<C2>(self, classify: C2) -> QueueBuilder<L, C2, M, O, P, D> {
         QueueBuilder {
             limit: self.limit,
             settings: self.settings,
@@ -199,11 +213,12 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
             mode: self.mode,
             observer: self.observer,
             prioritize: self.prioritize,
+            deadline: self.deadline,
         }
     }
 
     /// How rejections leave the layer (default [`ErrorMode`]).
-    pub fn reject_mode<M2>(self, mode: M2) -> QueueBuilder<L, C, M2, O, P> {
+    pub fn reject_mode<M2>(self, mode: M2) -> QueueBuilder<L, C, M2, O, P, D> {
         QueueBuilder {
             limit: self.limit,
             settings: self.settings,
@@ -211,11 +226,12 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
             mode,
             observer: self.observer,
             prioritize: self.prioritize,
+            deadline: self.deadline,
         }
     }
 
     /// Who hears the layer's events (default `()`, nothing).
-    pub fn observer<O2: Observer>(self, observer: O2) -> QueueBuilder<L, C, M, O2, P> {
+    pub fn observer<O2: Observer>(self, observer: O2) -> QueueBuilder<L, C, M, O2, P, D> {
         QueueBuilder {
             limit: self.limit,
             settings: self.settings,
@@ -223,12 +239,13 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
             mode: self.mode,
             observer,
             prioritize: self.prioritize,
+            deadline: self.deadline,
         }
     }
 
-    /// How a request's priority and deadline are read (default [`Uniform`]: all critical, task-local deadline).
-    /// A closure `Fn(&Req) -> Priority` works.
-    pub fn prioritize<P2>(self, prioritize: P2) -> QueueBuilder<L, C, M, O, P2> {
+    /// How a request's priority is read (default [`Uniform`]: all critical). A closure `Fn(&Req) -> Priority`
+    /// works. Where its deadline is found is [`QueueBuilder::deadline_source`]'s.
+    pub fn prioritize<P2>(self, prioritize: P2) -> QueueBuilder<L, C, M, O, P2, D> {
         QueueBuilder {
             limit: self.limit,
             settings: self.settings,
@@ -236,6 +253,7 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
             mode: self.mode,
             observer: self.observer,
             prioritize,
+            deadline: self.deadline,
         }
     }
 
@@ -244,44 +262,100 @@ impl<L, C, M, O, P> QueueBuilder<L, C, M, O, P> {
     pub fn priority_header(
         self,
         header: http::HeaderName,
-    ) -> QueueBuilder<L, C, M, O, super::HeaderPriority> {
+    ) -> QueueBuilder<L, C, M, O, super::HeaderPriority, D> {
         self.prioritize(super::HeaderPriority::new(header))
+    }
+
+    /// Where the queue finds a request's deadline, to refuse a request that cannot finish before it on arrival,
+    /// while it waits and at dequeue. The default, [`CurrentDeadline`], reads
+    /// [`Deadline::current`](crate::core::Deadline::current) and works for any request type;
+    /// [`RequestDeadline`](crate::core::RequestDeadline) (which [`http`](Self::http) and [`grpc`](Self::grpc)
+    /// pick) also reads one stored in an HTTP request's extensions; a closure `Fn(&Req) -> Option<Deadline>`
+    /// reads it from wherever else it is (what it returns replaces the current deadline). The adaptive limiter
+    /// takes the same sources. Call it after `http` or `grpc` to keep another source.
+    ///
+    /// ```
+    /// use tower_backpressure::core::Deadline;
+    /// use tower_backpressure::queue::{Priority, QueueLayer};
+    ///
+    /// // A request type that carries its own priority and deadline.
+    /// struct Job {
+    ///     priority: Priority,
+    ///     deadline: Option<Deadline>,
+    /// }
+    ///
+    /// let layer = QueueLayer::builder()
+    ///     .limit(8)
+    ///     .prioritize(|job: &Job| job.priority)
+    ///     // The job's deadline, or the current one if that is earlier.
+    ///     .deadline_source(|job: &Job| job.deadline.into_iter().chain(Deadline::current()).min())
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// ```
+    pub fn deadline_source<D2>(self, deadline: D2) -> QueueBuilder<L, C, M, O, P, D2> {
+        QueueBuilder {
+            limit: self.limit,
+            settings: self.settings,
+            classify: self.classify,
+            mode: self.mode,
+            observer: self.observer,
+            prioritize: self.prioritize,
+            deadline,
+        }
     }
 
     /// HTTP services: [`HttpStatus`](crate::core::HttpStatus) classification (permit held until the body ends),
     /// [`HttpMode`](crate::core::HttpMode) rejections (503/504 responses), priorities from the `x-priority`
-    /// header and deadlines from [`Deadline::find`](crate::core::Deadline::find): the current one, or one stored
-    /// in the request's extensions ([`HeaderPriority::default`](super::HeaderPriority)).
-    /// Call it before [`QueueBuilder::prioritize`] to read priorities another way.
+    /// header ([`HeaderPriority::default`](super::HeaderPriority)) and deadlines from
+    /// [`RequestDeadline`](crate::core::RequestDeadline): the current one, or one stored in the request's
+    /// extensions. Call it before [`QueueBuilder::prioritize`] or [`QueueBuilder::deadline_source`] to read
+    /// priorities or deadlines another way.
     #[cfg(feature = "http")]
+    #[allow(clippy::type_complexity)]
     pub fn http(
         self,
-    ) -> QueueBuilder<L, crate::core::HttpStatus, crate::core::HttpMode, O, super::HeaderPriority>
-    {
+    ) -> QueueBuilder<
+        L,
+        crate::core::HttpStatus,
+        crate::core::HttpMode,
+        O,
+        super::HeaderPriority,
+        crate::core::RequestDeadline,
+    > {
         self.classifier(crate::core::HttpStatus::default())
             .reject_mode(crate::core::HttpMode)
             .prioritize(super::HeaderPriority::default())
+            .deadline_source(crate::core::RequestDeadline)
     }
 
     /// gRPC services: [`GrpcClassifier`](crate::core::GrpcClassifier), [`GrpcMode`](crate::core::GrpcMode)
     /// trailers-only rejections, priorities and deadlines as for [`QueueBuilder::http`].
     #[cfg(feature = "grpc")]
+    #[allow(clippy::type_complexity)]
     pub fn grpc(
         self,
-    ) -> QueueBuilder<L, crate::core::GrpcClassifier, crate::core::GrpcMode, O, super::HeaderPriority>
-    {
+    ) -> QueueBuilder<
+        L,
+        crate::core::GrpcClassifier,
+        crate::core::GrpcMode,
+        O,
+        super::HeaderPriority,
+        crate::core::RequestDeadline,
+    > {
         self.classifier(crate::core::GrpcClassifier::default())
             .reject_mode(crate::core::GrpcMode)
             .prioritize(super::HeaderPriority::default())
+            .deadline_source(crate::core::RequestDeadline)
     }
 }
 
-impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
+impl<L: LimitSource, C, M, O: Observer, P, D> QueueBuilder<L, C, M, O, P, D> {
     /// Validates and builds the layer.
     ///
     /// Errors: no limit set, or a limit of 0 (nothing could ever be admitted); a zero `max_wait`; a zero CoDel
     /// target or interval, or a target not below the interval; a reserve outside `[0, 1)`.
-    pub fn build(self) -> Result<QueueLayer<L, C, M, O, P>, ConfigError> {
+    pub fn build(self) -> Result<QueueLayer<L, C, M, O, P, D>, ConfigError> {
         let s = self.settings;
         let limit = match self.limit {
             Some(limit) => limit,
@@ -359,6 +433,7 @@ impl<L: LimitSource, C, M, O: Observer, P> QueueBuilder<L, C, M, O, P> {
             classify: self.classify,
             mode: self.mode,
             prioritize: self.prioritize,
+            deadline: self.deadline,
         })
     }
 }

@@ -1,9 +1,7 @@
-//! Request priority: the four criticality levels and how a request's level (and deadline) is read.
+//! Request priority: the four criticality levels and how a request's level is read.
 
 use std::fmt;
 use std::str::FromStr;
-
-use crate::core::Deadline;
 
 /// How important a request is, from most to least (the criticality levels of Google's SRE book).
 ///
@@ -102,23 +100,20 @@ impl FromStr for Priority {
     }
 }
 
-/// Reads what the queue needs to know about a request: its priority and its deadline.
+/// Reads a request's priority for the queue.
 ///
-/// - [`Uniform`] (the default): every request is [`Priority::DEFAULT`]; the deadline is [`Deadline::current`],
-///   which a deadline layer outside this one sets around this layer's `call`. For generic requests.
+/// - [`Uniform`] (the default): every request is [`Priority::DEFAULT`]. For generic requests.
 /// - [`HeaderPriority`] (feature `http`, set by the builder's `.http()`/`.grpc()`/`.priority_header(..)`): a
-///   [`Priority`] request extension, else the priority header (`x-priority` by default), else an optional
-///   user extractor over the request's extensions; the deadline from [`Deadline::find`] (the earlier of the
-///   request's [`Deadline`] extension and the current one).
-/// - A closure `Fn(&Req) -> Priority`; the deadline is [`Deadline::current`] as for [`Uniform`].
+///   [`Priority`] request extension, else an optional user extractor over the request's extensions, else the
+///   priority header (`x-priority` by default).
+/// - A closure `Fn(&Req) -> Priority`.
+///
+/// Where the queue finds a request's deadline is a [`DeadlineSource`](crate::core::DeadlineSource) of its own
+/// ([`QueueBuilder::deadline_source`](super::QueueBuilder::deadline_source)), so any way of reading priorities
+/// goes with any way of finding deadlines.
 pub trait Prioritize<Req>: Clone + Send + Sync + 'static {
     /// The request's priority; never fails (fall back to [`Priority::DEFAULT`]).
     fn priority(&self, request: &Req) -> Priority;
-
-    /// The request's deadline, if it has one.
-    fn deadline(&self, _request: &Req) -> Option<Deadline> {
-        Deadline::current()
-    }
 }
 
 /// Every request has the same priority ([`Priority::DEFAULT`] unless built with another).
@@ -152,7 +147,6 @@ mod http_impl {
     use http::header::HeaderName;
 
     use super::{Prioritize, Priority};
-    use crate::core::Deadline;
 
     /// The default priority header, the same the simulator sends: `x-priority: critical_plus | critical |
     /// sheddable_plus | sheddable`.
@@ -162,7 +156,6 @@ mod http_impl {
 
     /// Reads an HTTP request's priority from, in order: a [`Priority`] request extension, the user's extractor
     /// (see [`HeaderPriority::extractor`]), the priority header; absent or malformed gives the default level.
-    /// The deadline is [`Deadline::find`]: the earlier of the request's [`Deadline`] extension and the current one.
     #[derive(Clone)]
     pub struct HeaderPriority {
         header: HeaderName,
@@ -229,10 +222,6 @@ mod http_impl {
                 .get(&self.header)
                 .and_then(|v| Priority::parse(v.as_bytes()))
                 .unwrap_or(self.default)
-        }
-
-        fn deadline(&self, request: &http::Request<B>) -> Option<Deadline> {
-            Deadline::find(request)
         }
     }
 }

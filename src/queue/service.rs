@@ -7,7 +7,8 @@ use super::future::{ResponseFuture, Waiter};
 use super::shared::{NotNow, Shared};
 use super::{Prioritize, QueueHandle, Uniform};
 use crate::core::{
-    AnyOk, Classify, ErrorMode, Instance, LimitSource, Observer, RejectMode, Rejection,
+    AnyOk, Classify, CurrentDeadline, DeadlineSource, ErrorMode, Instance, LimitSource, Observer,
+    RejectMode, Rejection,
 };
 
 /// The queue-depth shedder around a service `S`; built by [`QueueLayer`](super::QueueLayer).
@@ -15,21 +16,23 @@ use crate::core::{
 /// Clones share one limit and one queue. `S` must be `Clone`: a queued request carries the service instance that
 /// was polled ready for it until it gets its slot (as tower's `Buffer` does), and a fresh clone serves the next
 /// call.
-pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform> {
+pub struct Queue<S, L = usize, C = AnyOk, M = ErrorMode, O = (), P = Uniform, D = CurrentDeadline> {
     inner: S,
     shared: Instance<Shared<L, O>>,
     classify: C,
     mode: M,
     prioritize: P,
+    deadline: D,
 }
 
-impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
+impl<S, L, C, M, O, P, D> Queue<S, L, C, M, O, P, D> {
     pub(crate) fn new(
         inner: S,
         shared: Instance<Shared<L, O>>,
         classify: C,
         mode: M,
         prioritize: P,
+        deadline: D,
     ) -> Self {
         Queue {
             inner,
@@ -37,6 +40,7 @@ impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
             classify,
             mode,
             prioritize,
+            deadline,
         }
     }
 
@@ -55,7 +59,7 @@ impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P> {
     }
 }
 
-impl<S: Clone, L, C: Clone, M: Clone, O, P: Clone> Clone for Queue<S, L, C, M, O, P> {
+impl<S: Clone, L, C: Clone, M: Clone, O, P: Clone, D: Clone> Clone for Queue<S, L, C, M, O, P, D> {
     fn clone(&self) -> Self {
         Queue {
             inner: self.inner.clone(),
@@ -63,11 +67,12 @@ impl<S: Clone, L, C: Clone, M: Clone, O, P: Clone> Clone for Queue<S, L, C, M, O
             classify: self.classify.clone(),
             mode: self.mode.clone(),
             prioritize: self.prioritize.clone(),
+            deadline: self.deadline.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, L, C, M, O, P> fmt::Debug for Queue<S, L, C, M, O, P> {
+impl<S: fmt::Debug, L, C, M, O, P, D> fmt::Debug for Queue<S, L, C, M, O, P, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Queue")
             .field("inner", &self.inner)
@@ -75,7 +80,7 @@ impl<S: fmt::Debug, L, C, M, O, P> fmt::Debug for Queue<S, L, C, M, O, P> {
     }
 }
 
-impl<S, Req, L, C, M, O, P> Service<Req> for Queue<S, L, C, M, O, P>
+impl<S, Req, L, C, M, O, P, D> Service<Req> for Queue<S, L, C, M, O, P, D>
 where
     S: Service<Req> + Clone,
     L: LimitSource,
@@ -83,6 +88,7 @@ where
     M: RejectMode<C::Response, S::Error>,
     O: Observer,
     P: Prioritize<Req>,
+    D: DeadlineSource<Req>,
 {
     type Response = C::Response;
     type Error = M::Error;
@@ -97,7 +103,7 @@ where
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         let priority = self.prioritize.priority(&request);
-        let deadline = self.prioritize.deadline(&request);
+        let deadline = self.deadline.deadline(&request);
         let (shared, releaser) = self.shared.next();
         match shared.admit(releaser, priority, deadline) {
             Ok(permit) => ResponseFuture::called(crate::core::ResponseFuture::admitted(
@@ -111,7 +117,7 @@ where
     }
 }
 
-impl<S, L, C, M, O, P> Queue<S, L, C, M, O, P>
+impl<S, L, C, M, O, P, D> Queue<S, L, C, M, O, P, D>
 where
     S: Clone,
     L: LimitSource,
