@@ -263,7 +263,6 @@ fn default_stack(backend: SimService, _scenario: &Scenario) -> Stack {
     let limit = limiter.handle();
     let queue = crate::queue::QueueLayer::builder()
         .limit(limit.clone())
-        .prioritize(crate::queue::HeaderPriority::default())
         .http()
         .build()
         .expect("the queue's defaults are valid");
