@@ -509,11 +509,11 @@ async fn a_queue_inside_sheds_what_cannot_finish_whichever_way_it_reads_the_dead
 
     // The default source reads only the current deadline, `RequestDeadline` the extension too; with the extension
     // stored or not, both must see 10 ms left for 20 ms of work and refuse before the handler runs.
-    for (http_queue, store) in [(false, true), (false, false), (true, true), (true, false)] {
+    for (request_source, store) in [(false, true), (false, false), (true, true), (true, false)] {
         let seen = Arc::new(Seen::default());
         let queue = QueueLayer::builder().limit(Expecting(Duration::from_millis(20)));
         let inner = recording(seen.clone(), Duration::from_millis(20));
-        let inner = if http_queue {
+        let inner = if request_source {
             tower::util::BoxCloneService::new(
                 queue
                     .deadline_source(RequestDeadline)
@@ -536,7 +536,7 @@ async fn a_queue_inside_sheds_what_cannot_finish_whichever_way_it_reads_the_dead
             .unwrap()
             .call(request(&[("x-request-timeout-ms", "10")]))
             .await;
-        let case = format!("http queue: {http_queue}, extension: {store}");
+        let case = format!("request source: {request_source}, extension: {store}");
         assert!(
             matches!(&answer, Err(e) if e.is::<DeadlineExceeded>()),
             "{case}: {answer:?}"

@@ -196,11 +196,12 @@ impl<C, M, O> DeadlineLayerBuilder<C, M, O> {
     ///
     /// It is not needed to find the deadline on the task that runs the request: around the inner service's `call`
     /// and around its future the deadline is [`Deadline::current`](crate::core::Deadline::current), and
-    /// [`Deadline::find`](crate::core::Deadline::find) (what this crate's layers read) looks there as well as in
-    /// the extensions. Turn it on when something below this layer takes the request to another task before calling
-    /// on it, where the task-local scope does not follow (a service behind tower's `Buffer`, a hand-off to a
-    /// worker task), and the code there reads the request: `Deadline::of`, `Deadline::find`, the queue and the
-    /// adaptive limiter in HTTP or gRPC mode (their generic modes read only the current deadline), or a handler's
+    /// [`Deadline::find`](crate::core::Deadline::find) looks there as well as in the extensions. Turn it on when
+    /// something below this layer takes the request to another task before calling on it, where the task-local
+    /// scope does not follow (a service behind tower's `Buffer`, a hand-off to a worker task), and the code there
+    /// reads the request: `Deadline::of`, `Deadline::find`, the queue and the adaptive limiter with
+    /// [`RequestDeadline`](crate::core::RequestDeadline) as their deadline source (what their `.http()` and
+    /// `.grpc()` pick; the default, `CurrentDeadline`, reads only the current deadline), or a handler's
     /// `req.extensions().get::<Deadline>()` (axum: `Extension<Deadline>`). A `Buffer` *above* this layer needs
     /// nothing: its worker only makes the `call`, and the caller's task polls the future. It is off by default
     /// because the first extension of a request costs three allocations (http's map, its table, the entry): about

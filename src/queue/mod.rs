@@ -36,9 +36,9 @@
 //!   arrival, while queued (its timer fires when it becomes doomed) and at dequeue, instead of being served late.
 //!   The deadline comes from a [`DeadlineSource`](crate::core::DeadlineSource), as for the adaptive limiter: by
 //!   default the current one (which a [`DeadlineLayer`](crate::deadline::DeadlineLayer) outside sets around this
-//!   layer's `call`); with `.http()`/`.grpc()` also one stored in the request's extensions, which is what a queue
-//!   behind a tower `Buffer` (called on the buffer's task, outside the deadline's scope) has to go by; or your own
-//!   ([`QueueBuilder::deadline_source`]).
+//!   layer's `call`); with `.http()`/`.grpc()` also one stored in the request's extensions, which is all a queue
+//!   behind a tower `Buffer` (called on the buffer's task, outside the deadline's scope) has to go by, if the
+//!   deadline layer stores it there (`request_extension(true)`); or your own ([`QueueBuilder::deadline_source`]).
 //!
 //! The limit is any [`LimitSource`](crate::core::LimitSource): a fixed `usize`, or the adaptive limiter's handle.
 //! It is read live, so a raised limit is used at the next arrival or release.
