@@ -38,6 +38,19 @@ pub(crate) fn now_in_call() -> Instant {
     }
 }
 
+/// The instant a budget too large to add to `now` stands for: the budget halved until it fits, so at least half as
+/// far away as the furthest instant the clock can hold (centuries on any platform).
+#[cold]
+fn far_future(now: Instant, budget: Duration) -> Instant {
+    let mut step = budget;
+    loop {
+        step /= 2;
+        if let Some(at) = now.checked_add(step) {
+            return at;
+        }
+    }
+}
+
 /// Sets a thread-local `Cell<Option<T>>` to a value until dropped, then restores the previous one (also while
 /// unwinding): the scope of [`Deadline::current`] around a poll and of [`now_in_call`] around a `call`.
 struct Restore<T: Copy + 'static> {
@@ -109,9 +122,15 @@ impl Deadline {
         Deadline(instant)
     }
 
-    /// A deadline `budget` from now.
+    /// A deadline `budget` from now. A budget too large to add to the clock (`Duration::MAX`, say, from a
+    /// configuration meaning "no limit") gives a deadline centuries away, which never constrains anything, rather
+    /// than a panic.
     pub fn after(budget: Duration) -> Self {
-        Deadline(Instant::now() + budget)
+        let now = Instant::now();
+        Deadline(
+            now.checked_add(budget)
+                .unwrap_or_else(|| far_future(now, budget)),
+        )
     }
 
     /// The instant.
@@ -354,6 +373,13 @@ where
 #[cfg(all(test, feature = "http"))]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_too_large_for_the_clock_is_a_far_deadline_not_a_panic() {
+        let deadline = Deadline::after(Duration::MAX);
+        assert!(deadline.remaining() > Duration::from_secs(86_400 * 365 * 100));
+        assert!(!deadline.is_expired());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_call_clock_is_the_callers_reading_only_during_the_call() {
