@@ -128,7 +128,7 @@ async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
 #[tokio::test(start_paused = true)]
 async fn timeout_headers_are_found_among_few_or_many_other_headers() {
     // The layer compares names one by one on maps of up to 16 names and looks them up on larger ones: both ways
-    // must find each header alone and both together, read the first of repeated values, and never take a name
+    // must find each header alone and both together, read every one of repeated values, and never take a name
     // of the same length for ours.
     let seen = Arc::new(Seen::default());
     let layer = DeadlineLayer::builder()
@@ -161,13 +161,13 @@ async fn timeout_headers_are_found_among_few_or_many_other_headers() {
             &[("x-request-timeout-ms", "1500"), ("grpc-timeout", "2S")],
             1500,
         ),
-        // Repeated: the first value counts.
+        // Repeated: the smallest value counts, wherever it comes.
         (
             &[
                 ("x-request-timeout-ms", "1500"),
                 ("x-request-timeout-ms", "900"),
             ],
-            1500,
+            900,
         ),
     ];
     // From no other header to well past the 16 names compared one by one.
@@ -948,6 +948,69 @@ async fn malformed_headers_are_ignored_by_default() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_repeated_timeout_header_counts_its_smallest_value() {
+    let seen = Arc::new(Seen::default());
+    let layer = DeadlineLayer::builder().build().unwrap();
+    let svc = layer.layer(recording(seen.clone(), Duration::ZERO));
+    let start = Instant::now();
+    // Whichever order the values come in (a proxy may append its own shorter one), and in either header.
+    let repeated: [&[(&str, &str)]; 4] = [
+        &[("grpc-timeout", "100H"), ("grpc-timeout", "1m")],
+        &[("grpc-timeout", "1m"), ("grpc-timeout", "100H")],
+        &[
+            ("x-request-timeout-ms", "3600000"),
+            ("x-request-timeout-ms", "1"),
+        ],
+        &[
+            ("x-request-timeout-ms", "1"),
+            ("x-request-timeout-ms", "3600000"),
+        ],
+    ];
+    for headers in repeated {
+        svc.clone().oneshot(request(headers)).await.unwrap();
+    }
+    // A malformed value among valid ones is a malformed header: ignored by default, the valid ones still count.
+    svc.clone()
+        .oneshot(request(&[("grpc-timeout", "1S"), ("grpc-timeout", "junk")]))
+        .await
+        .unwrap();
+    let one_ms = Deadline::at(start + Duration::from_millis(1));
+    let one_s = Deadline::at(start + Duration::from_secs(1));
+    let deadlines = seen.deadlines.lock().unwrap().clone();
+    assert_eq!(
+        deadlines,
+        [(None, Some(one_ms)); 4]
+            .into_iter()
+            .chain([(None, Some(one_s))])
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(layer.handle().snapshot().invalid, 1);
+
+    // Strict mode refuses it, whether the malformed value comes first or last.
+    let strict = DeadlineLayer::builder()
+        .strict(true)
+        .http()
+        .build()
+        .unwrap();
+    for headers in [
+        [("grpc-timeout", "1S"), ("grpc-timeout", "junk")],
+        [("grpc-timeout", "junk"), ("grpc-timeout", "1S")],
+        [
+            ("x-request-timeout-ms", "1000"),
+            ("x-request-timeout-ms", "1e3"),
+        ],
+    ] {
+        let response = strict
+            .layer(recording(seen.clone(), Duration::ZERO))
+            .oneshot(request(&headers))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{headers:?}");
+    }
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(start_paused = true)]
 async fn strict_mode_rejects_malformed_headers_in_every_mode() {
     let seen = Arc::new(Seen::default());
     let errors = DeadlineLayer::builder().strict(true).build().unwrap();
@@ -1108,6 +1171,58 @@ async fn propagation_writes_the_budget_minus_the_margin() {
     assert_eq!(deadlines[0], (None, Some(deadline)));
     let brought = Deadline::at(deadline.instant() - Duration::from_millis(500));
     assert_eq!(deadlines[1], (Some(brought), Some(brought)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn propagation_passes_on_only_the_smallest_value_the_caller_set() {
+    let seen = Arc::new(Seen::default());
+    let layer = PropagateDeadlineLayer::builder()
+        .margin(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let client = layer.layer(recording(seen.clone(), Duration::ZERO));
+    let deadline = Deadline::after(Duration::from_secs(1));
+    let calls: [&[(&str, &str)]; 4] = [
+        // A smaller value the caller set is kept, alone: a next hop reading any one of several values (tonic reads
+        // the first, grpc-go the last) must not find a larger one.
+        &[
+            ("grpc-timeout", "100m"),
+            ("grpc-timeout", "99H"),
+            ("x-request-timeout-ms", "100"),
+            ("x-request-timeout-ms", "99999999"),
+        ],
+        &[
+            ("grpc-timeout", "99H"),
+            ("grpc-timeout", "100m"),
+            ("x-request-timeout-ms", "99999999"),
+            ("x-request-timeout-ms", "100"),
+        ],
+        // A malformed value goes too.
+        &[("grpc-timeout", "junk"), ("grpc-timeout", "100m")],
+        // Values all larger than the budget give way to it.
+        &[("grpc-timeout", "99H"), ("grpc-timeout", "50H")],
+    ];
+    for headers in calls {
+        deadline
+            .scope(client.clone().oneshot(request(headers)))
+            .await
+            .unwrap();
+    }
+    let headers = seen.headers.lock().unwrap();
+    let sent = |i: usize, name: &str| -> Vec<String> {
+        headers[i]
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    for i in 0..2 {
+        assert_eq!(sent(i, "grpc-timeout"), ["100m"], "call {i}");
+        assert_eq!(sent(i, "x-request-timeout-ms"), ["100"], "call {i}");
+    }
+    assert_eq!(sent(2, "grpc-timeout"), ["100m"]);
+    assert_eq!(sent(2, "x-request-timeout-ms"), ["990"]);
+    assert_eq!(sent(3, "grpc-timeout"), ["990000u"]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -38,14 +38,16 @@
 //!   dropped, the answer is deadline-exceeded and the outcome [`Outcome::Dropped`](crate::core::Outcome::Dropped).
 //!   A malformed header (too many digits, unknown unit, overflow, garbage) is ignored with a `tracing` event by
 //!   default, or refused in [strict](DeadlineLayerBuilder::strict) mode with 400 / INVALID_ARGUMENT /
-//!   [`InvalidTimeout`]; never a panic, never a wrong deadline. A request with no deadline anywhere and no
-//!   configured maximum passes straight through: no clock read, no timer, no allocation.
+//!   [`InvalidTimeout`]; never a panic, never a wrong deadline. A header sent more than once counts with every
+//!   value (a proxy may append its own shorter timeout, and implementations differ on which one they read): the
+//!   smallest valid value applies, and a malformed one among them makes the header malformed. A request with no
+//!   deadline anywhere and no configured maximum passes straight through: no clock read, no timer, no allocation.
 //! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (the earlier of its extensions'
 //!   and [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
-//!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set), and enforces the
-//!   deadline locally. If nothing is left (nothing after the margin, or less than the headers written can carry:
-//!   under a millisecond with the millisecond header), the call fails at once with deadline-exceeded and
-//!   nothing is sent.
+//!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set, and only that one of
+//!   several), and enforces the deadline locally. If nothing is left (nothing after the margin, or less than the
+//!   headers written can carry: under a millisecond with the millisecond header), the call fails at once with
+//!   deadline-exceeded and nothing is sent.
 //!   The deadline is read in `call`: under [`Deadline::scope`], make the call inside the scoped future
 //!   (`oneshot`, or `call` in an `async` block), not before it. A transport that enforces the timeout it sends
 //!   on its own (a tonic `Channel` fails the call when the `grpc-timeout` runs out, which tonic reports as

@@ -120,6 +120,9 @@ fn carried(headers: &HeaderMap, grpc: bool, ms: Option<&HeaderName>) -> (bool, b
     (grpc && has_grpc, has_ms)
 }
 
+/// How a timeout header's value is read.
+type Decode = fn(&[u8]) -> Result<Duration, InvalidTimeout>;
+
 /// The smallest valid timeout among the configured headers, and the first malformed one.
 #[inline(always)]
 fn read_timeout(
@@ -134,25 +137,48 @@ fn read_timeout(
     let mut timeout = None;
     let mut invalid = None;
     if grpc {
-        if let Some(value) = headers.get(&GRPC_TIMEOUT) {
-            match decode_grpc_timeout(value.as_bytes()) {
-                Ok(t) => timeout = Some(t),
-                Err(e) => invalid = Some(malformed(&GRPC_TIMEOUT, e, config.strict)),
-            }
-        }
+        read_values(
+            headers,
+            &GRPC_TIMEOUT,
+            decode_grpc_timeout,
+            config.strict,
+            (&mut timeout, &mut invalid),
+        );
     }
     if let (true, Some(name)) = (ms, &config.timeout_header) {
-        if let Some(value) = headers.get(name) {
-            match decode_timeout_ms(value.as_bytes()) {
-                Ok(t) => timeout = Some(timeout.map_or(t, |old: Duration| old.min(t))),
-                Err(e) => {
-                    let e = malformed(name, e, config.strict);
-                    invalid.get_or_insert(e);
-                }
+        read_values(
+            headers,
+            name,
+            decode_timeout_ms,
+            config.strict,
+            (&mut timeout, &mut invalid),
+        );
+    }
+    (timeout, invalid)
+}
+
+/// Reads every value of the header `name` into the smallest valid timeout so far and the first malformed value.
+///
+/// Every value, not the first: a proxy may append its own shorter timeout after the caller's, and implementations
+/// disagree on which of several values they read (tonic the first, grpc-go the last), so the budget in force is the
+/// smallest of them, and one malformed value among them is a malformed header.
+#[inline(always)]
+fn read_values(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    decode: Decode,
+    strict: bool,
+    (timeout, invalid): (&mut Option<Duration>, &mut Option<InvalidTimeout>),
+) {
+    for value in headers.get_all(name) {
+        match decode(value.as_bytes()) {
+            Ok(t) => *timeout = Some(timeout.map_or(t, |old: Duration| old.min(t))),
+            Err(e) => {
+                let e = malformed(name, e, strict);
+                invalid.get_or_insert(e);
             }
         }
     }
-    (timeout, invalid)
 }
 
 /// Reports a malformed timeout header with a `tracing` event, and hands the error back.
@@ -295,17 +321,42 @@ impl<S: fmt::Debug, C, M, O> fmt::Debug for PropagateDeadline<S, C, M, O> {
     }
 }
 
-/// Writes `budget` into the outgoing headers, keeping a valid value the caller set that is already smaller.
+/// The smallest valid value the caller set in the header `name`, if it is no more than `budget`; the header is then
+/// left carrying that value alone. Other values, larger or malformed, go: a next hop may read any one of them (tonic
+/// reads the first, grpc-go the last), and none may give it more than the budget.
+fn keep_smaller(
+    headers: &mut HeaderMap,
+    name: &HeaderName,
+    decode: Decode,
+    budget: Duration,
+) -> Option<Duration> {
+    let mut values = 0;
+    let mut smallest: Option<(Duration, &HeaderValue)> = None;
+    for value in headers.get_all(name) {
+        values += 1;
+        if let Ok(t) = decode(value.as_bytes()) {
+            if smallest.is_none_or(|(least, _)| t < least) {
+                smallest = Some((t, value));
+            }
+        }
+    }
+    let (timeout, value) = smallest.filter(|&(t, _)| t <= budget)?;
+    if values > 1 {
+        let value = value.clone();
+        headers.insert(name.clone(), value);
+    }
+    Some(timeout)
+}
+
+/// Writes `budget` into the outgoing headers, keeping a valid value the caller set that is already smaller (and only
+/// that one).
 ///
 /// Returns the smallest timeout the written headers now carry, which is what a transport enforcing them (a tonic
 /// `Channel`) will time out after: the encoding may round the budget down, and a caller's value may be smaller.
 fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duration) -> Duration {
     let mut sent = budget;
     if config.write_grpc_timeout {
-        let smaller_set = headers
-            .get(&GRPC_TIMEOUT)
-            .and_then(|v| decode_grpc_timeout(v.as_bytes()).ok())
-            .filter(|&t| t <= budget);
+        let smaller_set = keep_smaller(headers, &GRPC_TIMEOUT, decode_grpc_timeout, budget);
         match smaller_set {
             Some(t) => sent = sent.min(t),
             None => {
@@ -319,10 +370,7 @@ fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duratio
         }
     }
     if let Some(name) = &config.timeout_header {
-        let smaller_set = headers
-            .get(name)
-            .and_then(|v| decode_timeout_ms(v.as_bytes()).ok())
-            .filter(|&t| t <= budget);
+        let smaller_set = keep_smaller(headers, name, decode_timeout_ms, budget);
         match smaller_set {
             Some(t) => sent = sent.min(t),
             None => {
