@@ -804,6 +804,44 @@ async fn a_request_type_can_carry_its_own_deadline() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn in_error_mode_too_refusals_below_a_breaker_do_not_count_against_the_dependency() {
+    // A generic client stack: breaker over limiter, both in error mode. The limiter's refusals are errors here,
+    // which the breaker's `AnyOk` must tell from the dependency's own.
+    let limiter = AdaptiveConcurrencyLayer::builder().build().unwrap();
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(3)
+        .build()
+        .unwrap();
+    let circuit = breaker.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let mut svc = breaker.layer(limiter.layer(service_fn(move |fail: bool| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match fail {
+                true => Err::<(), BoxError>("dependency failed".into()),
+                false => Ok(()),
+            }
+        }
+    })));
+    for _ in 0..5 {
+        let expired = Deadline::at(Instant::now());
+        let call = expired.scope(async { svc.ready().await.unwrap().call(false).await });
+        assert!(call.await.unwrap_err().is::<DeadlineExceeded>());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let snapshot = circuit.snapshot();
+    assert_eq!(snapshot.state, CircuitState::Closed);
+    assert_eq!((snapshot.failures, snapshot.consecutive_failures), (0, 0));
+    // The dependency's own errors still count, and open the circuit.
+    for _ in 0..3 {
+        let error = svc.ready().await.unwrap().call(true).await.unwrap_err();
+        assert_eq!(error.to_string(), "dependency failed");
+    }
+    assert_eq!(circuit.snapshot().state, CircuitState::Open);
+}
+
+#[tokio::test(start_paused = true)]
 async fn doomed_requests_shed_below_a_breaker_do_not_count_against_the_dependency() {
     // The recommended client stack: propagation, breaker, limiter.
     let limiter = quick().http().build().unwrap();

@@ -1,3 +1,8 @@
+use std::any::Any;
+
+use super::error::{
+    BoxError, CircuitOpen, DeadlineExceeded, Overloaded, QueueFull, QueueTimeout, RateLimited,
+};
 use super::{Outcome, Permit};
 
 /// Decides what a finished call says about load, and when its permit is released.
@@ -16,11 +21,12 @@ pub trait Classify<Res, E>: Clone + Send + Sync + 'static {
     fn finish(&self, result: Result<Res, E>, permit: Option<Permit>) -> Result<Self::Response, E>;
 }
 
-/// The generic classifier: `Ok` is [`Outcome::Success`], `Err` is [`Outcome::Failure`].
+/// The generic classifier: `Ok` is [`Outcome::Success`], `Err` is [`Outcome::Failure`], except a refusal made by
+/// one of this crate's layers inside ([`is_local_error`]), which is [`Outcome::Ignored`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AnyOk;
 
-impl<Res, E> Classify<Res, E> for AnyOk {
+impl<Res, E: 'static> Classify<Res, E> for AnyOk {
     type Response = Res;
 
     // Always inlined, here and below: made out of line (as the compiler chose once it inlined the permit's
@@ -29,14 +35,44 @@ impl<Res, E> Classify<Res, E> for AnyOk {
     #[inline(always)]
     fn finish(&self, result: Result<Res, E>, permit: Option<Permit>) -> Result<Res, E> {
         if let Some(permit) = permit {
-            permit.complete(if result.is_ok() {
-                Outcome::Success
-            } else {
-                Outcome::Failure
+            permit.complete(match &result {
+                Ok(_) => Outcome::Success,
+                Err(error) if is_local_error(error) => Outcome::Ignored,
+                Err(_) => Outcome::Failure,
             });
         }
         result
     }
+}
+
+/// Whether `error` is a refusal made by one of this process's layers in error mode (a [`BoxError`] holding one of
+/// the [`error`](super::error) types a rejection becomes: overloaded, queue full, queue timeout, circuit open,
+/// deadline exceeded, rate limited) rather than an error from the service behind them.
+///
+/// [`AnyOk`] records such an error as [`Outcome::Ignored`]: a local layer shedding load says nothing about the
+/// health of the dependency, so an outer circuit breaker must not trip on it and an outer limiter must not learn
+/// from it. A closure classifier can do the same by calling this first. (In HTTP and gRPC mode a refusal is a
+/// response, and `is_local_rejection` tells.) For any other error type it is `false`, decided at compile time.
+///
+/// ```
+/// use tower_backpressure::core::{is_local_error, BoxError, Rejection, Reason};
+///
+/// let refused: BoxError = Rejection::new(Reason::Overloaded).into_error();
+/// assert!(is_local_error(&refused));
+/// let failed: BoxError = "connection reset".into();
+/// assert!(!is_local_error(&failed));
+/// assert!(!is_local_error(&std::io::Error::other("not boxed")));
+/// ```
+pub fn is_local_error<E: 'static>(error: &E) -> bool {
+    let Some(error) = (error as &dyn Any).downcast_ref::<BoxError>() else {
+        return false;
+    };
+    error.is::<Overloaded>()
+        || error.is::<QueueFull>()
+        || error.is::<QueueTimeout>()
+        || error.is::<CircuitOpen>()
+        || error.is::<DeadlineExceeded>()
+        || error.is::<RateLimited>()
 }
 
 /// Any closure `Fn(Result<&Res, &E>) -> Outcome` is a generic classifier.

@@ -33,7 +33,7 @@ mod http;
 #[cfg(feature = "metrics")]
 mod metrics;
 
-pub use self::classify::{AnyOk, Classify};
+pub use self::classify::{is_local_error, AnyOk, Classify};
 #[cfg(feature = "http")]
 pub use self::deadline::RequestDeadline;
 pub use self::deadline::{CurrentDeadline, Deadline, DeadlineScope, DeadlineSource};
