@@ -427,6 +427,82 @@ async fn a_request_type_can_carry_its_own_priority_and_deadline() {
     assert_eq!(handle.snapshot().rejected_deadline, 1);
 }
 
+/// A job for [`judged_again`]: how long it runs, and how long it has.
+#[derive(Clone, Copy)]
+struct Job {
+    ms: u64,
+    deadline: Option<Deadline>,
+}
+
+/// A queue with one slot, no CoDel and `max_wait`, reading deadlines from jobs, whose limit source expects what
+/// `expected_ms` says.
+fn judged_again(
+    expected_ms: Arc<AtomicUsize>,
+    max_wait: Duration,
+) -> impl Service<Job, Response = u64, Error = BoxError, Future: Send> + Clone {
+    let layer = QueueLayer::builder()
+        .limit(Live {
+            limit: Arc::new(AtomicUsize::new(1)),
+            expected_ms,
+        })
+        .codel(false)
+        .max_wait(max_wait)
+        .deadline_source(|job: &Job| job.deadline)
+        .build()
+        .unwrap();
+    tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(|job: Job| async move {
+            sleep(MS * job.ms as u32).await;
+            Ok::<_, Infallible>(job.ms)
+        }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_is_judged_by_the_expected_time_when_its_timer_fires() {
+    // Each case: a job with 300 ms left queues behind one running `running` ms while the service is expected to
+    // take 100 ms, so its timer is set for 200 ms, when it would be doomed; at 50 ms the expected time falls to
+    // 10 ms. When the timer fires the job can still finish: it waits on, until it is served, its wait runs out, or
+    // it is doomed by the new expectation.
+    let cases = [
+        // (running ms, max_wait ms, answered at ms, answer: Ok(ms) or the error's name)
+        (250, 5_000, 260, Ok(10)),
+        (1_000, 250, 250, Err("QueueTimeout")),
+        (1_000, 5_000, 290, Err("DeadlineExceeded")),
+    ];
+    for (running, max_wait, at, expected_answer) in cases {
+        let expected_ms = Arc::new(AtomicUsize::new(100));
+        let mut svc = judged_again(expected_ms.clone(), MS * max_wait);
+        let start = Instant::now();
+        let first = Job {
+            ms: running,
+            deadline: None,
+        };
+        let running = tokio::spawn(svc.ready().await.unwrap().call(first));
+        let job = Job {
+            ms: 10,
+            deadline: Some(Deadline::after(MS * 300)),
+        };
+        let queued = tokio::spawn(svc.ready().await.unwrap().call(job));
+        sleep(MS * 50).await;
+        expected_ms.store(10, Ordering::SeqCst);
+        let answer = queued.await.unwrap();
+        let case = format!("running {} ms, max_wait {max_wait} ms", first.ms);
+        assert_eq!(start.elapsed(), MS * at, "{case}");
+        let answer = answer.map_err(|e| {
+            if e.is::<QueueTimeout>() {
+                "QueueTimeout"
+            } else if e.is::<DeadlineExceeded>() {
+                "DeadlineExceeded"
+            } else {
+                "other"
+            }
+        });
+        assert_eq!(answer, expected_answer, "{case}");
+        running.await.unwrap().unwrap();
+    }
+}
+
 #[cfg(feature = "http")]
 mod http_requests {
     use super::*;

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::shared::WaitSlot;
+use super::shared::{WaitSlot, Waiting};
 use crate::core::{Classify, Permit, RejectMode, Rejection, Releaser};
 
 /// A queued request's place. Dropping it before the answer was collected gives the place (or a slot already
@@ -32,8 +32,22 @@ impl Waiter {
         }
     }
 
-    fn poll(&mut self, timed_out: bool, cx: &mut Context<'_>) -> Poll<Result<Permit, Rejection>> {
-        let answer = std::task::ready!(self.queue.poll_waiter(self.index, timed_out, cx));
+    /// Polls for the answer, `sleep` being the request's wait (or deadline) timer.
+    fn poll(
+        &mut self,
+        mut sleep: Pin<&mut Sleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Permit, Rejection>> {
+        let answer = loop {
+            let timed_out = sleep.as_mut().poll(cx).is_ready();
+            match self.queue.poll_waiter(self.index, timed_out, cx) {
+                Waiting::Answer(answer) => break answer,
+                Waiting::Queued => return Poll::Pending,
+                // Polled again once reset, so that it wakes this task; the instant is later than now, so it is
+                // pending unless the clock has moved past it meanwhile, and then the queue judges again.
+                Waiting::Until(at) => sleep.as_mut().reset(at),
+            }
+        };
         self.done = true;
         Poll::Ready(match answer {
             Ok(granted) => Ok(Permit::admitted_at(
@@ -145,8 +159,7 @@ where
                 StateProj::Called { inner } => return inner.poll(cx),
                 StateProj::Queued { queued } => {
                     let queued = queued.as_mut().project();
-                    let timed_out = queued.sleep.poll(cx).is_ready();
-                    let answer = std::task::ready!(queued.waiter.poll(timed_out, cx));
+                    let answer = std::task::ready!(queued.waiter.poll(queued.sleep, cx));
                     let (mut service, request, classify, mode) = queued
                         .call
                         .take()

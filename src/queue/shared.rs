@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -56,6 +56,8 @@ struct Node {
     next: usize,
     level: usize,
     enqueued: Instant,
+    /// When its wait runs out: CoDel's target or `max_wait` after `enqueued`, as its level's queue stood then.
+    until: Instant,
     deadline: Option<Deadline>,
     waker: Option<Waker>,
     slot: Slot,
@@ -164,7 +166,13 @@ impl WaitQueue {
         self.standing[level].standing && !self.standing[..level].iter().any(|s| s.standing)
     }
 
-    fn push(&mut self, level: usize, enqueued: Instant, deadline: Option<Deadline>) -> usize {
+    fn push(
+        &mut self,
+        level: usize,
+        enqueued: Instant,
+        until: Instant,
+        deadline: Option<Deadline>,
+    ) -> usize {
         if self.lists[level].len == 0 {
             self.standing[level].filled(enqueued);
         }
@@ -173,6 +181,7 @@ impl WaitQueue {
             next: NIL,
             level,
             enqueued,
+            until,
             deadline,
             waker: None,
             slot: Slot::Queued,
@@ -489,8 +498,8 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             }
         }
         q.observe(now, &self.config);
-        let standing = q.managed(level);
-        let index = q.push(level, now, deadline);
+        let until = now + self.wait_limit(q.managed(level));
+        let index = q.push(level, now, until, deadline);
         if q.len == 1 {
             // From here on arrivals queue behind this request. Set before the hand-over below reads `released`,
             // and a release reads it after adding to `released`: one of the two sees the other (no lost wake-up).
@@ -503,17 +512,17 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         });
         // The slot a release freed between our fast-path check and the push above is picked up here.
         self.drain(&mut q, now);
-        let wait = if self.config.codel && standing {
+        let wake_at = wake_at(until, deadline, self.expected(), now);
+        Err(NotNow::Queued { index, wake_at })
+    }
+
+    /// How long a request may wait: CoDel's target while its level's queue stands, `max_wait` otherwise.
+    fn wait_limit(&self, standing: bool) -> Duration {
+        if self.config.codel && standing {
             self.target().min(self.config.max_wait)
         } else {
             self.config.max_wait
-        };
-        let mut wake_at = now + wait;
-        if let Some(d) = deadline {
-            let doomed_at = d.instant().checked_sub(self.expected()).unwrap_or(now);
-            wake_at = wake_at.min(doomed_at.max(now));
         }
-        Err(NotNow::Queued { index, wake_at })
     }
 
     /// Unlinks a queued node with its answer, wakes its waiter and reports.
@@ -574,45 +583,56 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         }
     }
 
-    fn poll_waiter_inner(
-        &self,
-        index: usize,
-        timed_out: bool,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Granted, Reason>> {
+    fn poll_waiter_inner(&self, index: usize, timed_out: bool, cx: &mut Context<'_>) -> Waiting {
         let now = Instant::now();
         let mut q = self.lock();
+        let mut rearm = None;
         match q.nodes[index].slot {
             Slot::Queued if timed_out => {
-                let reason = match q.nodes[index].deadline {
-                    Some(d) if !d.can_finish(now, self.expected()) => Reason::DeadlineExceeded,
-                    _ => Reason::QueueTimeout,
+                // The timer was set for when the request would be doomed by the expected service time of then, if
+                // that came before its wait runs out; judged by the expected time of now, as `drain` does, it may
+                // still finish if that has fallen since.
+                let node = &q.nodes[index];
+                let (until, deadline) = (node.until, node.deadline);
+                let expected = self.expected();
+                let reason = if deadline.is_some_and(|d| !d.can_finish(now, expected)) {
+                    Some(Reason::DeadlineExceeded)
+                } else if now >= until {
+                    Some(Reason::QueueTimeout)
+                } else {
+                    None
                 };
-                self.leave(&mut q, index, Slot::Rejected(reason), now);
-                q.release_node(index);
-                Poll::Ready(Err(reason))
-            }
-            Slot::Queued => {
-                let node = &mut q.nodes[index];
-                match &mut node.waker {
-                    Some(w) => w.clone_from(cx.waker()),
-                    None => node.waker = Some(cx.waker().clone()),
+                if let Some(reason) = reason {
+                    self.leave(&mut q, index, Slot::Rejected(reason), now);
+                    q.release_node(index);
+                    return Waiting::Answer(Err(reason));
                 }
-                Poll::Pending
+                // Still in time: later than `now`, since neither the wait nor the deadline has run out.
+                rearm = Some(wake_at(until, deadline, expected, now));
             }
+            Slot::Queued => {}
             Slot::Granted => {
                 let level = q.nodes[index].level;
                 q.release_node(index);
                 drop(q);
-                Poll::Ready(Ok(Granted {
+                return Waiting::Answer(Ok(Granted {
                     tag: self.note_admitted(level),
                     at: now,
-                }))
+                }));
             }
             Slot::Rejected(reason) => {
                 q.release_node(index);
-                Poll::Ready(Err(reason))
+                return Waiting::Answer(Err(reason));
             }
+        }
+        let node = &mut q.nodes[index];
+        match &mut node.waker {
+            Some(w) => w.clone_from(cx.waker()),
+            None => node.waker = Some(cx.waker().clone()),
+        }
+        match rearm {
+            Some(at) => Waiting::Until(at),
+            None => Waiting::Queued,
         }
     }
 
@@ -707,6 +727,30 @@ impl<L: LimitSource, O: Observer> Release for Shared<L, O> {
     }
 }
 
+/// When a queued request must be looked at again: when its wait runs out (`until`) or, by the expected service
+/// time `expected`, when its deadline can no longer be met (at once, if already so at `now`).
+fn wake_at(
+    until: Instant,
+    deadline: Option<Deadline>,
+    expected: Duration,
+    now: Instant,
+) -> Instant {
+    match deadline {
+        Some(d) => until.min(d.instant().checked_sub(expected).unwrap_or(now).max(now)),
+        None => until,
+    }
+}
+
+/// What a waiter's poll finds.
+pub(crate) enum Waiting {
+    /// Admitted (a slot was handed to it), or refused.
+    Answer(Result<Granted, Reason>),
+    /// Still queued; its timer stands.
+    Queued,
+    /// Still queued, though its timer fired: set the timer to this instant, later than now, and poll it again.
+    Until(Instant),
+}
+
 /// A waiter's admission: the permit's tag and the admission instant.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Granted {
@@ -717,24 +761,14 @@ pub(crate) struct Granted {
 /// What a waiting response future needs from the shared state, without its type parameters.
 pub(crate) trait WaitSlot: Send + Sync + 'static {
     /// A waiter asks for its answer. `timed_out`: its wait (or deadline) timer has fired.
-    fn poll_waiter(
-        &self,
-        index: usize,
-        timed_out: bool,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Granted, Reason>>;
+    fn poll_waiter(&self, index: usize, timed_out: bool, cx: &mut Context<'_>) -> Waiting;
 
     /// A waiter's future was dropped before it collected its answer.
     fn cancel_waiter(&self, index: usize);
 }
 
 impl<L: LimitSource, O: Observer> WaitSlot for Shared<L, O> {
-    fn poll_waiter(
-        &self,
-        index: usize,
-        timed_out: bool,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Granted, Reason>> {
+    fn poll_waiter(&self, index: usize, timed_out: bool, cx: &mut Context<'_>) -> Waiting {
         self.poll_waiter_inner(index, timed_out, cx)
     }
 
