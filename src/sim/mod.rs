@@ -12,14 +12,18 @@
 //!   service time is constant, exponential or lognormal; a share `error_rate` of served requests fail with
 //!   HTTP 500. Both can change at phase boundaries (slow-downs, outages, recovery). Dropping a request's future
 //!   leaves the queue or frees the worker at once, as a cancelled server handler does.
-//! - **Clients**: open loop. Arrivals are Poisson (or evenly spaced, `arrivals = "uniform"`) with a rate per phase, optionally ramping linearly
-//!   (`rps` → `rps_end`) or given per class (`class_rps`). Each request carries its class's priority in the
-//!   [`PRIORITY_HEADER`] header and, with `send_deadline`, its remaining budget in a `grpc-timeout` header
-//!   (milliseconds, `NNNm`); a [client-side](Stack::client_side) stack (`breaker`) is instead called with the
-//!   client's deadline current, as a handler calls it, and writes the header itself. The client gives up after
-//!   its timeout; the server keeps working on the request unless `cancel_on_timeout` (across a real network
-//!   nobody tells it). Rejections and errors are retried at once up to `retries` times within the same
-//!   timeout.
+//! - **Clients**: open loop. Arrivals are Poisson (or evenly spaced, `arrivals = "uniform"`) with a rate per phase,
+//!   optionally ramping linearly (`rps` → `rps_end`) or given per class (`class_rps`). Each request carries its
+//!   class's priority in the [`PRIORITY_HEADER`] header and, with `send_deadline`, its remaining budget in a
+//!   `grpc-timeout` header (milliseconds, `NNNm`); a [client-side](Stack::client_side) stack (`breaker`) is instead
+//!   called with the client's deadline current, as a handler calls it, and writes the header itself. There the
+//!   backend stands for the dependency: a call the stack drops (its deadline enforced locally) frees the backend at
+//!   once, as an HTTP/2 or gRPC stream reset cancels the remote handler, and the backend does not read the header
+//!   written for it (the header's value is checked over real sockets, in `tests/deadline_hyper.rs` and
+//!   `tests/deadline_tonic.rs`). Such a stack's wasted work therefore shows its local enforcement and that
+//!   cancellation, not a remote server honouring the header. The client gives up after its timeout; the server keeps
+//!   working on the request unless `cancel_on_timeout` (across a real network nobody tells it). Rejections and
+//!   errors are retried at once up to `retries` times within the same timeout.
 //! - **The stack under test** is any tower service over `http::Request<`[`SimBody`]`>` answering
 //!   `http::Response<`[`SimResponseBody`]`>`, boxed as a [`SimService`] (see [`boxed`]). The simulator reads
 //!   every response body to its end, so layers that hold a permit until the body is done release it as in
@@ -74,7 +78,9 @@
 //!
 //! One [`Row`] per phase and class (plus class `"all"`): offered, backend, good, rejected, timed-out and failed
 //! requests per second, capacity, availability, p50/p99 latency of the good requests (HDR histogram),
-//! **wasted work** (the share of the backend's busy time spent on requests whose client had already given up),
+//! **wasted work** (the share of the backend's busy time spent on requests whose client had already given up:
+//! the time after the give-up only; work done earlier on a request that is then cut off at its deadline or fails
+//! is not counted there, and shows as goodput lost instead),
 //! and, through the stack's [`Probes`], the time-averaged limit and the deepest queue. A time series per
 //! [`WINDOW`] ([`SeriesPoint`]) feeds charts. [`to_json`] writes the rows as the `overload` example does.
 //!
