@@ -80,7 +80,8 @@
 //! requests per second, capacity, availability, p50/p99 latency of the good requests (HDR histogram),
 //! **wasted work** (the share of the backend's busy time spent on requests whose client had already given up:
 //! the time after the give-up only; work done earlier on a request that is then cut off at its deadline or fails
-//! is not counted there, and shows as goodput lost instead),
+//! is not counted there, and shows as goodput lost instead), **cut work** (the share of the busy time spent on
+//! work cut off before it was done, wasted or not: what a deadline layer cancels),
 //! and, through the stack's [`Probes`], the time-averaged limit and the deepest queue. A time series per
 //! [`WINDOW`] ([`SeriesPoint`]) feeds charts. [`to_json`] writes the rows as the `overload` example does.
 //!

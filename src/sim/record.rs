@@ -17,6 +17,15 @@ pub(crate) enum Verdict {
 /// Not given up yet.
 const NEVER: u64 = u64::MAX;
 
+/// `part / whole`, or 0 when `whole` is.
+fn share(part: u64, whole: u64) -> f64 {
+    if whole > 0 {
+        part as f64 / whole as f64
+    } else {
+        0.0
+    }
+}
+
 fn histogram() -> Histogram<u32> {
     // Microseconds up to an hour at 3 significant digits; u32 counts keep each histogram small.
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
@@ -31,6 +40,7 @@ struct ClassStats {
     error: u64,
     busy_ns: u64,
     wasted_ns: u64,
+    cut_ns: u64,
     latency: Histogram<u32>,
 }
 
@@ -45,6 +55,7 @@ impl ClassStats {
             error: 0,
             busy_ns: 0,
             wasted_ns: 0,
+            cut_ns: 0,
             latency: histogram(),
         }
     }
@@ -246,9 +257,17 @@ impl Recorder {
         }
     }
 
-    /// The backend worked on request `id` from `start` to `end`; splits that busy time over the phases, and
-    /// counts as wasted the part after the client was done with the request.
-    pub(crate) fn service_ended(&mut self, start: u64, end: u64, id: u32, class: usize) {
+    /// The backend worked on request `id` from `start` to `end`, `finished` or cut off before the work was done;
+    /// splits that busy time over the phases, counts as wasted the part after the client was done with the
+    /// request, and as cut all of it if it was cut off.
+    pub(crate) fn service_ended(
+        &mut self,
+        start: u64,
+        end: u64,
+        id: u32,
+        class: usize,
+        finished: bool,
+    ) {
         let give_up = self.give_up.get(id as usize).copied().unwrap_or(NEVER);
         let Some(mut phase) = self.phase_at(start) else {
             return;
@@ -259,6 +278,9 @@ impl Recorder {
             let stats = &mut self.phases[phase].classes[class];
             stats.busy_ns += seg_end - t;
             stats.wasted_ns += seg_end.saturating_sub(give_up.max(t));
+            if !finished {
+                stats.cut_ns += seg_end - t;
+            }
             t = seg_end;
             phase += 1;
         }
@@ -300,6 +322,7 @@ impl Recorder {
                 all.error += c.error;
                 all.busy_ns += c.busy_ns;
                 all.wasted_ns += c.wasted_ns;
+                all.cut_ns += c.cut_ns;
                 all.latency.add(&c.latency).expect("same histogram bounds");
             }
             requests += all.offered;
@@ -323,11 +346,8 @@ impl Recorder {
                     availability: (c.offered > 0).then(|| c.good as f64 / c.offered as f64),
                     p50_ms: quantile(0.5),
                     p99_ms: quantile(0.99),
-                    wasted_work: if c.busy_ns > 0 {
-                        c.wasted_ns as f64 / c.busy_ns as f64
-                    } else {
-                        0.0
-                    },
+                    wasted_work: share(c.wasted_ns, c.busy_ns),
+                    cut_work: share(c.cut_ns, c.busy_ns),
                     mean_limit,
                     max_queue_depth: max_queue,
                 }

@@ -6,7 +6,7 @@ use serde::Serialize;
 /// meanings are those of the `overload` example's JSON output.
 ///
 /// Requests are attributed to the phase in which their client issued them; backend figures (`backend_rps`,
-/// `wasted_work`) to the phase in which the backend did the work.
+/// `wasted_work`, `cut_work`) to the phase in which the backend did the work.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Row {
     /// Scenario name.
@@ -42,6 +42,10 @@ pub struct Row {
     /// Share of the backend's busy time spent on requests whose client had already given up (or had already
     /// received its answer).
     pub wasted_work: f64,
+    /// Share of the backend's busy time spent on work cut off before it was done (a layer dropped the request at
+    /// its deadline, or the client cancelled it): work that produced no answer, though not counted as wasted when
+    /// it was cut before the client gave up.
+    pub cut_work: f64,
     /// Time-averaged concurrency limit of the stack (`null` when it has no limit probe). Phase-wide: the same in
     /// every class row of the phase, as is `max_queue_depth`.
     pub mean_limit: Option<f64>,

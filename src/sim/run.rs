@@ -518,12 +518,14 @@ fn serve(
         let start = shared.now();
         let (service, error_rate) = shared.backend_at(start);
         shared.record(|r| r.service_started(start, usize::from(demand.class)));
-        let _busy = Busy {
+        let mut busy = Busy {
             shared: &shared,
             start,
             demand,
+            finished: false,
         };
         tokio::time::sleep(shared.work_time(service.sample(demand.normal, demand.exp))).await;
+        busy.finished = true;
         let mut response = Response::new(SimResponseBody::default());
         if demand.uniform < error_rate {
             *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
@@ -552,14 +554,17 @@ struct Busy<'a> {
     shared: &'a Shared,
     start: u64,
     demand: Demand,
+    /// Whether the work was done; dropped before, it was cut off.
+    finished: bool,
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let end = self.shared.now();
-        let (start, demand) = (self.start, self.demand);
+        let (start, demand, finished) = (self.start, self.demand, self.finished);
+        let class = usize::from(demand.class);
         self.shared
-            .record(|r| r.service_ended(start, end, demand.id, usize::from(demand.class)));
+            .record(|r| r.service_ended(start, end, demand.id, class, finished));
     }
 }
 
