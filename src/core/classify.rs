@@ -1,8 +1,6 @@
 use std::any::Any;
 
-use super::error::{
-    BoxError, CircuitOpen, DeadlineExceeded, Overloaded, QueueFull, QueueTimeout, RateLimited,
-};
+use super::error::{is_rejection, BoxError};
 use super::{Outcome, Permit};
 
 /// Decides what a finished call says about load, and when its permit is released.
@@ -54,6 +52,10 @@ impl<Res, E: 'static> Classify<Res, E> for AnyOk {
 /// from it. A closure classifier can do the same by calling this first. (In HTTP and gRPC mode a refusal is a
 /// response, and `is_local_rejection` tells.) For any other error type it is `false`, decided at compile time.
 ///
+/// That includes the deadline-exceeded answer of a deadline layer inside, whose expiry may stand for a slow
+/// dependency, as in HTTP mode: a breaker meant to open on those needs a classifier of its own that calls them
+/// failures.
+///
 /// ```
 /// use tower_backpressure::core::{is_local_error, BoxError, Rejection, Reason};
 ///
@@ -64,15 +66,9 @@ impl<Res, E: 'static> Classify<Res, E> for AnyOk {
 /// assert!(!is_local_error(&std::io::Error::other("not boxed")));
 /// ```
 pub fn is_local_error<E: 'static>(error: &E) -> bool {
-    let Some(error) = (error as &dyn Any).downcast_ref::<BoxError>() else {
-        return false;
-    };
-    error.is::<Overloaded>()
-        || error.is::<QueueFull>()
-        || error.is::<QueueTimeout>()
-        || error.is::<CircuitOpen>()
-        || error.is::<DeadlineExceeded>()
-        || error.is::<RateLimited>()
+    (error as &dyn Any)
+        .downcast_ref::<BoxError>()
+        .is_some_and(|error| is_rejection(&**error))
 }
 
 /// Any closure `Fn(Result<&Res, &E>) -> Outcome` is a generic classifier.
@@ -100,5 +96,31 @@ where
             permit.complete(self(result.as_ref()));
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{Reason, Rejection};
+
+    #[test]
+    fn every_rejection_is_a_local_error() {
+        let reasons = [
+            Reason::Overloaded,
+            Reason::QueueFull,
+            Reason::QueueTimeout,
+            Reason::CircuitOpen,
+            Reason::DeadlineExceeded,
+            Reason::RateLimited,
+        ];
+        for reason in reasons {
+            assert!(
+                is_local_error(&Rejection::new(reason).into_error()),
+                "{reason:?}"
+            );
+        }
+        let failed: BoxError = "connection reset".into();
+        assert!(!is_local_error(&failed));
     }
 }

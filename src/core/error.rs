@@ -36,36 +36,33 @@ macro_rules! rejection_error {
     };
 }
 
-rejection_error!(
+/// Declares the rejection error types, and [`is_rejection`] over all of them: a type declared here cannot be left
+/// out of it.
+macro_rules! rejection_errors {
+    ($($(#[$doc:meta])* $name:ident, $msg:literal;)*) => {
+        $(rejection_error!($(#[$doc])* $name, $msg);)*
+
+        /// Whether `error` is one of the rejection error types.
+        pub(crate) fn is_rejection(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+            false $(|| error.is::<$name>())*
+        }
+    };
+}
+
+rejection_errors! {
     /// The request was shed because the service is at its concurrency limit.
-    Overloaded,
-    "service overloaded"
-);
-rejection_error!(
+    Overloaded, "service overloaded";
     /// The request was shed because the wait queue is full.
-    QueueFull,
-    "request queue full"
-);
-rejection_error!(
+    QueueFull, "request queue full";
     /// The request waited in the queue longer than allowed.
-    QueueTimeout,
-    "request timed out in queue"
-);
-rejection_error!(
+    QueueTimeout, "request timed out in queue";
     /// The request was refused because the circuit breaker is open.
-    CircuitOpen,
-    "circuit breaker open"
-);
-rejection_error!(
+    CircuitOpen, "circuit breaker open";
     /// The request's deadline passed, or too little of it was left to do the work.
-    DeadlineExceeded,
-    "deadline exceeded"
-);
-rejection_error!(
+    DeadlineExceeded, "deadline exceeded";
     /// The request was refused by a rate limit.
-    RateLimited,
-    "rate limit exceeded"
-);
+    RateLimited, "rate limit exceeded";
+}
 
 /// An invalid layer configuration, returned by `build()`.
 ///
