@@ -94,6 +94,24 @@ async fn max_wait_rejects_with_queue_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_max_wait_too_large_for_the_clock_means_no_limit() {
+    let layer = QueueLayer::builder()
+        .limit(1)
+        .codel(false)
+        .max_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(Log::default(), 1000));
+    let running = tokio::spawn(svc.ready().await.unwrap().call(0));
+    let start = Instant::now();
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    assert_eq!(start.elapsed(), MS * 2000);
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn codel_serves_a_short_burst_in_full() {
     let layer = QueueLayer::builder()
         .limit(1)

@@ -38,6 +38,13 @@ pub(crate) fn now_in_call() -> Instant {
     }
 }
 
+/// `budget` after `now`, or, for a budget too large to add to the clock, as far as it can go (see [`far_future`]):
+/// never a panic.
+pub(crate) fn instant_after(now: Instant, budget: Duration) -> Instant {
+    now.checked_add(budget)
+        .unwrap_or_else(|| far_future(now, budget))
+}
+
 /// The instant a budget too large to add to `now` stands for: the budget halved until it fits, so at least half as
 /// far away as the furthest instant the clock can hold (centuries on any platform).
 #[cold]
@@ -126,11 +133,7 @@ impl Deadline {
     /// configuration meaning "no limit") gives a deadline centuries away, which never constrains anything, rather
     /// than a panic.
     pub fn after(budget: Duration) -> Self {
-        let now = Instant::now();
-        Deadline(
-            now.checked_add(budget)
-                .unwrap_or_else(|| far_future(now, budget)),
-        )
+        Deadline(instant_after(Instant::now(), budget))
     }
 
     /// The instant.

@@ -40,7 +40,8 @@
 //!   default, or refused in [strict](DeadlineLayerBuilder::strict) mode with 400 / INVALID_ARGUMENT /
 //!   [`InvalidTimeout`]; never a panic, never a wrong deadline. A header sent more than once counts with every
 //!   value (a proxy may append its own shorter timeout, and implementations differ on which one they read): the
-//!   smallest valid value applies, and a malformed one among them makes the header malformed. A request with no
+//!   smallest valid value applies; a malformed one among them is skipped with a `tracing` event, or in strict
+//!   mode has the request refused. A request with no
 //!   deadline anywhere and no configured maximum passes straight through: no clock read, no timer, no allocation.
 //! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (the earlier of its extensions'
 //!   and [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes

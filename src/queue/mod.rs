@@ -35,9 +35,9 @@
 //!   source's [`expected_latency`](crate::core::LimitSource::expected_latency) is rejected deadline-exceeded on
 //!   arrival, while queued and at dequeue, instead of being served late. A queued request's timer is set for when
 //!   its wait runs out or, by the expected latency of that moment, it becomes doomed; when it fires the queue
-//!   judges the deadline again by the expected latency of then, so a request it has since fallen for waits on (up
-//!   to its wait). One that a risen expected latency dooms earlier leaves when its timer fires or when it reaches
-//!   the head of the queue, whichever comes first: never later than its deadline.
+//!   judges the deadline again by the expected latency of then, so a request for which that latency has since
+//!   fallen waits on (up to its wait). One that a risen expected latency dooms earlier leaves when its timer fires
+//!   or when it reaches the head of the queue, whichever comes first: never later than its deadline.
 //!   The deadline comes from a [`DeadlineSource`](crate::core::DeadlineSource), as for the adaptive limiter: by
 //!   default the current one (which a [`DeadlineLayer`](crate::deadline::DeadlineLayer) outside sets around this
 //!   layer's `call`); with `.http()`/`.grpc()` also one stored in the request's extensions, which is all a queue

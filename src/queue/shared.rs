@@ -498,7 +498,8 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             }
         }
         q.observe(now, &self.config);
-        let until = now + self.wait_limit(q.managed(level));
+        // `max_wait` may be `Duration::MAX`, for no limit.
+        let until = crate::core::deadline::instant_after(now, self.wait_limit(q.managed(level)));
         let index = q.push(level, now, until, deadline);
         if q.len == 1 {
             // From here on arrivals queue behind this request. Set before the hand-over below reads `released`,
