@@ -41,8 +41,8 @@
 //!   [`InvalidTimeout`]; never a panic, never a wrong deadline. A header sent more than once counts with every
 //!   value (a proxy may append its own shorter timeout, and implementations differ on which one they read): the
 //!   smallest valid value applies; a malformed one among them is skipped with a `tracing` event, or in strict
-//!   mode has the request refused. A request with no
-//!   deadline anywhere and no configured maximum passes straight through: no clock read, no timer, no allocation.
+//!   mode has the request refused. A request with no deadline anywhere and no configured maximum passes straight
+//!   through: no clock read, no timer, no allocation.
 //! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (the earlier of its extensions'
 //!   and [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
 //!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set, and only that one of

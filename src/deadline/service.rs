@@ -161,7 +161,8 @@ fn read_timeout(
 ///
 /// Every value, not the first: a proxy may append its own shorter timeout after the caller's, and implementations
 /// disagree on which of several values they read (tonic the first, grpc-go the last), so the budget in force is the
-/// smallest of them, and one malformed value among them is a malformed header.
+/// smallest of them. A malformed value among them is reported (skipped, or refused in strict mode) as a malformed
+/// header is.
 #[inline(always)]
 fn read_values(
     headers: &HeaderMap,
