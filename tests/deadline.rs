@@ -1119,14 +1119,23 @@ async fn a_later_deadline_the_request_brought_is_overwritten_by_the_propagating_
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn propagation_writes_the_budget_minus_the_margin() {
+/// A propagating client with a 10 ms margin in front of [`recording`], and what the latter saw.
+fn propagating_with_10ms_margin() -> (
+    Arc<Seen>,
+    impl Service<Request<String>, Response = Response<String>, Error = BoxError> + Clone,
+) {
     let seen = Arc::new(Seen::default());
-    let layer = PropagateDeadlineLayer::builder()
+    let client = PropagateDeadlineLayer::builder()
         .margin(Duration::from_millis(10))
         .build()
-        .unwrap();
-    let client = layer.layer(recording(seen.clone(), Duration::ZERO));
+        .unwrap()
+        .layer(recording(seen.clone(), Duration::ZERO));
+    (seen, client)
+}
+
+#[tokio::test(start_paused = true)]
+async fn propagation_writes_the_budget_minus_the_margin() {
+    let (seen, client) = propagating_with_10ms_margin();
     let deadline = Deadline::after(Duration::from_secs(2));
 
     // From the task-local scope ...
@@ -1175,12 +1184,7 @@ async fn propagation_writes_the_budget_minus_the_margin() {
 
 #[tokio::test(start_paused = true)]
 async fn propagation_passes_on_only_the_smallest_value_the_caller_set() {
-    let seen = Arc::new(Seen::default());
-    let layer = PropagateDeadlineLayer::builder()
-        .margin(Duration::from_millis(10))
-        .build()
-        .unwrap();
-    let client = layer.layer(recording(seen.clone(), Duration::ZERO));
+    let (seen, client) = propagating_with_10ms_margin();
     let deadline = Deadline::after(Duration::from_secs(1));
     let calls: [&[(&str, &str)]; 4] = [
         // A smaller value the caller set is kept, alone: a next hop reading any one of several values (tonic reads
