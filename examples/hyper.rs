@@ -123,8 +123,9 @@ pub(crate) fn serve(listener: TcpListener, feeds: mpsc::UnboundedSender<Feed>) -
     handles
 }
 
-/// The client's response bodies.
-pub(crate) type ClientBody = UnsyncBoxBody<Bytes, hyper::Error>;
+/// The client's response bodies. Bounded by the caller's deadline, a body fails with `DeadlineExceeded` when it is
+/// still being read at the deadline; other errors are hyper's, boxed.
+pub(crate) type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The client's protected stack, boxed.
 pub(crate) type HttpService =

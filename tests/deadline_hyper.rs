@@ -94,7 +94,10 @@ async fn start_hop(
                 return Ok(failed);
             };
             let status = response.status();
-            let mut response = Response::new(format!("{hop}>{}", response.body().get_ref()));
+            // Read through the deadline's body, as a handler would.
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let body = std::str::from_utf8(&body).unwrap();
+            let mut response = Response::new(format!("{hop}>{body}"));
             *response.status_mut() = status;
             Ok(response)
         }

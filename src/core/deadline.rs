@@ -113,6 +113,13 @@ pub(crate) struct CallScope {
     _called: Restore<Instant>,
 }
 
+/// While alive, a deadline is current (unless an earlier one already is), as around a poll of
+/// [`DeadlineScope`]: made by [`Deadline::enter_poll`].
+#[cfg(feature = "http")]
+pub(crate) struct PollScope {
+    _current: Restore<Deadline>,
+}
+
 /// The absolute instant by which a request must be answered.
 ///
 /// Around the inner service's `call` and the handler future a deadline is current in a task-local scope, so code
@@ -207,6 +214,18 @@ impl Deadline {
         CallScope {
             _current: Restore::set(&CURRENT, self),
             _called: Restore::set(&CALLED_AT, now),
+        }
+    }
+
+    /// Makes this deadline [`Deadline::current`] until the returned guard is dropped, unless an earlier one is
+    /// current already, exactly as [`DeadlineScope`] does around each poll: for what is polled without being a
+    /// future (a response body).
+    #[cfg(feature = "http")]
+    #[inline]
+    #[must_use = "the deadline is current only while the guard lives"]
+    pub(crate) fn enter_poll(self) -> PollScope {
+        PollScope {
+            _current: Restore::earliest(self),
         }
     }
 

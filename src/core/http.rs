@@ -1,5 +1,6 @@
 //! HTTP: classification by status, body tracking, and rejections as status-code responses.
 
+use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,8 +10,9 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::error::DeadlineExceeded;
 use super::rejection::retry_after_secs;
-use super::{Classify, Outcome, Permit, RejectMode, Rejection};
+use super::{BoxError, Classify, Outcome, Permit, RejectMode, Rejection};
 
 /// Decides the outcome of a streamed response at its end, from its trailers (`None` when the body ended without
 /// any). Only consulted when the response head left the outcome open, as gRPC does.
@@ -30,7 +32,8 @@ pin_project! {
     /// A response body that holds its request's [`Permit`] until the body is really done.
     ///
     /// The permit is released exactly once: at the end of the stream (with the outcome of the response head, or,
-    /// for gRPC, of the trailers), on a body error ([`Outcome::Failure`]), or when the body is dropped half-read
+    /// for gRPC, of the trailers), on a body error ([`Outcome::Failure`]; [`Outcome::Dropped`] for a body a
+    /// deadline layer cut at its deadline), or when the body is dropped half-read
     /// ([`Outcome::Ignored`]: the client went away). A body that is already at its end when the head arrives
     /// releases the permit at once, since servers may never poll it.
     pub struct TrackedBody<B, T = ()> {
@@ -84,7 +87,24 @@ impl<B: Default, T: Default> Default for TrackedBody<B, T> {
     }
 }
 
-impl<B: Body, T: ClassifyEos> Body for TrackedBody<B, T> {
+/// The outcome of a body that failed with `error`: [`Outcome::Dropped`] for one cut at its deadline (by a
+/// deadline layer's [`DeadlineBody`](crate::deadline::DeadlineBody)), as an expired deadline is anywhere;
+/// [`Outcome::Failure`] for any other error.
+fn body_error_outcome<E: 'static>(error: &E) -> Outcome {
+    let cut = (error as &dyn Any)
+        .downcast_ref::<BoxError>()
+        .is_some_and(|error| error.is::<DeadlineExceeded>());
+    if cut {
+        Outcome::Dropped
+    } else {
+        Outcome::Failure
+    }
+}
+
+impl<B: Body, T: ClassifyEos> Body for TrackedBody<B, T>
+where
+    B::Error: 'static,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -103,7 +123,7 @@ impl<B: Body, T: ClassifyEos> Body for TrackedBody<B, T> {
                     .is_end_stream()
                     .then(|| this.outcome.unwrap_or_else(|| this.eos.classify_eos(None)))
             }
-            Some(Err(_)) => Some(Outcome::Failure),
+            Some(Err(error)) => Some(body_error_outcome(error)),
             None => Some(this.outcome.unwrap_or_else(|| this.eos.classify_eos(None))),
         };
         if let Some(outcome) = finished {

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::codec::InvalidTimeout;
-use super::mode::RejectInvalid;
+use super::mode::{BoundResponse, RejectInvalid};
 use crate::core::{Classify, DeadlineScope, Outcome, Permit, Reason, RejectMode, Rejection};
 
 pin_project! {
@@ -140,14 +140,14 @@ fn poll_state<F, Res, E, C, M, T, I>(
 ) -> Poll<Result<C::Response, M::Error>>
 where
     F: Future<Output = Result<Res, E>>,
-    C: Classify<Res, E>,
-    M: RejectMode<C::Response, E>,
+    C: Classify<M::Bounded, E>,
+    M: BoundResponse<Res> + RejectMode<C::Response, E>,
     T: SentBudget,
     I: Copy,
 {
     let output = match state.as_mut().project() {
         StateProj::Passthrough { inner, classify } => {
-            let result = ready!(inner.poll(cx));
+            let result = ready!(inner.poll(cx)).map(|response| mode.bound(response, None));
             classify
                 .finish(result, None)
                 .map_err(|e| mode.inner_error(e))
@@ -172,6 +172,9 @@ where
                 if sleep.is_some() {
                     sleep.set(None);
                 }
+                // In HTTP and gRPC modes the deadline goes on bounding the body.
+                let deadline = inner.deadline();
+                let result = result.map(|response| mode.bound(response, Some(deadline)));
                 return Poll::Ready(
                     classify
                         .finish(result, permit.take())
@@ -230,8 +233,8 @@ impl<F, C, M> ResponseFuture<F, C, M> {
 impl<F, Res, E, C, M> Future for ResponseFuture<F, C, M>
 where
     F: Future<Output = Result<Res, E>>,
-    C: Classify<Res, E>,
-    M: RejectInvalid<C::Response, E>,
+    C: Classify<M::Bounded, E>,
+    M: BoundResponse<Res> + RejectInvalid<C::Response, E>,
 {
     type Output = Result<C::Response, M::Error>;
 
@@ -282,8 +285,8 @@ impl<F, C, M> PropagateFuture<F, C, M> {
 impl<F, Res, E, C, M> Future for PropagateFuture<F, C, M>
 where
     F: Future<Output = Result<Res, E>>,
-    C: Classify<Res, E>,
-    M: RejectMode<C::Response, E>,
+    C: Classify<M::Bounded, E>,
+    M: BoundResponse<Res> + RejectMode<C::Response, E>,
 {
     type Output = Result<C::Response, M::Error>;
 

@@ -13,9 +13,11 @@
 //! - `tower::timeout::Timeout` applies one fixed duration per layer and knows nothing of the caller's budget;
 //!   [`DeadlineLayer`] takes the **earliest** of the caller's header (`grpc-timeout` and/or a millisecond header),
 //!   its own maximum, and any [`Deadline`] already set (in the request's extensions or the task-local scope).
-//! - tonic parses `grpc-timeout` on servers only, answers expiry with CANCELLED, does not count time spent queued
-//!   and never propagates. Here expiry is 504 / DEADLINE_EXCEEDED (never CANCELLED), the layer goes outermost so
-//!   time queued in inner layers counts, and [`PropagateDeadlineLayer`] passes the rest on to the next hop.
+//! - tonic parses `grpc-timeout` on servers only, answers expiry with CANCELLED, does not count time spent queued,
+//!   bounds only the response head (a server stream runs on past the deadline) and never propagates. Here expiry
+//!   is 504 / DEADLINE_EXCEEDED (never CANCELLED), the deadline bounds the whole response, streamed body included,
+//!   the layer goes outermost so time queued in inner layers counts, and [`PropagateDeadlineLayer`] passes the
+//!   rest on to the next hop.
 //! - Requests that arrive already expired, or with less than a configurable minimum left, are refused before
 //!   the inner service is called.
 //!
@@ -36,6 +38,7 @@
 //!   clock reading instead of reading the clock again), runs the inner future inside [`Deadline::scope`] and races
 //!   it against a timer. On expiry the inner future is
 //!   dropped, the answer is deadline-exceeded and the outcome [`Outcome::Dropped`](crate::core::Outcome::Dropped).
+//!   In HTTP and gRPC modes the deadline goes on bounding the response body (see below).
 //!   A malformed header (too many digits, unknown unit, overflow, garbage) is ignored with a `tracing` event by
 //!   default, or refused in [strict](DeadlineLayerBuilder::strict) mode with 400 / INVALID_ARGUMENT /
 //!   [`InvalidTimeout`]; never a panic, never a wrong deadline. A header sent more than once counts with every
@@ -46,7 +49,7 @@
 //! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (the earlier of its extensions'
 //!   and [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
 //!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set, and only that one of
-//!   several), and enforces the deadline locally. If nothing is left (nothing after the margin, or less than the
+//!   several), and enforces the deadline locally (in HTTP and gRPC modes on the response body too). If nothing is left (nothing after the margin, or less than the
 //!   headers written can carry: under a millisecond with the millisecond header), the call fails at once with
 //!   deadline-exceeded and nothing is sent.
 //!   The deadline is read in `call`: under [`Deadline::scope`], make the call inside the scoped future
@@ -55,6 +58,25 @@
 //!   CANCELLED) is answered for: an error from the inner service once the sent budget is spent becomes
 //!   deadline-exceeded (with [`GrpcMode`](crate::core::GrpcMode), DEADLINE_EXCEEDED) and outcome `Dropped`. A
 //!   response that arrives, even late, is passed on as it is.
+//!
+//! **The response body** (`.http()` and `.grpc()`): the deadline bounds the whole exchange, not only the response
+//! head. Both layers pass the body on as a [`DeadlineBody`]:
+//! - the deadline is [`Deadline::current`] while the body is polled and dropped, so a streaming handler that calls
+//!   dependencies while it produces its body passes the deadline on;
+//! - at the deadline the inner body is dropped, which stops the work producing it, and the body ends. In gRPC mode
+//!   it ends with trailers `grpc-status: 4` (DEADLINE_EXCEEDED): a server stream under a 2.5 s `grpc-timeout`
+//!   sends what it made in 2.5 s, then its caller reads DEADLINE_EXCEEDED. In HTTP mode the head (a 200, say) is
+//!   sent already, so the body fails with [`DeadlineExceeded`](crate::core::error::DeadlineExceeded) and hyper
+//!   resets the stream (HTTP/2) or closes the connection (HTTP/1.1): the client sees a cut response, not a short
+//!   one. Either way the outcome is [`Outcome::Dropped`](crate::core::Outcome::Dropped);
+//! - the body's timer is armed the first time the body waits, or at its third frame if it never waits (a stream
+//!   whose frames are all ready), and is its only allocation. A body that ends sooner (a one-frame body, a unary
+//!   gRPC message and its trailers) arms none and passes unchanged. A body is cut at its first poll once the
+//!   runtime has fired the timer; a frame ready at that poll is not delivered;
+//! - body errors pass on, boxed: the body's error type is [`BoxError`](crate::core::BoxError).
+//!
+//! In [`ErrorMode`](crate::core::ErrorMode) the response is not an HTTP response the layer knows how to read, and
+//! only the response future is bounded. A mode of your own says what it does through [`BoundResponse`].
 //!
 //! | refusal | [`ErrorMode`](crate::core::ErrorMode) | [`HttpMode`](crate::core::HttpMode) | `GrpcMode` |
 //! |---|---|---|---|
@@ -143,6 +165,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "http")]
+mod body;
 pub mod codec;
 #[cfg(feature = "http")]
 pub mod future;
@@ -154,13 +178,15 @@ mod service;
 #[cfg(feature = "http")]
 mod shared;
 
+#[cfg(feature = "http")]
+pub use self::body::DeadlineBody;
 pub use self::codec::{InvalidTimeout, GRPC_TIMEOUT_HEADER, TIMEOUT_MS_HEADER};
 #[cfg(feature = "http")]
 pub use self::layer::{
     DeadlineLayer, DeadlineLayerBuilder, PropagateDeadlineLayer, PropagateDeadlineLayerBuilder,
     DEFAULT_MARGIN,
 };
-pub use self::mode::RejectInvalid;
+pub use self::mode::{BoundResponse, RejectInvalid};
 #[cfg(feature = "http")]
 pub use self::service::{DeadlineService, PropagateDeadline};
 #[cfg(feature = "http")]

@@ -1,6 +1,7 @@
-//! How the server layer refuses a malformed timeout header in strict mode.
+//! What the modes of the deadline layers do beyond refusing: bound the response by the deadline, and (server) refuse
+//! a malformed timeout header in strict mode.
 
-use crate::core::{BoxError, ErrorMode, RejectMode};
+use crate::core::{BoxError, Deadline, ErrorMode, RejectMode};
 
 use super::codec::InvalidTimeout;
 
@@ -12,6 +13,54 @@ use super::codec::InvalidTimeout;
 pub trait RejectInvalid<Res, E>: RejectMode<Res, E> {
     /// The answer to a request whose timeout header does not follow its grammar.
     fn reject_invalid(&self, error: InvalidTimeout) -> Result<Res, Self::Error>;
+}
+
+/// How the mode of a deadline layer bounds the response it passes on by the request's deadline.
+///
+/// Implemented by the three core modes:
+/// - [`ErrorMode`] passes any response on as it is: the response future is all the deadline bounds.
+/// - `HttpMode` and `GrpcMode` wrap an `http::Response`'s body in a
+///   [`DeadlineBody`](super::DeadlineBody), so that the deadline bounds the whole exchange, a streamed body
+///   included, and is current while the body is polled. A body cut at the deadline ends with an error (HTTP) or
+///   with trailers `grpc-status: 4` (gRPC).
+///
+/// A mode of your own (given to `reject_mode`) implements it too, usually as `ErrorMode` does: `type Bounded = Res`
+/// and `bound` returning the response.
+pub trait BoundResponse<Res> {
+    /// The response passed on.
+    type Bounded;
+
+    /// `response`, bounded by `deadline` (`None`: the request had none, and the response passes as it is).
+    fn bound(&self, response: Res, deadline: Option<Deadline>) -> Self::Bounded;
+}
+
+impl<Res> BoundResponse<Res> for ErrorMode {
+    type Bounded = Res;
+
+    #[inline(always)]
+    fn bound(&self, response: Res, _deadline: Option<Deadline>) -> Res {
+        response
+    }
+}
+
+#[cfg(feature = "http")]
+impl<B> BoundResponse<http::Response<B>> for crate::core::HttpMode {
+    type Bounded = http::Response<super::DeadlineBody<B>>;
+
+    #[inline]
+    fn bound(&self, response: http::Response<B>, deadline: Option<Deadline>) -> Self::Bounded {
+        response.map(|body| super::DeadlineBody::new(body, deadline, super::body::End::Error))
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl<B> BoundResponse<http::Response<B>> for crate::core::GrpcMode {
+    type Bounded = http::Response<super::DeadlineBody<B>>;
+
+    #[inline]
+    fn bound(&self, response: http::Response<B>, deadline: Option<Deadline>) -> Self::Bounded {
+        response.map(|body| super::DeadlineBody::new(body, deadline, super::body::End::Grpc))
+    }
 }
 
 impl<Res, E: Into<BoxError>> RejectInvalid<Res, E> for ErrorMode {

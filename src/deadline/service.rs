@@ -14,7 +14,7 @@ use super::codec::{
 };
 use super::future::{PropagateFuture, ResponseFuture};
 use super::layer::{ClientConfig, ServerConfig};
-use super::mode::RejectInvalid;
+use super::mode::{BoundResponse, RejectInvalid};
 use super::shared::Shared;
 use crate::core::{Classify, Deadline, Instance, Observer, Permit, RejectMode};
 
@@ -199,8 +199,8 @@ fn malformed(name: &HeaderName, error: InvalidTimeout, strict: bool) -> InvalidT
 impl<S, B, C, M, O> Service<Request<B>> for DeadlineService<S, C, M, O>
 where
     S: Service<Request<B>>,
-    C: Classify<S::Response, S::Error>,
-    M: RejectInvalid<C::Response, S::Error>,
+    C: Classify<M::Bounded, S::Error>,
+    M: BoundResponse<S::Response> + RejectInvalid<C::Response, S::Error>,
     O: Observer,
 {
     type Response = C::Response;
@@ -390,8 +390,8 @@ fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duratio
 impl<S, B, C, M, O> Service<Request<B>> for PropagateDeadline<S, C, M, O>
 where
     S: Service<Request<B>>,
-    C: Classify<S::Response, S::Error>,
-    M: RejectMode<C::Response, S::Error>,
+    C: Classify<M::Bounded, S::Error>,
+    M: BoundResponse<S::Response> + RejectMode<C::Response, S::Error>,
     O: Observer,
 {
     type Response = C::Response;
