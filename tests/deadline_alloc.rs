@@ -162,3 +162,140 @@ fn storing_the_deadline_in_the_extensions_is_what_allocates() {
     // http's extension map, its table and the boxed entry (three in http 1.x), for each of the 10 000 requests.
     assert!(allocations >= 10_000, "{allocations} allocations");
 }
+
+/// A unary answer's body as gRPC sends it: one message, then trailers (made when polled, as an encoder makes them).
+#[derive(Default)]
+struct Unary {
+    sent: u8,
+}
+
+impl http_body::Body for Unary {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        self.sent += 1;
+        Poll::Ready(match self.sent {
+            1 => Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                b"answer",
+            )))),
+            2 => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                Some(Ok(http_body::Frame::trailers(trailers)))
+            }
+            _ => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent >= 2
+    }
+}
+
+/// Allocations made by calling `svc` for 10 000 requests with a deadline and reading each response body to its
+/// end, after a warm-up.
+fn allocations_with_bodies<S, B>(mut svc: S) -> u64
+where
+    S: Service<Request<()>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut cycle = |req: Request<()>| {
+        assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        let mut fut = std::pin::pin!(svc.call(req));
+        let Poll::Ready(Ok(response)) = fut.as_mut().poll(&mut cx) else {
+            panic!("the answer is ready at once")
+        };
+        let mut body = response.into_body();
+        // Read to the end: without a runtime, arming a timer would panic, so none is armed either.
+        while let Poll::Ready(Some(frame)) = std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
+            frame.unwrap();
+        }
+        assert!(body.is_end_stream());
+    };
+    for req in requests(100, true, false) {
+        cycle(req);
+    }
+    let batch = requests(10_000, true, false);
+    let (allocations, ()) = counting_alloc::allocations_in(|| {
+        for req in batch {
+            cycle(req);
+        }
+    });
+    allocations
+}
+
+/// In HTTP and gRPC modes the deadline also bounds the response body. A body that ends without waiting (a one-frame
+/// HTTP body, a unary gRPC answer: a message and its trailers) costs no allocation and no timer for it: the layers
+/// allocate exactly what the bodies themselves do.
+#[test]
+fn bounding_a_body_that_never_waits_allocates_nothing() {
+    let full = || {
+        service_fn(|_req: Request<()>| {
+            std::future::ready(Ok::<_, Infallible>(Response::new(
+                http_body_util::Full::new(bytes::Bytes::from_static(b"answer")),
+            )))
+        })
+    };
+    let unary = || {
+        service_fn(|_req: Request<()>| {
+            std::future::ready(Ok::<_, Infallible>(Response::new(Unary::default())))
+        })
+    };
+    let server = || DeadlineLayer::builder().max_timeout(Duration::from_secs(30));
+
+    assert_eq!(
+        allocations_with_bodies(full()),
+        0,
+        "the bare body allocates nothing"
+    );
+    assert_eq!(
+        allocations_with_bodies(server().http().build().unwrap().layer(full())),
+        0
+    );
+    // The propagating layer under a deadline, as a handler's outbound call is: in HTTP mode exactly what it
+    // allocates in error mode, where the body is not bounded (the header values it writes).
+    let scoped = |http: bool| {
+        let builder = PropagateDeadlineLayer::builder();
+        let (plain, bounded) = (
+            builder.clone().build().unwrap(),
+            builder.http().build().unwrap(),
+        );
+        tower::service_fn(move |req: Request<()>| {
+            let (mut plain, mut bounded) = (plain.layer(full()), bounded.layer(full()));
+            Deadline::after(Duration::from_secs(30)).scope(async move {
+                if http {
+                    let answer = bounded.call(req).await.map_err(tower::BoxError::from);
+                    answer.map(|r| r.map(http_body_util::Either::Left))
+                } else {
+                    let answer = plain.call(req).await;
+                    answer.map(|r| r.map(http_body_util::Either::Right))
+                }
+            })
+        })
+    };
+    let plain = allocations_with_bodies(scoped(false));
+    assert!(plain > 0, "the counter sees the header values written");
+    assert_eq!(allocations_with_bodies(scoped(true)), plain);
+
+    #[cfg(feature = "grpc")]
+    {
+        let bare = allocations_with_bodies(unary());
+        assert!(
+            bare >= 10_000,
+            "the counter sees the trailers' maps: {bare}"
+        );
+        assert_eq!(
+            allocations_with_bodies(server().grpc().build().unwrap().layer(unary())),
+            bare
+        );
+    }
+    #[cfg(not(feature = "grpc"))]
+    let _ = unary;
+}

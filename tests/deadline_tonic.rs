@@ -1,8 +1,8 @@
 //! Multi-hop deadline propagation over real loopback sockets with tonic (gRPC over HTTP/2).
 //!
 //! The same SRE-book example as the hyper test: A gets 30 s, spends 7 s, calls B (which sees 23 s minus one
-//! margin); B spends 4 s, calls C (19 s minus two margins). The service is defined by hand (no protoc): one
-//! unary method whose messages are UTF-8 strings.
+//! margin); B spends 4 s, calls C (19 s minus two margins). The services are defined by hand (no protoc): one
+//! unary method and one server-streaming method, whose messages are UTF-8 strings.
 //!
 //! Time is tokio's paused clock, moved only by the handlers' `tokio::time::advance`; a blocking task held open
 //! for the whole test keeps the runtime from auto-advancing while it waits on the sockets.
@@ -12,15 +12,17 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
+use futures::Stream;
 use http::uri::PathAndQuery;
 use tokio::net::TcpListener;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::server::{NamedService, UnaryService};
+use tonic::server::{NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status};
@@ -281,4 +283,116 @@ async fn channel_expiry_reaches_the_caller_as_deadline_exceeded() {
 
     drop(hold);
     inhibitor.await.unwrap().unwrap_err();
+}
+
+const FEED_PATH: &str = "/deadline.Feed/Items";
+
+/// A server-streaming method: one item a second, for ever. `dropped` is set when the stream is dropped.
+#[derive(Clone, Default)]
+struct Feed {
+    dropped: Arc<AtomicBool>,
+}
+
+impl NamedService for Feed {
+    const NAME: &'static str = "deadline.Feed";
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+type Items = Pin<Box<dyn Stream<Item = Result<String, Status>> + Send>>;
+
+impl ServerStreamingService<String> for Feed {
+    type Response = String;
+    type ResponseStream = Items;
+    type Future = BoxFuture<Result<Response<Items>, Status>>;
+
+    fn call(&mut self, _request: Request<String>) -> Self::Future {
+        let guard = SetOnDrop(self.dropped.clone());
+        let items = futures::stream::unfold((0u32, guard), |(n, guard)| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some((Ok(n.to_string()), (n + 1, guard)))
+        });
+        Box::pin(async move { Ok(Response::new(Box::pin(items) as Items)) })
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Feed {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let feed = self.clone();
+        Box::pin(async move {
+            Ok(tonic::server::Grpc::new(StringCodec)
+                .server_streaming(feed, request)
+                .await)
+        })
+    }
+}
+
+/// The deadline bounds a whole server-streaming call, not only its response head (which tonic's own timeout does):
+/// a stream that would go on for ever under a 2.5 s `grpc-timeout` sends its items of the first two seconds, and
+/// then the client reads DEADLINE_EXCEEDED from the trailers. The server drops the stream at the deadline, so it
+/// stops working for a caller that has given up, and records the call as `Dropped`.
+///
+/// Unlike the tests above, time here moves on its own (the paused clock jumps to the next timer whenever every task
+/// waits): the stream waits on timers, as real producers wait on something, rather than moving the clock itself.
+/// The clock may jump while bytes are on their way through the sockets, but the server's timers fire in their order
+/// (items at 1 s and 2 s, the deadline at 2.5 s, the next item at 3 s), so what is sent does not depend on it.
+#[tokio::test(start_paused = true)]
+async fn a_server_stream_ends_with_deadline_exceeded_at_its_deadline() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let feed = Feed::default();
+    let dropped = feed.dropped.clone();
+    let deadline = DeadlineLayer::builder().grpc().build().unwrap();
+    let handle = deadline.handle();
+    tokio::spawn(async move {
+        Server::builder()
+            .layer(deadline)
+            .add_service(feed)
+            .serve_with_incoming(TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+
+    let mut client = tonic::client::Grpc::new(connect(addr).await.unwrap());
+    client.ready().await.unwrap();
+    let mut request = Request::new(String::new());
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "2500m".parse().unwrap());
+    let mut items = client
+        .server_streaming(request, PathAndQuery::from_static(FEED_PATH), StringCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = Vec::new();
+    let status = loop {
+        match items.message().await {
+            Ok(Some(_)) if received.len() == 10 => panic!("the stream was not cut at its deadline"),
+            Ok(Some(item)) => received.push(item),
+            Ok(None) => panic!("the stream ended without a status after {received:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(received, ["0", "1"]);
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the server dropped the stream"
+    );
+    let snapshot = handle.snapshot();
+    assert_eq!((snapshot.dropped, snapshot.in_flight), (1, 0));
 }
