@@ -358,3 +358,142 @@ async fn the_propagating_layer_bounds_the_dependencys_body_by_the_callers_deadli
     assert!(producer.dropped.load(Ordering::SeqCst));
     assert_eq!(client.handle().snapshot().dropped, 1);
 }
+
+/// A body that fails with a transport error at `fail_at`, after a frame every 100 ms: what a client reads when
+/// the next hop cuts its body.
+fn failing_at(fail_at: Instant) -> UnsyncBoxBody<Bytes, std::io::Error> {
+    let frames = stream::unfold((), move |()| async move {
+        let next = Instant::now() + Duration::from_millis(100);
+        tokio::time::sleep_until(next.min(fail_at)).await;
+        let item = if Instant::now() >= fail_at {
+            Err(std::io::Error::other(
+                "connection closed before message completed",
+            ))
+        } else {
+            Ok(Frame::data(Bytes::from_static(b"x")))
+        };
+        Some((item, ()))
+    });
+    StreamBody::new(frames).boxed_unsync()
+}
+
+/// Client side, HTTP: the next hop, given the budget minus the margin, cuts its body before our deadline, and our
+/// transport reports that as its own error. Once the budget sent is spent, that error is the deadline: the body
+/// fails with `DeadlineExceeded` and the outcome is `Dropped` (not a `Failure` a breaker would count). An error
+/// before then is passed on as a failure.
+#[tokio::test(start_paused = true)]
+async fn a_body_error_once_the_sent_budget_is_spent_is_the_deadline() {
+    for (fails_after, cut) in [(995, true), (550, false)] {
+        let (log, observer) = events();
+        let client = PropagateDeadlineLayer::builder()
+            .margin(Duration::from_millis(10))
+            .http()
+            .observer(observer)
+            .build()
+            .unwrap();
+        let start = Instant::now();
+        let fail_at = start + Duration::from_millis(fails_after);
+        let dependency = client.layer(service_fn(move |_req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(failing_at(fail_at)))
+        }));
+        let response = Deadline::after(Duration::from_secs(1))
+            .scope(dependency.oneshot(Request::new(())))
+            .await
+            .unwrap();
+        let error = response.into_body().collect().await.unwrap_err();
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(fails_after),
+            "before the deadline (1 s)"
+        );
+        assert_eq!(error.is::<DeadlineExceeded>(), cut, "{error}");
+        let outcome = if cut {
+            Outcome::Dropped
+        } else {
+            Outcome::Failure
+        };
+        assert_eq!(completed(&log.lock().unwrap())[0].0, outcome);
+    }
+}
+
+/// Trailers are the last frame even when the inner body does not say so (`StreamBody`, axum's `Body::from_stream`
+/// keep `is_end_stream` false): a body whose trailers came in time ends with them, and is not cut at the deadline
+/// while its end is still to be asked for (which would add a second, DEADLINE_EXCEEDED, trailers frame in gRPC).
+#[tokio::test(start_paused = true)]
+async fn a_body_ends_with_its_trailers() {
+    let mut ok = HeaderMap::new();
+    ok.insert("grpc-status", "0".parse().unwrap());
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(2))
+        .http()
+        .build()
+        .unwrap();
+    let body = move || {
+        let frames = stream::iter([
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"all"))),
+            Ok(Frame::trailers(ok.clone())),
+        ]);
+        // The stream's own end never comes.
+        StreamBody::new(frames.chain(stream::pending())).boxed_unsync()
+    };
+    let service = layer.layer(service_fn(move |_req: Request<()>| {
+        let body = body();
+        async move { Ok::<_, Infallible>(Response::new(body)) }
+    }));
+    let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    assert!(body.frame().await.unwrap().unwrap().is_trailers());
+    assert!(body.is_end_stream());
+    let start = Instant::now();
+    assert!(body.frame().await.is_none());
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "the end comes at once, not at the deadline"
+    );
+    let snapshot = layer.handle().snapshot();
+    assert_eq!((snapshot.dropped, snapshot.in_flight), (0, 0));
+}
+
+/// A body that has ended (`is_end_stream`), polled for its end only after the deadline, ends: http-body says an
+/// ended body's `poll_frame` returns `None`.
+#[tokio::test(start_paused = true)]
+async fn an_ended_body_polled_after_the_deadline_ends() {
+    #[derive(Default)]
+    struct EndsLater(Arc<AtomicBool>);
+    impl Body for EndsLater {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match self.0.load(Ordering::SeqCst) {
+                true => std::task::Poll::Ready(None),
+                false => std::task::Poll::Pending,
+            }
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+    let ended = Arc::new(AtomicBool::new(false));
+    let flag = ended.clone();
+    let layer = DeadlineLayer::builder()
+        .max_timeout(Duration::from_secs(1))
+        .http()
+        .build()
+        .unwrap();
+    let service = layer.layer(service_fn(move |_req: Request<()>| {
+        let body = EndsLater(flag.clone());
+        async move { Ok::<_, Infallible>(Response::new(body)) }
+    }));
+    let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+    // Waits once (which arms the timer); its end arrives in time; its reader comes back after the deadline.
+    assert!(futures::poll!(body.frame()).is_pending());
+    ended.store(true, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(body.is_end_stream());
+    assert!(body.frame().await.is_none());
+    assert_eq!(layer.handle().snapshot().dropped, 0);
+}

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::core::{BoxError, Deadline, Reason, Rejection};
 
@@ -54,6 +54,10 @@ pin_project! {
         #[pin]
         inner: Option<B>,
         deadline: Option<Deadline>,
+        // Client side: when the budget written into the request for the next hop runs out. That hop cuts its body
+        // then, which reaches us as a transport error: an error after it is that cut, and ends the body as ours
+        // would have.
+        sent: Option<Instant>,
         // Boxed so that the body stays small for the many responses that never wait: armed at most once, the first
         // time the body waits or after `FRAMES_BEFORE_TIMER` ready frames.
         timer: Option<Pin<Box<Sleep>>>,
@@ -74,14 +78,29 @@ pin_project! {
 }
 
 impl<B> DeadlineBody<B> {
-    pub(crate) fn new(inner: B, deadline: Option<Deadline>, end: End) -> Self {
+    fn new(inner: B, deadline: Option<Deadline>, sent: Option<Instant>, end: End) -> Self {
         DeadlineBody {
             inner: Some(inner),
             deadline,
+            sent: deadline.and(sent),
             timer: None,
             frames: 0,
             end,
         }
+    }
+
+    /// `inner` bounded by `deadline` (none: passed through), ending with a
+    /// [`DeadlineExceeded`](crate::core::error::DeadlineExceeded) error when cut, as `HttpMode` does: for a
+    /// [`BoundResponse`](super::BoundResponse) of your own. `sent`, on a client: when the budget written into
+    /// the request runs out, after which an error from `inner` counts as the next hop's cut.
+    pub fn http(inner: B, deadline: Option<Deadline>, sent: Option<Instant>) -> Self {
+        DeadlineBody::new(inner, deadline, sent, End::Error)
+    }
+
+    /// Like [`DeadlineBody::http`], ending with trailers `grpc-status: 4` when cut, as `GrpcMode` does.
+    #[cfg(feature = "grpc")]
+    pub fn grpc(inner: B, deadline: Option<Deadline>, sent: Option<Instant>) -> Self {
+        DeadlineBody::new(inner, deadline, sent, End::Grpc)
     }
 
     /// The deadline bounding this body, if it has one.
@@ -98,7 +117,7 @@ impl<B> DeadlineBody<B> {
 /// An unbounded body around `B`'s default: the body of a refusal.
 impl<B: Default> Default for DeadlineBody<B> {
     fn default() -> Self {
-        DeadlineBody::new(B::default(), None, End::Error)
+        DeadlineBody::new(B::default(), None, None, End::Error)
     }
 }
 
@@ -121,7 +140,13 @@ where
             };
         };
         let _scope = deadline.enter_poll();
-        if let Some(timer) = this.timer.as_mut() {
+        // A body that says it has ended is not cut: it owes nothing more than the end, and is asked for it.
+        let ending = this
+            .inner
+            .as_ref()
+            .as_pin_ref()
+            .is_some_and(|b| b.is_end_stream());
+        if let (Some(timer), false) = (this.timer.as_mut(), ending) {
             if timer.as_mut().poll(cx).is_ready() {
                 return cut(this.inner, this.timer, *this.end);
             }
@@ -131,11 +156,13 @@ where
         };
         match inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let ended = this
-                    .inner
-                    .as_ref()
-                    .as_pin_ref()
-                    .is_none_or(|b| b.is_end_stream());
+                // Trailers are the last frame, whatever the inner body's `is_end_stream` says.
+                let ended = frame.is_trailers()
+                    || this
+                        .inner
+                        .as_ref()
+                        .as_pin_ref()
+                        .is_none_or(|b| b.is_end_stream());
                 if ended {
                     // Done in time: the inner body and the timer go now.
                     this.inner.set(None);
@@ -154,6 +181,9 @@ where
                 this.inner.set(None);
                 *this.timer = None;
                 Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(_))) if this.sent.is_some_and(|sent| Instant::now() >= sent) => {
+                cut(this.inner, this.timer, *this.end)
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
             Poll::Pending => match arm(this.timer, deadline).poll(cx) {

@@ -82,6 +82,9 @@ pin_project! {
 trait SentBudget {
     /// Whether the budget sent has run out.
     fn spent(&self) -> bool;
+
+    /// When it runs out, if one was sent.
+    fn until(&self) -> Option<Instant>;
 }
 
 /// The server future's [`SentBudget`]: nothing was sent.
@@ -93,6 +96,11 @@ impl SentBudget for NotSent {
     fn spent(&self) -> bool {
         false
     }
+
+    #[inline]
+    fn until(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// The client future's [`SentBudget`]: when the smallest timeout the outgoing headers carry runs out.
@@ -102,6 +110,10 @@ struct Sent(Instant);
 impl SentBudget for Sent {
     fn spent(&self) -> bool {
         Instant::now() >= self.0
+    }
+
+    fn until(&self) -> Option<Instant> {
+        Some(self.0)
     }
 }
 
@@ -147,7 +159,7 @@ where
 {
     let output = match state.as_mut().project() {
         StateProj::Passthrough { inner, classify } => {
-            let result = ready!(inner.poll(cx)).map(|response| mode.bound(response, None));
+            let result = ready!(inner.poll(cx)).map(|response| mode.bound(response, None, None));
             classify
                 .finish(result, None)
                 .map_err(|e| mode.inner_error(e))
@@ -174,7 +186,8 @@ where
                 }
                 // In HTTP and gRPC modes the deadline goes on bounding the body.
                 let deadline = inner.deadline();
-                let result = result.map(|response| mode.bound(response, Some(deadline)));
+                let result =
+                    result.map(|response| mode.bound(response, Some(deadline), sent.until()));
                 return Poll::Ready(
                     classify
                         .finish(result, permit.take())

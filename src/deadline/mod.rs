@@ -49,15 +49,16 @@
 //! - [`PropagateDeadlineLayer`] (client, feature `http`): takes the request's deadline (the earlier of its extensions'
 //!   and [`Deadline::current`]), subtracts a [safety margin](PropagateDeadlineLayerBuilder::margin), writes
 //!   `grpc-timeout` and/or the millisecond header (keeping a smaller value the caller set, and only that one of
-//!   several), and enforces the deadline locally (in HTTP and gRPC modes on the response body too). If nothing is left (nothing after the margin, or less than the
-//!   headers written can carry: under a millisecond with the millisecond header), the call fails at once with
-//!   deadline-exceeded and nothing is sent.
+//!   several), and enforces the deadline locally (in HTTP and gRPC modes on the response body too). If nothing
+//!   is left (nothing after the margin, or less than the headers written can carry: under a millisecond with the
+//!   millisecond header), the call fails at once with deadline-exceeded and nothing is sent.
 //!   The deadline is read in `call`: under [`Deadline::scope`], make the call inside the scoped future
 //!   (`oneshot`, or `call` in an `async` block), not before it. A transport that enforces the timeout it sends
 //!   on its own (a tonic `Channel` fails the call when the `grpc-timeout` runs out, which tonic reports as
 //!   CANCELLED) is answered for: an error from the inner service once the sent budget is spent becomes
 //!   deadline-exceeded (with [`GrpcMode`](crate::core::GrpcMode), DEADLINE_EXCEEDED) and outcome `Dropped`. A
-//!   response that arrives, even late, is passed on as it is.
+//!   response that arrives, even late, is passed on as it is (in HTTP and gRPC modes its head: a body still to
+//!   come after the deadline is cut at once).
 //!
 //! **The response body** (`.http()` and `.grpc()`): the deadline bounds the whole exchange, not only the response
 //! head. Both layers pass the body on as a [`DeadlineBody`]:
@@ -70,9 +71,16 @@
 //!   resets the stream (HTTP/2) or closes the connection (HTTP/1.1): the client sees a cut response, not a short
 //!   one. Either way the outcome is [`Outcome::Dropped`](crate::core::Outcome::Dropped);
 //! - the body's timer is armed the first time the body waits, or at its third frame if it never waits (a stream
-//!   whose frames are all ready), and is its only allocation. A body that ends sooner (a one-frame body, a unary
-//!   gRPC message and its trailers) arms none and passes unchanged. A body is cut at its first poll once the
-//!   runtime has fired the timer; a frame ready at that poll is not delivered;
+//!   whose frames are all ready), and is its only allocation. A body that ends sooner without waiting (a
+//!   one-frame body, a server's unary gRPC message and its trailers) arms none and passes unchanged; a client's
+//!   body that waits for the network arms one. A body is cut at its first poll once the runtime has fired the
+//!   timer (a frame ready at that poll is not delivered): hyper polls a body while its client reads, so a client
+//!   that stops reading holds the body, and its permit, until it reads again or goes away. Trailers end a body,
+//!   and a body that has ended is never cut;
+//! - on a client, a body error once the budget written for the next hop is spent is that hop cutting its body at
+//!   its deadline: it ends the body as a cut here would (deadline-exceeded, `Dropped`), not as a failure;
+//! - the outcome of a cut is `Dropped` with the layer's own classifiers (`HttpStatus`, `GrpcClassifier`), which
+//!   hold the permit until the body ends; a closure classifier records the outcome at the response head;
 //! - body errors pass on, boxed: the body's error type is [`BoxError`](crate::core::BoxError).
 //!
 //! In [`ErrorMode`](crate::core::ErrorMode) the response is not an HTTP response the layer knows how to read, and

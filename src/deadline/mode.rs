@@ -1,6 +1,8 @@
 //! What the modes of the deadline layers do beyond refusing: bound the response by the deadline, and (server) refuse
 //! a malformed timeout header in strict mode.
 
+use tokio::time::Instant;
+
 use crate::core::{BoxError, Deadline, ErrorMode, RejectMode};
 
 use super::codec::InvalidTimeout;
@@ -24,21 +26,29 @@ pub trait RejectInvalid<Res, E>: RejectMode<Res, E> {
 ///   included, and is current while the body is polled. A body cut at the deadline ends with an error (HTTP) or
 ///   with trailers `grpc-status: 4` (gRPC).
 ///
-/// A mode of your own (given to `reject_mode`) implements it too, usually as `ErrorMode` does: `type Bounded = Res`
-/// and `bound` returning the response.
+/// A mode of your own (given to `reject_mode`) implements it too: as `ErrorMode` does (`type Bounded = Res`,
+/// `bound` returning the response), or, to bound an HTTP body, with
+/// [`DeadlineBody::http`](super::DeadlineBody::http) or `DeadlineBody::grpc`, as the core modes do.
 pub trait BoundResponse<Res> {
     /// The response passed on.
     type Bounded;
 
     /// `response`, bounded by `deadline` (`None`: the request had none, and the response passes as it is).
-    fn bound(&self, response: Res, deadline: Option<Deadline>) -> Self::Bounded;
+    /// `sent` (client side): when the budget written into the request for the next hop runs out; an error after it
+    /// is that hop's cut (see [`DeadlineBody::http`](super::DeadlineBody::http)).
+    fn bound(
+        &self,
+        response: Res,
+        deadline: Option<Deadline>,
+        sent: Option<Instant>,
+    ) -> Self::Bounded;
 }
 
 impl<Res> BoundResponse<Res> for ErrorMode {
     type Bounded = Res;
 
     #[inline(always)]
-    fn bound(&self, response: Res, _deadline: Option<Deadline>) -> Res {
+    fn bound(&self, response: Res, _deadline: Option<Deadline>, _sent: Option<Instant>) -> Res {
         response
     }
 }
@@ -48,8 +58,13 @@ impl<B> BoundResponse<http::Response<B>> for crate::core::HttpMode {
     type Bounded = http::Response<super::DeadlineBody<B>>;
 
     #[inline]
-    fn bound(&self, response: http::Response<B>, deadline: Option<Deadline>) -> Self::Bounded {
-        response.map(|body| super::DeadlineBody::new(body, deadline, super::body::End::Error))
+    fn bound(
+        &self,
+        response: http::Response<B>,
+        deadline: Option<Deadline>,
+        sent: Option<Instant>,
+    ) -> Self::Bounded {
+        response.map(|body| super::DeadlineBody::http(body, deadline, sent))
     }
 }
 
@@ -58,8 +73,13 @@ impl<B> BoundResponse<http::Response<B>> for crate::core::GrpcMode {
     type Bounded = http::Response<super::DeadlineBody<B>>;
 
     #[inline]
-    fn bound(&self, response: http::Response<B>, deadline: Option<Deadline>) -> Self::Bounded {
-        response.map(|body| super::DeadlineBody::new(body, deadline, super::body::End::Grpc))
+    fn bound(
+        &self,
+        response: http::Response<B>,
+        deadline: Option<Deadline>,
+        sent: Option<Instant>,
+    ) -> Self::Bounded {
+        response.map(|body| super::DeadlineBody::grpc(body, deadline, sent))
     }
 }
 
