@@ -197,6 +197,20 @@ impl<B: Default, E> RejectMode<http::Response<B>, E> for GrpcMode {
     }
 }
 
+/// Writes the `grpc-status` and `grpc-message` that say `rejection`: into a trailers-only response's headers, or
+/// into the trailers that end a stream cut at its deadline.
+pub(crate) fn insert_status(headers: &mut HeaderMap, rejection: Rejection) {
+    headers.insert(
+        "grpc-status",
+        HeaderValue::from(rejection.reason().grpc_code()),
+    );
+    // Messages are fixed lowercase ASCII with spaces only: valid grpc-message without percent-encoding.
+    headers.insert(
+        "grpc-message",
+        HeaderValue::from_static(rejection.reason().message()),
+    );
+}
+
 /// The trailers-only response [`GrpcMode`] answers a rejection with.
 ///
 /// Like [`http_rejection`](super::http_rejection), it carries the [`Rejection`] in its extensions.
@@ -208,15 +222,7 @@ pub fn grpc_rejection<B: Default>(rejection: Rejection) -> http::Response<B> {
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    headers.insert(
-        "grpc-status",
-        HeaderValue::from(rejection.reason().grpc_code()),
-    );
-    // Messages are fixed lowercase ASCII with spaces only: valid grpc-message without percent-encoding.
-    headers.insert(
-        "grpc-message",
-        HeaderValue::from_static(rejection.reason().message()),
-    );
+    insert_status(headers, rejection);
     if let Some(ms) = rejection.retry_after().and_then(retry_after_millis) {
         headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
     }

@@ -226,24 +226,12 @@ fn cut<B: Body>(
     Poll::Ready(Some(match end {
         End::Error => Err(rejection.into_error()),
         #[cfg(feature = "grpc")]
-        End::Grpc => Ok(Frame::trailers(grpc_trailers(rejection))),
+        End::Grpc => {
+            let mut trailers = http::HeaderMap::with_capacity(2);
+            crate::core::grpc::insert_status(&mut trailers, rejection);
+            Ok(Frame::trailers(trailers))
+        }
     }))
-}
-
-#[cfg(feature = "grpc")]
-fn grpc_trailers(rejection: Rejection) -> http::HeaderMap {
-    use http::{HeaderMap, HeaderValue};
-
-    let mut trailers = HeaderMap::with_capacity(2);
-    trailers.insert(
-        "grpc-status",
-        HeaderValue::from(rejection.reason().grpc_code()),
-    );
-    trailers.insert(
-        "grpc-message",
-        HeaderValue::from_static(rejection.reason().message()),
-    );
-    trailers
 }
 
 impl<B> fmt::Debug for DeadlineBody<B> {
