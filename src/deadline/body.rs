@@ -140,14 +140,14 @@ where
             };
         };
         let _scope = deadline.enter_poll();
-        // A body that says it has ended is not cut: it owes nothing more than the end, and is asked for it.
-        let ending = this
-            .inner
-            .as_ref()
-            .as_pin_ref()
-            .is_some_and(|b| b.is_end_stream());
-        if let (Some(timer), false) = (this.timer.as_mut(), ending) {
-            if timer.as_mut().poll(cx).is_ready() {
+        if let Some(timer) = this.timer.as_mut() {
+            // A body that says it has ended is not cut: it owes nothing more than the end, and is asked for it.
+            let ended = this
+                .inner
+                .as_ref()
+                .as_pin_ref()
+                .is_some_and(|b| b.is_end_stream());
+            if !ended && timer.as_mut().poll(cx).is_ready() {
                 return cut(this.inner, this.timer, *this.end);
             }
         }
