@@ -261,6 +261,59 @@ async fn time_window_buckets_expire() {
     );
 }
 
+/// A time window of 1 ms buckets, 49.7 days (2^32 widths) on: the calls of then are long out of the window and
+/// stay out. (Epochs once had 32 bits, and came round to old counts again.)
+#[tokio::test(start_paused = true)]
+async fn time_window_epochs_do_not_come_round_to_old_counts() {
+    let layer = CircuitBreakerLayer::builder()
+        .time_window(10, Duration::from_millis(1))
+        .minimum_calls(100)
+        .failure_rate_threshold(50.0)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner());
+    for _ in 0..99 {
+        let _ = send(&mut svc, Call::Fail).await;
+    }
+    assert_eq!(handle.snapshot().calls, 99);
+    tokio::time::advance(Duration::from_millis(1 << 32)).await;
+    assert_eq!(handle.snapshot().calls, 0);
+    send(&mut svc, Call::Ok).await.unwrap();
+    assert_eq!(handle.state(), CircuitState::Closed);
+    assert_eq!(handle.snapshot().calls, 1);
+}
+
+/// After a long idle spell (here 2^31 + 100 widths, about 25 days with 1 ms buckets), every bucket's tag is far
+/// behind, however far: calls count again from the first. (A tag more than 2^31 epochs behind was once taken for
+/// one ahead, and every write to its bucket dropped.)
+#[tokio::test(start_paused = true)]
+async fn time_window_counts_after_a_long_idle_spell() {
+    let layer = CircuitBreakerLayer::builder()
+        .time_window(10, Duration::from_millis(1))
+        .minimum_calls(10)
+        .failure_rate_threshold(50.0)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner());
+    for _ in 0..10 {
+        send(&mut svc, Call::Ok).await.unwrap();
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    for idle in [(1 << 31) + 100, (1 << 33) + 7] {
+        tokio::time::advance(Duration::from_millis(idle)).await;
+        assert_eq!(handle.snapshot().calls, 0);
+        for i in 0..10 {
+            let _ = send(&mut svc, Call::Fail).await;
+            assert_eq!(handle.snapshot().calls, (i + 1).min(10));
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert_eq!(handle.state(), CircuitState::Open, "ten failures in a row");
+        handle.reset();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn time_window_trips_within_its_span() {
     let layer = CircuitBreakerLayer::builder()

@@ -1,5 +1,5 @@
 //! The windows over which failure and slow-call rates are measured. Both have a memory bound fixed at build time
-//! and O(1) lock-free updates.
+//! and lock-free updates: O(1) for the count window, O(buckets) for the time window (see `TimeWindow`).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
@@ -221,14 +221,20 @@ impl CountWindow {
 }
 
 /// A window over the last `buckets × width` of time: a fixed ring of buckets, each counting one `width`-long
-/// epoch. Every count carries its epoch in its own word (epoch in the high half, count in the low half), so a
+/// epoch. Every count carries its epoch in its own word (epoch in the high bits, count in the low bits), so a
 /// writer that finds an old epoch restarts the count with one compare-and-swap, and a reader ignores counts
-/// from epochs that have left the window. No bucket is ever cleaned up in the background.
+/// from epochs that have left the window. No bucket is ever cleaned up in the background. Recording reads every
+/// bucket back (the counts after it decide a trip): O(buckets), at most 1000.
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
     buckets: Box<[Bucket]>,
     width_nanos: u128,
     base: Instant,
+    // Bits of a word that hold the count: 24 (16.7 million calls a bucket) for buckets up to a second wide, one
+    // more for each doubling beyond, so that no bucket saturates below 16.7 million calls a second. The rest
+    // hold the epoch, which wraps only after 2^40 widths for a bucket up to a second wide (34 years at the
+    // narrowest, 1 ms), and after no less than 2^39 seconds for a wider one.
+    count_bits: u32,
 }
 
 #[derive(Debug, Default)]
@@ -240,27 +246,43 @@ struct Bucket {
 
 impl TimeWindow {
     fn new(buckets: usize, width: Duration, base: Instant) -> Self {
+        let seconds = width.as_secs_f64().max(1.0);
         TimeWindow {
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
             width_nanos: width.as_nanos().max(1),
             base,
+            count_bits: (24 + seconds.log2().ceil() as u32).min(56),
         }
     }
 
-    fn epoch(&self, now: Instant) -> u32 {
-        // Epochs wrap after 2^32 bucket widths; comparisons below use wrapping differences.
-        (now.saturating_duration_since(self.base).as_nanos() / self.width_nanos) as u32
+    fn count_mask(&self) -> u64 {
+        (1 << self.count_bits) - 1
+    }
+
+    fn epoch_mask(&self) -> u64 {
+        u64::MAX >> self.count_bits
+    }
+
+    fn epoch(&self, now: Instant) -> u64 {
+        // Epochs wrap (see `count_bits`); comparisons below use wrapping differences.
+        let epoch = now.saturating_duration_since(self.base).as_nanos() / self.width_nanos;
+        epoch as u64 & self.epoch_mask()
+    }
+
+    /// How many epochs `later` comes after `earlier`, modulo the epoch's range.
+    fn age(&self, later: u64, earlier: u64) -> u64 {
+        later.wrapping_sub(earlier) & self.epoch_mask()
     }
 
     fn record(&self, failure: bool, slow: bool, now: Instant) -> Counts {
         let epoch = self.epoch(now);
-        let bucket = &self.buckets[epoch as usize % self.buckets.len()];
-        bump(&bucket.calls, epoch);
+        let bucket = &self.buckets[(epoch % self.buckets.len() as u64) as usize];
+        self.bump(&bucket.calls, epoch);
         if failure {
-            bump(&bucket.failures, epoch);
+            self.bump(&bucket.failures, epoch);
         }
         if slow {
-            bump(&bucket.slow, epoch);
+            self.bump(&bucket.slow, epoch);
         }
         self.sum(epoch)
     }
@@ -269,12 +291,11 @@ impl TimeWindow {
         self.sum(self.epoch(now))
     }
 
-    fn sum(&self, epoch: u32) -> Counts {
+    fn sum(&self, epoch: u64) -> Counts {
         let live = |word: &AtomicU64| {
             let w = word.load(Ordering::Acquire);
-            let age = epoch.wrapping_sub((w >> 32) as u32);
-            if (age as usize) < self.buckets.len() {
-                w & u64::from(u32::MAX)
+            if self.age(epoch, w >> self.count_bits) < self.buckets.len() as u64 {
+                w & self.count_mask()
             } else {
                 0
             }
@@ -288,31 +309,32 @@ impl TimeWindow {
         counts
     }
 
+    fn bump(&self, word: &AtomicU64, epoch: u64) {
+        let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            let word_epoch = w >> self.count_bits;
+            if word_epoch == epoch {
+                // A bucket saturates rather than carry into its epoch tag.
+                ((w & self.count_mask()) < self.count_mask()).then_some(w + 1)
+            } else if self.age(word_epoch, epoch) < self.buckets.len() as u64 {
+                // A writer delayed past a whole window turn: the bucket already counts a later epoch, and ours
+                // has left the window.
+                None
+            } else {
+                // An older epoch, however old (an idle bucket's tag may be any distance behind): start afresh.
+                Some((epoch << self.count_bits) | 1)
+            }
+        });
+    }
+
     fn clear(&self) {
         // Epoch tags are kept so that a clear cannot resurrect an old bucket; only the counts go.
+        let tags = !self.count_mask();
         for b in self.buckets.iter() {
             for word in [&b.calls, &b.failures, &b.slow] {
-                let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                    Some(w & !u64::from(u32::MAX))
-                });
+                let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| Some(w & tags));
             }
         }
     }
-}
-
-fn bump(word: &AtomicU64, epoch: u32) {
-    let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-        let word_epoch = (w >> 32) as u32;
-        if word_epoch == epoch {
-            // A bucket saturates rather than carry into its epoch tag.
-            ((w & u64::from(u32::MAX)) < u64::from(u32::MAX)).then_some(w + 1)
-        } else if (epoch.wrapping_sub(word_epoch) as i32) > 0 {
-            Some((u64::from(epoch) << 32) | 1)
-        } else {
-            // A writer delayed past a whole window turn: its epoch has already left the window.
-            None
-        }
-    });
 }
 
 #[cfg(test)]
