@@ -515,6 +515,72 @@ async fn half_open_past_max_wait_reopens_when_no_probe_answered() {
     assert_eq!(handle.state(), CircuitState::Open);
 }
 
+/// Half-open entered by a look at the handle (a metrics poller, say), then no call for the whole half-open wait:
+/// no probe was sent, so nothing speaks against the dependency. Half-open waits on, for as long again, without a
+/// trip or its backoff, and the next call is the probe.
+#[tokio::test(start_paused = true)]
+async fn half_open_with_no_probe_sent_waits_on_without_a_trip() {
+    let transitions = Transitions::default();
+    let layer = r4j()
+        .permitted_calls_in_half_open(1)
+        .max_wait_in_half_open(Duration::from_secs(3))
+        .observer(transitions.observer())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner());
+    open_then_half_open(&mut svc, &handle).await;
+    // A poller looks every second, for three waits' worth.
+    for _ in 0..9 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(handle.snapshot().state, CircuitState::HalfOpen);
+    }
+    send(&mut svc, Call::Ok).await.unwrap();
+    assert_eq!(handle.state(), CircuitState::Closed, "the probe closed it");
+    assert_eq!(
+        transitions.list(),
+        [
+            (CircuitState::Closed, CircuitState::Open),
+            (CircuitState::Open, CircuitState::HalfOpen),
+            (CircuitState::HalfOpen, CircuitState::Closed),
+        ]
+    );
+    // A probe that went away untold gives its slot back, and leaves nothing to judge either.
+    open_then_half_open(&mut svc, &handle).await;
+    drop(svc.call(Call::Hang));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    // A probe sent and never answered is the dependency's silence: open again, with backoff.
+    let hung = svc.call(Call::Hang);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(handle.state(), CircuitState::Open);
+    drop(hung);
+}
+
+/// The shortest periods accepted, 1 ms each, make a breaker that trips, probes and closes (sub-millisecond ones
+/// are refused by `build`: the breaker counts whole milliseconds).
+#[tokio::test(start_paused = true)]
+async fn one_millisecond_periods_trip_probe_and_close() {
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(1)
+        .minimum_calls(1)
+        .permitted_calls_in_half_open(1)
+        .wait_in_open(Duration::from_millis(1))
+        .max_wait_in_open(Duration::from_millis(1))
+        .max_wait_in_half_open(Duration::from_millis(1))
+        .jitter(0.5)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner());
+    let _ = send(&mut svc, Call::Fail).await;
+    assert_eq!(handle.state(), CircuitState::Open);
+    assert!(is_open_rejection(&send(&mut svc, Call::Ok).await));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    send(&mut svc, Call::Ok).await.unwrap();
+    assert_eq!(handle.state(), CircuitState::Closed);
+}
+
 #[tokio::test(start_paused = true)]
 async fn half_open_past_max_wait_closes_when_the_answered_probes_were_healthy() {
     let layer = r4j()
@@ -980,7 +1046,15 @@ fn bad_config_is_an_error_with_a_clear_message() {
         ),
         (
             b().time_window(10, Duration::ZERO).build(),
-            "time_window: bucket width must be longer than zero",
+            "time_window: bucket width must be from 1 ms to 365 days, got 0ns",
+        ),
+        (
+            b().time_window(10, Duration::from_micros(999)).build(),
+            "time_window: bucket width must be from 1 ms to 365 days, got 999µs",
+        ),
+        (
+            b().time_window(10, Duration::from_secs(366 * 24 * 3600)).build(),
+            "time_window: bucket width must be from 1 ms to 365 days",
         ),
         (
             b().permitted_calls_in_half_open(0).build(),
@@ -996,7 +1070,15 @@ fn bad_config_is_an_error_with_a_clear_message() {
         ),
         (
             b().wait_in_open(Duration::ZERO).build(),
-            "wait_in_open: must be longer than zero",
+            "wait_in_open: must be at least 1 ms (the breaker counts whole milliseconds), got 0ns",
+        ),
+        // Sub-millisecond periods were accepted, then panicked at the first trip (the jitter's clamp) or left
+        // half-open expiring as it began (the wait truncated to 0 ms): the breaker counts whole milliseconds.
+        (
+            b().wait_in_open(Duration::from_micros(100))
+                .max_wait_in_open(Duration::from_micros(500))
+                .build(),
+            "wait_in_open: must be at least 1 ms",
         ),
         (
             b().max_wait_in_open(Duration::from_secs(1)).build(),
@@ -1012,7 +1094,11 @@ fn bad_config_is_an_error_with_a_clear_message() {
         ),
         (
             b().max_wait_in_half_open(Duration::ZERO).build(),
-            "max_wait_in_half_open: must be longer than zero",
+            "max_wait_in_half_open: must be at least 1 ms",
+        ),
+        (
+            b().max_wait_in_half_open(Duration::from_micros(500)).build(),
+            "max_wait_in_half_open: must be at least 1 ms (the breaker counts whole milliseconds), got 500µs",
         ),
         (
             b().slow_call_duration(Duration::ZERO).build(),

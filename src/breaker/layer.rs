@@ -10,9 +10,12 @@ use crate::core::{AnyOk, ConfigError, ErrorMode, Observer, Owner};
 
 const NAME: &str = "circuit breaker";
 
-/// Longest open period or half-open wait accepted: far beyond any sensible setting, and well inside the range
-/// the state word can hold.
+/// Longest open period, half-open wait or time-window bucket accepted: far beyond any sensible setting, and well
+/// inside the range the state word can hold.
 const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Shortest of the same: the breaker keeps its time in whole milliseconds.
+const MIN_PERIOD: Duration = Duration::from_millis(1);
 
 /// Applies a [`CircuitBreaker`] to a service. Every service made by one layer shares one breaker.
 ///
@@ -201,8 +204,8 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
         count_window(calls: usize) => window = WindowKind::Count(calls)
     );
     setter!(
-        /// Measure over the last `buckets × bucket_width` of time, in `buckets` fixed buckets (1 to 1000) that
-        /// expire whole.
+        /// Measure over the last `buckets × bucket_width` of time, in `buckets` fixed buckets (1 to 1000, each
+        /// 1 ms to 365 days wide) that expire whole.
         time_window(buckets: usize, bucket_width: Duration) => window = WindowKind::Time { buckets, width: bucket_width }
     );
     setter!(
@@ -215,7 +218,7 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
         consecutive_failures(failures: u32) => consecutive_failures = Some(failures)
     );
     setter!(
-        /// The first open period, before backoff.
+        /// The first open period, before backoff (1 ms to 365 days).
         wait_in_open(duration: Duration) => open = duration
     );
     setter!(
@@ -223,7 +226,7 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
         backoff_multiplier(multiplier: f64) => multiplier = multiplier
     );
     setter!(
-        /// The longest open period, jitter included.
+        /// The longest open period, jitter included (1 ms to 365 days, and not shorter than the first).
         max_wait_in_open(duration: Duration) => open_max = duration
     );
     setter!(
@@ -240,8 +243,10 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
         permitted_calls_in_half_open(calls: u32) => probes = u64::from(calls)
     );
     setter!(
-        /// The longest half-open waits for its probes. Past it, the probes that finished decide: closed if at
-        /// least one finished and they stayed under both thresholds, open again (with backoff) otherwise.
+        /// The longest half-open waits for its probes (1 ms to 365 days). Past it, the probes that finished
+        /// decide: closed if at least one finished and they stayed under both thresholds, open again (with
+        /// backoff) otherwise. A half-open that has sent no probe yet (no call came) has learnt nothing: it waits
+        /// on, for as long again, rather than open on the dependency's account.
         max_wait_in_half_open(duration: Duration) => half_open_max_wait = duration
     );
     setter!(
@@ -337,8 +342,11 @@ fn percent_to_ppm(field: &'static str, percent: f64) -> Result<u64, ConfigError>
 }
 
 fn period(field: &'static str, d: Duration) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        return Err(err(field, "must be longer than zero".into()));
+    if d < MIN_PERIOD {
+        return Err(err(
+            field,
+            format!("must be at least 1 ms (the breaker counts whole milliseconds), got {d:?}"),
+        ));
     }
     if d > MAX_PERIOD {
         return Err(err(field, format!("must be at most 365 days, got {d:?}")));
@@ -378,10 +386,10 @@ impl Settings {
                     format!("buckets must be in 1..=1000, got {buckets}"),
                 ))
             }
-            WindowKind::Time { width, .. } if width.is_zero() => {
+            WindowKind::Time { width, .. } if !(MIN_PERIOD..=MAX_PERIOD).contains(&width) => {
                 return Err(err(
                     "time_window",
-                    "bucket width must be longer than zero".into(),
+                    format!("bucket width must be from 1 ms to 365 days, got {width:?}"),
                 ))
             }
             _ => {}

@@ -253,11 +253,7 @@ impl<O: Observer> Shared<O> {
                     if now < until {
                         return self.rejected(Some(Duration::from_millis(until - now)));
                     }
-                    let next = next_word(
-                        word,
-                        CircuitState::HalfOpen,
-                        now.saturating_add(self.config.half_open_max_wait.as_millis() as u64),
-                    );
+                    let next = self.half_open_word(word, now);
                     word = match self.transition(word, next) {
                         Ok(()) => next,
                         Err(actual) => actual,
@@ -350,6 +346,13 @@ impl<O: Observer> Shared<O> {
         Ok(())
     }
 
+    /// A new half-open cycle from `from` (open, or a half-open that sent no probe), waiting for its probes until
+    /// its maximum has passed.
+    fn half_open_word(&self, from: u64, now_ms: u64) -> u64 {
+        let until = now_ms.saturating_add(self.config.half_open_max_wait.as_millis() as u64);
+        next_word(from, CircuitState::HalfOpen, until)
+    }
+
     /// Opens from `from` (closed or half-open) with the next backed-off open period.
     fn trip(&self, from: u64, now_ms: u64) {
         let period = self.open_period(self.consecutive_trips.load(Ordering::Relaxed));
@@ -384,10 +387,15 @@ impl<O: Observer> Shared<O> {
 
     /// Half-open has waited its maximum: the probes that did finish decide (closed when there was at least one
     /// and they stayed under both thresholds); with none finished, the dependency is still not answering, so it
-    /// opens again.
+    /// opens again. With no probe sent at all (no call came, or every one went away untold), there is nothing to
+    /// judge the dependency by: half-open starts its wait again, without a trip or its backoff.
     fn half_open_expired(&self, word: u64, now_ms: u64) {
         let p = Probes::read(self.probes.load(Ordering::Acquire), gen_of(word));
         let finished = p.successes + p.failures;
+        if p.admitted == 0 && finished == 0 {
+            let _ = self.transition(word, self.half_open_word(word, now_ms));
+            return;
+        }
         let healthy = finished > 0
             && !rate_reached(p.failures, finished, self.config.failure_ppm)
             && !rate_reached(p.slow, finished, self.config.slow_ppm);
@@ -473,13 +481,7 @@ impl<O: Observer> Shared<O> {
         let word = self.word.load(Ordering::Acquire);
         match state_of(word) {
             CircuitState::Open if self.now_ms() >= until_of(word) => {
-                let next = next_word(
-                    word,
-                    CircuitState::HalfOpen,
-                    self.now_ms()
-                        .saturating_add(self.config.half_open_max_wait.as_millis() as u64),
-                );
-                let _ = self.transition(word, next);
+                let _ = self.transition(word, self.half_open_word(word, self.now_ms()));
             }
             CircuitState::HalfOpen if self.now_ms() >= until_of(word) => {
                 self.half_open_expired(word, self.now_ms());
