@@ -748,6 +748,71 @@ async fn http_mode_answers_503_with_retry_after() {
     assert_eq!(res.headers()["retry-after"], "4", "3.5 s rounded up");
 }
 
+/// The typical client stack, `PropagateDeadline → CircuitBreaker → AdaptiveConcurrency → transport`, over a
+/// dependency that hangs: each call ends at its deadline, where the propagating layer drops the call. The breaker
+/// and the limiter inside count that as `Dropped` (a timeout), so the breaker opens, and the limiter is told of
+/// every drop; once it is open, calls are refused before the dependency is asked. (Each permit was once recorded
+/// `Ignored`, as for a caller that went away, and the breaker never opened.)
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn the_client_stack_breaker_opens_on_a_dependency_that_hangs() {
+    use http::{Request, Response, StatusCode};
+    use tower_backpressure::adaptive::AdaptiveConcurrencyLayer;
+    use tower_backpressure::core::{Deadline, Outcome};
+    use tower_backpressure::deadline::PropagateDeadlineLayer;
+
+    let breaker = CircuitBreakerLayer::builder()
+        .count_window(5)
+        .minimum_calls(5)
+        .jitter(0.0)
+        .http()
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let seen = outcomes.clone();
+    let limiter = AdaptiveConcurrencyLayer::builder()
+        .http()
+        .observer(move |e: &Event| {
+            if let Event::Completed { outcome, .. } = *e {
+                seen.lock().unwrap().push(outcome);
+            }
+        })
+        .build()
+        .unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    let hang = service_fn(move |_req: Request<String>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            std::future::pending::<()>().await;
+            Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+        }
+    });
+    let propagate = PropagateDeadlineLayer::builder().http().build().unwrap();
+    let svc = propagate.layer(breaker.layer(limiter.layer(hang)));
+    for call in 0..7 {
+        let res = Deadline::after(Duration::from_secs(1))
+            .scope(svc.clone().oneshot(Request::new(String::new())))
+            .await
+            .unwrap();
+        let expected = if call < 5 {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        assert_eq!(res.status(), expected, "call {call}");
+    }
+    assert_eq!(
+        handle.state(),
+        CircuitState::Open,
+        "{:?}",
+        handle.snapshot()
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 5, "refused once open");
+    assert_eq!(*outcomes.lock().unwrap(), [Outcome::Dropped; 5]);
+}
+
 #[cfg(feature = "grpc")]
 #[tokio::test(start_paused = true)]
 async fn grpc_mode_answers_unavailable_with_pushback() {

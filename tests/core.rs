@@ -78,6 +78,41 @@ fn permit_dropped_while_panicking_records_failure() {
     assert_eq!(log.outcomes(), [Outcome::Failure]);
 }
 
+/// Dropped inside a deadline's scope once the deadline has passed: a deadline layer outside cut the request off
+/// (it drops the inner future while the deadline is current), which is a timeout to the layers inside,
+/// `Dropped`. Before the deadline, or outside any scope, a drop is a caller that went away, `Ignored`.
+#[tokio::test(start_paused = true)]
+async fn permit_dropped_after_the_current_deadline_records_dropped() {
+    let log = Log::new();
+    let deadline = Deadline::after(Duration::from_secs(1));
+    let holding = |permits: Vec<Permit>| {
+        Box::pin(deadline.scope(async move {
+            let _held = permits;
+            std::future::pending::<()>().await;
+        }))
+    };
+    let mut in_time = holding(vec![permit(&log)]);
+    let mut cut = holding(vec![permit(&log), permit(&log)]);
+    let outside = permit(&log);
+    assert!(poll_once(in_time.as_mut()).is_pending());
+    assert!(poll_once(cut.as_mut()).is_pending());
+    tokio::time::advance(Duration::from_millis(999)).await;
+    drop(in_time);
+    assert_eq!(log.outcomes(), [Outcome::Ignored], "before the deadline");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    drop(cut);
+    drop(outside);
+    assert_eq!(
+        log.outcomes(),
+        [
+            Outcome::Ignored,
+            Outcome::Dropped,
+            Outcome::Dropped,
+            Outcome::Ignored
+        ]
+    );
+}
+
 #[test]
 fn permit_reports_latency_and_tag() {
     struct Check(Mutex<Option<(Duration, u64)>>);

@@ -189,8 +189,11 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
     ///
     /// Off by default, unlike Resilience4j, whose default rule (calls over 60 s, all of them) fires only on a
     /// dependency that hangs outright, and would cost every call two clock reads, more than the rest of the
-    /// closed path. Such a hang is better cut short by a deadline (the [`deadline`](crate::deadline) layers,
-    /// placed inside the breaker), whose expiries count here as failures.
+    /// closed path. Such a hang is better cut short by a deadline: a [`deadline`](crate::deadline) layer
+    /// placed outside the breaker (the typical client stack) drops the call at its deadline, which the breaker
+    /// counts as `Dropped`, a failure. A deadline layer inside the breaker answers with its own
+    /// deadline-exceeded instead, which the breaker's classifiers take for a local refusal and ignore.
+    ///
     /// Without the rule (and without an observer, which is told every latency) the closed path with a count
     /// window reads no clock.
     #[must_use]
