@@ -138,6 +138,104 @@ async fn codel_serves_a_short_burst_in_full() {
     );
 }
 
+/// A queue that stood, then drained and stayed empty for most of an interval: a short burst is served in full
+/// and in order. (The standing verdict was once judged at intervals' ends only, and held for the whole next
+/// interval: this burst, 74 ms after the drain, was cut to the 5 ms target and served newest first.)
+#[tokio::test(start_paused = true)]
+async fn a_burst_after_a_standing_queue_drained_is_served_in_full() {
+    let layer = QueueLayer::builder()
+        .limit(1)
+        .max_depth(1000)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let log = Log::default();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(log.clone(), 5));
+    let origin = Instant::now();
+    // 5x overload (a 5 ms request every ms on one worker) for 310 ms: the queue stands and is cut.
+    let mut overload = Vec::new();
+    for id in 1000.. {
+        if origin.elapsed() >= MS * 310 {
+            break;
+        }
+        overload.push(tokio::spawn(svc.clone().oneshot(id)));
+        sleep(MS).await;
+    }
+    for task in overload {
+        let _ = task.await.unwrap();
+    }
+    let before = handle.snapshot();
+    assert!(before.rejected_queue_timeout > 100, "it stood: {before:?}");
+    assert!(origin.elapsed() <= MS * 330, "drained by then");
+    // Empty until 390 ms: the queue was non-empty for well under 90 % of the last interval.
+    sleep(MS * 390 - origin.elapsed()).await;
+    log.lock().unwrap().clear();
+    // Eight requests: the last waits 35 ms, inside `max_wait` and inside the interval.
+    let mut svc = svc;
+    let mut burst = Vec::new();
+    for id in 0..8 {
+        burst.push(tokio::spawn(svc.ready().await.unwrap().call(id)));
+    }
+    for (id, task) in burst.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap().unwrap(), id as u64);
+    }
+    assert_eq!(
+        handle.snapshot().rejected_queue_timeout,
+        before.rejected_queue_timeout
+    );
+    assert_eq!(*log.lock().unwrap(), (0..8).collect::<Vec<_>>(), "in order");
+}
+
+/// The other way round: a queue non-empty without a break for 90 % of an interval stands from then on, not from
+/// the end of the interval that happens to be under way (up to a whole interval later). Overload starts 50 ms
+/// after the layer is built; from 140 ms on the queue has not been empty for 90 ms, so a request served from
+/// 150 ms on waited at most the 5 ms target.
+#[tokio::test(start_paused = true)]
+async fn a_queue_non_empty_for_an_interval_is_cut_to_the_target_from_then_on() {
+    let layer = QueueLayer::builder()
+        .limit(1)
+        .max_depth(1000)
+        .build()
+        .unwrap();
+    let origin = Instant::now();
+    let waits = Arc::new(Mutex::new(Vec::new()));
+    let seen = waits.clone();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(move |arrived: Instant| {
+            let now = Instant::now();
+            seen.lock().unwrap().push((now - origin, now - arrived));
+            async move {
+                sleep(MS * 5).await;
+                Ok::<_, Infallible>(())
+            }
+        }));
+    sleep(MS * 50).await;
+    let mut tasks = Vec::new();
+    while origin.elapsed() < MS * 400 {
+        tasks.push(tokio::spawn(svc.clone().oneshot(Instant::now())));
+        sleep(MS).await;
+    }
+    for task in tasks {
+        let _ = task.await.unwrap();
+    }
+    let waits = waits.lock().unwrap();
+    let long: Vec<_> = waits
+        .iter()
+        .filter(|&&(at, wait)| at >= MS * 150 && wait > MS * 5)
+        .collect();
+    assert!(
+        long.is_empty(),
+        "waits over the target once standing: {long:?}"
+    );
+    // Before it stood, the burst's waits grew past the target (FIFO, up to `max_wait`).
+    assert!(waits
+        .iter()
+        .any(|&(at, wait)| at < MS * 150 && wait > MS * 50));
+}
+
 /// Offers 5x capacity for 2 s and returns the longest wait of a request served after the first 300 ms, and the
 /// number of queue timeouts.
 async fn standing_queue(codel: bool) -> (Duration, u64) {
@@ -726,6 +824,27 @@ async fn the_critical_reserve_binds_only_at_saturation() {
     }
     let s = handle.snapshot();
     assert_eq!((s.in_flight, s.depth, s.completed), (0, 0, 8));
+}
+
+/// A limit source may say "no limit" with `usize::MAX`: the critical reserve on top of it saturates instead of
+/// overflowing (a panic in `call` in debug builds, a wrapped ceiling in release ones).
+#[tokio::test(start_paused = true)]
+async fn a_critical_reserve_over_an_unbounded_limit_admits() {
+    let layer = QueueLayer::builder()
+        .limit(usize::MAX)
+        .critical_reserve(0.5)
+        .prioritize(|r: &(Priority, u64)| r.0)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(by_priority(Log::default(), 1));
+    for priority in [Priority::Critical, Priority::Sheddable] {
+        let served = tokio::spawn(svc.clone().oneshot((priority, 7))).await;
+        assert_eq!(served.expect("no panic in call").unwrap(), 7);
+    }
+    assert_eq!(handle.snapshot().completed, 2);
 }
 
 #[tokio::test(start_paused = true)]

@@ -77,17 +77,24 @@ const EMPTY: List = List {
 };
 
 /// CoDel's standing-queue test for one level, after Facebook's "Fail at Scale": a queue that has not been empty
-/// for a whole interval is standing. Emptiness is measured as a share of time: the level stands for the next
-/// interval if it was non-empty for at least 90 % of the last one. Under overload, a queue cut down to the target
+/// for a whole interval is standing. Emptiness is measured as a share of time: the level stands while it was
+/// non-empty for at least 90 % of the last interval (see `observe` for how that is judged between intervals'
+/// ends: a break of over 10 % of one ends it at once). Under overload, a queue cut down to the target
 /// can touch empty for an instant; that must not reset it to a long FIFO wait. A moderately loaded level whose
 /// queue keeps emptying (critical traffic passing through a flood of sheddable requests) never stands.
 #[derive(Debug, Clone, Copy)]
 struct Standing {
     interval_start: Instant,
-    /// Since when the level is non-empty, if it is.
+    /// Since when the level is non-empty, if it is; restarted at each interval's end (see `nonempty`).
     nonempty_since: Option<Instant>,
     /// Time non-empty in the current interval, up to `nonempty_since`.
     nonempty: Duration,
+    /// Since when the level is non-empty without a break, if it is: not restarted at an interval's end.
+    run_start: Option<Instant>,
+    /// When the level last became empty, if it is empty now.
+    emptied_at: Option<Instant>,
+    /// The longest time the level stayed empty since the last `observe`.
+    gap: Duration,
     standing: bool,
 }
 
@@ -97,33 +104,57 @@ impl Standing {
             interval_start: now,
             nonempty_since: None,
             nonempty: Duration::ZERO,
+            run_start: None,
+            emptied_at: None,
+            gap: Duration::ZERO,
             standing: false,
         }
     }
 
     fn filled(&mut self, now: Instant) {
+        if let Some(at) = self.emptied_at.take() {
+            self.gap = self.gap.max(now.saturating_duration_since(at));
+        }
         self.nonempty_since = Some(now);
+        self.run_start = Some(now);
     }
 
     fn emptied(&mut self, now: Instant) {
         if let Some(since) = self.nonempty_since.take() {
             self.nonempty += now.saturating_duration_since(since);
         }
+        self.run_start = None;
+        self.emptied_at = Some(now);
     }
 
+    /// Standing means non-empty for at least 90 % of the last interval. Judged at intervals' ends alone, a
+    /// verdict would hold for the whole next interval, up to one interval late either way; so in between, a
+    /// break longer than the 10 % allowed ends it at once (a burst after a drained queue is served in full), and
+    /// a run without a break as long as the 90 % required starts it at once.
     fn observe(&mut self, now: Instant, interval: Duration) {
         let elapsed = now.saturating_duration_since(self.interval_start);
-        if elapsed < interval {
-            return;
+        if elapsed >= interval {
+            let mut nonempty = self.nonempty;
+            if let Some(since) = self.nonempty_since.as_mut() {
+                nonempty += now.saturating_duration_since(*since);
+                *since = now;
+            }
+            self.standing = nonempty >= elapsed.mul_f64(0.9);
+            self.nonempty = Duration::ZERO;
+            self.interval_start = now;
         }
-        let mut nonempty = self.nonempty;
-        if let Some(since) = self.nonempty_since.as_mut() {
-            nonempty += now.saturating_duration_since(*since);
-            *since = now;
+        let empty_for = self
+            .emptied_at
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+        if empty_for.max(std::mem::take(&mut self.gap)) > interval / 10 {
+            self.standing = false;
         }
-        self.standing = nonempty >= elapsed.mul_f64(0.9);
-        self.nonempty = Duration::ZERO;
-        self.interval_start = now;
+        if self
+            .run_start
+            .is_some_and(|at| now.saturating_duration_since(at) >= interval.mul_f64(0.9))
+        {
+            self.standing = true;
+        }
     }
 }
 
@@ -350,7 +381,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         let ceiling = if critical {
             let reserved = (limit as f64 * self.config.critical_reserve).ceil() as usize;
             if self.critical_in_flight.load(Ordering::SeqCst) < reserved {
-                limit + reserved
+                limit.saturating_add(reserved)
             } else {
                 limit
             }
