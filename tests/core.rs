@@ -335,6 +335,9 @@ fn retry_after_rounds_up() {
     assert_eq!(retry_after_millis(Duration::from_micros(1500)), Some(2));
     assert_eq!(retry_after_millis(Duration::from_millis(7)), Some(7));
     assert_eq!(retry_after_millis(Duration::ZERO), None);
+    // Rounding up saturates instead of overflowing (a panic in debug builds, a wrap to 0 in release).
+    assert_eq!(retry_after_secs(Duration::MAX), Some(u64::MAX));
+    assert_eq!(retry_after_millis(Duration::MAX), Some(u64::MAX));
 }
 
 // ---------------------------------------------------------------- classification tables

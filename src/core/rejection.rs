@@ -123,17 +123,14 @@ impl Rejection {
 }
 
 /// Whole seconds for a `Retry-After` header: rounded **up**, so a client never retries early (1.2 s gives 2).
-/// A zero duration gives `None`: the header is left out rather than inviting an immediate retry storm.
+/// A zero duration gives `None`: the header is left out rather than inviting an immediate retry storm. Saturates at
+/// `u64::MAX` seconds (a `Duration::MAX` would otherwise round up past it).
 pub fn retry_after_secs(retry_after: Duration) -> Option<u64> {
     if retry_after.is_zero() {
         return None;
     }
-    let secs = retry_after.as_secs();
-    Some(if retry_after.subsec_nanos() > 0 {
-        secs + 1
-    } else {
-        secs
-    })
+    let round_up = u64::from(retry_after.subsec_nanos() > 0);
+    Some(retry_after.as_secs().saturating_add(round_up))
 }
 
 /// Whole milliseconds for `grpc-retry-pushback-ms`, rounded up; `None` for zero.

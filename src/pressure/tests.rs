@@ -352,3 +352,32 @@ async fn http_mode_answers_503_with_retry_after() {
     assert_eq!(shed.status(), http::StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(shed.headers()[http::header::RETRY_AFTER], "2");
 }
+
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn http_mode_saturates_a_retry_after_too_large_for_the_header() {
+    use http_body_util::Empty;
+
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .build()
+        .unwrap();
+    let mut eval = monitor.evaluator();
+    let layer = PressureLayer::builder(&monitor)
+        .http()
+        .retry_after(Duration::MAX)
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
+    }));
+    feed(&monitor, &mut eval, lag(90));
+    // Rounding `Duration::MAX` up to whole seconds overflowed: a panic in debug builds, `Retry-After: 0` (retry at
+    // once) in release.
+    let shed = svc.oneshot(http::Request::new(())).await.unwrap();
+    assert_eq!(shed.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        shed.headers()[http::header::RETRY_AFTER],
+        u64::MAX.to_string().as_str()
+    );
+}

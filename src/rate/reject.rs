@@ -67,7 +67,7 @@ impl Policy {
 
 /// Whole seconds, rounded up (0 for a zero duration).
 fn retry_after_up(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// Whether `name` can be written as a structured-field string without escapes.
@@ -152,6 +152,11 @@ mod tests {
         assert_eq!(
             p.exhausted_header(Duration::from_millis(1200)),
             "\"api\";r=0;t=2"
+        );
+        assert_eq!(
+            p.exhausted_header(Duration::MAX),
+            format!("\"api\";r=0;t={}", u64::MAX).as_str(),
+            "saturates rather than overflowing"
         );
     }
 }
