@@ -118,6 +118,38 @@ async fn the_layer_sheds_during_a_real_stall_and_recovers_after() {
     guard.stop().await;
 }
 
+/// The monitor's own work is not the runtime's lag: a user probe that takes 30 ms holds the worker (the next sample
+/// comes later), but the next sample is due one interval after it returned, not after the probe task woke up.
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_user_probe_is_not_counted_as_lag() {
+    let slow = 30 * MS;
+    let monitor = RuntimeMonitor::builder()
+        .interval(5 * MS)
+        .max_lag(20 * MS, 10 * MS)
+        .max_probe(
+            "slow",
+            move || {
+                std::thread::sleep(slow);
+                0
+            },
+            10,
+            5,
+        )
+        .build()
+        .unwrap();
+    let _guard = monitor.start().unwrap();
+    while monitor.snapshot().samples < 6 {
+        next_sample(&monitor).await;
+    }
+    // Counted as lag, every sample would read at least 30 - 5 - 1 = 24 ms, so the median would too.
+    let snap = monitor.snapshot();
+    assert!(
+        snap.p50_lag < 10 * MS,
+        "an otherwise idle runtime whose only slow work is the monitor's own probe: median lag {:?}",
+        snap.p50_lag
+    );
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn stopping_the_monitor_ends_its_task() {
     let metrics = tokio::runtime::Handle::current().metrics();

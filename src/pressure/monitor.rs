@@ -416,9 +416,11 @@ async fn probe(shared: Arc<Shared>, metrics: RuntimeMetrics, running: Running) {
             probe: monitor.shared.probe.as_ref().map(|p| (p.read)()),
         };
         monitor.record(&mut eval, &sample, now);
-        // From now, not from the missed deadline: after a stall the probe takes one late sample, not a burst of
-        // catch-up samples that would each report the same stall.
-        due = now + interval;
+        // From a fresh reading taken after this sample's own work, not from `now`: the user probe and the observer
+        // run in between, and counting their time as lag would make the monitor report (and shed on) its own work.
+        // One clock read per interval, off the request path. Not from the missed deadline either: after a stall
+        // the probe takes one late sample, not a burst of catch-up samples that would each report the same stall.
+        due = Instant::now() + interval;
         sleep.as_mut().reset(due);
     }
 }
@@ -494,8 +496,10 @@ impl RuntimeMonitorBuilder {
 
     /// Declares pressure once `probe()` returns more than `trip`, and clears it once it stays below `recover` for
     /// [`min_recovery`](Self::min_recovery). The probe runs on the monitor task once per interval, never on the
-    /// request path, so it may read `/proc` or an allocator's statistics; it must not block for long, since it
-    /// delays the next sample. `name` labels the signal in [`Event::PressureChanged`].
+    /// request path, so it may read `/proc` or an allocator's statistics. Its own run time is not counted as lag
+    /// (the next sample is due one interval after it returns), but it must not block for long: it holds up the
+    /// worker it runs on like any blocking call, and delays the next sample. `name` labels the signal in
+    /// [`Event::PressureChanged`].
     ///
     /// ```
     /// # use std::sync::atomic::{AtomicU64, Ordering};
