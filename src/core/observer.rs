@@ -121,7 +121,8 @@ pub enum Event {
     RuntimeLag {
         /// The layer kind.
         layer: &'static str,
-        /// How much later than asked the probe task ran (scheduling delay, event-loop lag).
+        /// How much later than asked the probe task ran (scheduling delay, event-loop lag), past the timer's 1 ms
+        /// tick.
         lag: Duration,
         /// Tasks alive on the runtime.
         alive_tasks: usize,

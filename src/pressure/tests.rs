@@ -260,6 +260,43 @@ async fn probe_samples_once_per_interval() {
     assert!(!monitor.is_running());
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_timer_tick_is_not_counted_as_lag() {
+    // tokio fires a timer at the first millisecond tick at or after its deadline, paused or not: with a 1.5 ms
+    // interval every other deadline falls between two ticks and fires half a millisecond late on a runtime doing
+    // nothing else. That is the timer's granularity, not lag.
+    let monitor = RuntimeMonitor::builder()
+        .interval(MS + MS / 2)
+        .build()
+        .unwrap();
+    let guard = monitor.start().unwrap();
+    tokio::time::sleep(30 * MS).await;
+    let snap = monitor.snapshot();
+    assert!(snap.samples >= 10, "{} samples", snap.samples);
+    assert_eq!(snap.max_lag, Duration::ZERO);
+    guard.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lag_is_counted_past_the_timer_tick() {
+    use super::monitor::lag_past;
+    let due = Instant::now();
+    assert_eq!(lag_past(due, due), Duration::ZERO);
+    assert_eq!(lag_past(due, due + MS / 2), Duration::ZERO);
+    assert_eq!(
+        lag_past(due, due + MS),
+        Duration::ZERO,
+        "one tick late: the timer's doing"
+    );
+    assert_eq!(lag_past(due, due + MS + MS / 4), MS / 4);
+    assert_eq!(lag_past(due, due + 100 * MS), 99 * MS);
+    assert_eq!(
+        lag_past(due + MS, due),
+        Duration::ZERO,
+        "woken early: no lag"
+    );
+}
+
 #[derive(Default)]
 struct Outcomes(Mutex<Vec<Outcome>>);
 
