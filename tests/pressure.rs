@@ -283,6 +283,28 @@ fn bad_configuration_is_an_error_with_a_clear_message() {
     );
 }
 
+#[test]
+fn recover_thresholds_that_can_never_be_undercut_are_an_error() {
+    let msg =
+        |b: tower_backpressure::pressure::RuntimeMonitorBuilder| b.build().unwrap_err().to_string();
+    let b = RuntimeMonitor::builder;
+    // A signal clears once it reads below `recover`: no probe reading is below 0, and the monitor's own task is
+    // always alive, so these would latch the pressure on for ever once it tripped.
+    assert_eq!(
+        msg(b().max_probe("queue", || 0, 100, 0)),
+        "invalid runtime monitor config: max_probe: recover must be above 0: the pressure clears once the probe \
+         reads below recover, and no reading is below 0, so it would never clear"
+    );
+    assert_eq!(
+        msg(b().max_alive_tasks(5, 1)),
+        "invalid runtime monitor config: max_alive_tasks: recover must be at least 2: the pressure clears once \
+         fewer than recover tasks are alive, and the monitor's own task always is, so it would never clear (got 1)"
+    );
+    assert!(msg(b().max_alive_tasks(5, 0)).contains("recover must be at least 2"));
+    assert!(b().max_probe("queue", || 0, 100, 1).build().is_ok());
+    assert!(b().max_alive_tasks(5, 2).build().is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_multi_thread_runtime_lag_shows_when_every_worker_is_blocked() {
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -498,8 +498,8 @@ impl RuntimeMonitorBuilder {
     }
 
     /// Declares pressure once the runtime's alive tasks go above `trip`, and clears it once they stay below
-    /// `recover` for [`min_recovery`](Self::min_recovery). A rising task count is queued work the runtime has
-    /// not got to.
+    /// `recover` (at least 2, since the monitor's own task is alive; below `trip`) for
+    /// [`min_recovery`](Self::min_recovery). A rising task count is queued work the runtime has not got to.
     ///
     /// ```
     /// # use tower_backpressure::pressure::RuntimeMonitor;
@@ -512,8 +512,8 @@ impl RuntimeMonitorBuilder {
         self
     }
 
-    /// Declares pressure once `probe()` returns more than `trip`, and clears it once it stays below `recover` for
-    /// [`min_recovery`](Self::min_recovery). The probe runs on the monitor task once per interval, never on the
+    /// Declares pressure once `probe()` returns more than `trip`, and clears it once it stays below `recover`
+    /// (above 0, below `trip`) for [`min_recovery`](Self::min_recovery). The probe runs on the monitor task once per interval, never on the
     /// request path, so it may read `/proc` or an allocator's statistics. Its own run time is not counted as lag
     /// (the next sample is due one interval after it returns), but it must not block for long: it holds up the
     /// worker it runs on like any blocking call, and delays the next sample. `name` labels the signal in
@@ -623,6 +623,17 @@ impl RuntimeMonitorBuilder {
         }
         if let Some((trip, recover)) = self.alive_tasks {
             check_order("max_alive_tasks", &trip, &recover)?;
+            // The signal clears once fewer than `recover` tasks are alive; the probe task itself always is.
+            if recover < 2 {
+                return Err(ConfigError::new(
+                    CONFIG,
+                    "max_alive_tasks",
+                    format!(
+                        "recover must be at least 2: the pressure clears once fewer than recover tasks are alive, \
+                         and the monitor's own task always is, so it would never clear (got {recover})"
+                    ),
+                ));
+            }
         }
         if let Some(p) = &self.probe {
             if p.name.is_empty() {
@@ -633,6 +644,14 @@ impl RuntimeMonitorBuilder {
                 ));
             }
             check_order("max_probe", &p.trip, &p.recover)?;
+            if p.recover == 0 {
+                return Err(ConfigError::new(
+                    CONFIG,
+                    "max_probe",
+                    "recover must be above 0: the pressure clears once the probe reads below recover, and no \
+                     reading is below 0, so it would never clear",
+                ));
+            }
         }
         Ok(RuntimeMonitor {
             shared: Arc::new(Shared {
