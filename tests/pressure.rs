@@ -305,6 +305,39 @@ fn recover_thresholds_that_can_never_be_undercut_are_an_error() {
     assert!(b().max_alive_tasks(5, 2).build().is_ok());
 }
 
+#[test]
+fn durations_the_probe_cannot_work_with_are_an_error() {
+    let msg =
+        |b: tower_backpressure::pressure::RuntimeMonitorBuilder| b.build().unwrap_err().to_string();
+    let b = RuntimeMonitor::builder;
+    // The next deadline (now + interval) would overflow, and the probe task would panic once started.
+    assert_eq!(
+        msg(b().interval(Duration::MAX)),
+        format!(
+            "invalid runtime monitor config: interval: must be at most 3600s: a rarer probe would notice a stall \
+             that late (got {:?})",
+            Duration::MAX
+        )
+    );
+    assert!(msg(b().interval(Duration::from_secs(3601))).contains("must be at most 3600s"));
+    assert!(b().interval(Duration::from_secs(3600)).build().is_ok());
+    // Both thresholds would round to u64::MAX nanoseconds, recover no longer below trip: the probe task panicked.
+    let max = Duration::from_nanos(u64::MAX);
+    assert_eq!(
+        msg(b().max_lag(Duration::MAX, Duration::MAX - Duration::from_secs(1))),
+        format!(
+            "invalid runtime monitor config: max_lag: trip must be at most {max:?}, the largest lag it is compared \
+             in (got {:?})",
+            Duration::MAX
+        )
+    );
+    assert!(msg(b().max_lag(max + Duration::from_nanos(1), max)).contains("trip must be at most"));
+    assert!(b()
+        .max_lag(max, max - Duration::from_nanos(1))
+        .build()
+        .is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_multi_thread_runtime_lag_shows_when_every_worker_is_blocked() {
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -24,6 +24,13 @@ pub const MAX_WINDOW: usize = 10_000;
 /// tokio's timers tick once a millisecond, so a probe cannot be finer.
 const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
+/// The longest probe interval: a probe this rare would notice a stall an hour late, and far longer ones overflow
+/// the instant the next sample is due at.
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The largest lag threshold: lags are compared in whole nanoseconds held in a `u64` (about 584 years).
+const MAX_LAG: Duration = Duration::from_nanos(u64::MAX);
+
 /// Watches a tokio runtime for pressure: how late a probe task that asked to wake at time T actually runs
 /// (scheduling delay, the "event-loop lag" of other ecosystems), and the runtime's own task figures.
 ///
@@ -444,9 +451,9 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl RuntimeMonitorBuilder {
-    /// How often the probe runs (default 10 ms, at least 1 ms). Each run is one timer wake-up and a few atomic
-    /// stores; a shorter interval notices a stall sooner but never measures it more precisely than the stall
-    /// itself.
+    /// How often the probe runs (default 10 ms, at least 1 ms, at most an hour). Each run is one timer wake-up
+    /// and a few atomic stores; a shorter interval notices a stall sooner but never measures it more precisely
+    /// than the stall itself.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -598,6 +605,16 @@ impl RuntimeMonitorBuilder {
                 ),
             ));
         }
+        if self.interval > MAX_INTERVAL {
+            return Err(ConfigError::new(
+                CONFIG,
+                "interval",
+                format!(
+                    "must be at most {MAX_INTERVAL:?}: a rarer probe would notice a stall that late (got {:?})",
+                    self.interval
+                ),
+            ));
+        }
         if self.window == 0 || self.window > MAX_WINDOW {
             return Err(ConfigError::new(
                 CONFIG,
@@ -610,6 +627,14 @@ impl RuntimeMonitorBuilder {
         }
         if let Some((trip, recover)) = self.lag {
             check_order("max_lag", &trip, &recover)?;
+            // Past this, trip and recover would both round to the same u64 of nanoseconds.
+            if trip > MAX_LAG {
+                return Err(ConfigError::new(
+                    CONFIG,
+                    "max_lag",
+                    format!("trip must be at most {MAX_LAG:?}, the largest lag it is compared in (got {trip:?})"),
+                ));
+            }
             if recover < TIMER_RESOLUTION {
                 return Err(ConfigError::new(
                     CONFIG,

@@ -297,6 +297,23 @@ async fn lag_is_counted_past_the_timer_tick() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_largest_accepted_durations_keep_the_probe_running() {
+    let max = Duration::from_nanos(u64::MAX);
+    let monitor = RuntimeMonitor::builder()
+        .interval(Duration::from_secs(3600))
+        .max_lag(max, max - Duration::from_nanos(1))
+        .min_recovery(Duration::MAX)
+        .build()
+        .unwrap();
+    let guard = monitor.start().unwrap();
+    tokio::time::sleep(Duration::from_secs(7201)).await;
+    let snap = monitor.snapshot();
+    assert!(snap.running, "the probe task died");
+    assert_eq!(snap.samples, 2);
+    guard.stop().await;
+}
+
 #[derive(Default)]
 struct Outcomes(Mutex<Vec<Outcome>>);
 
