@@ -274,6 +274,15 @@ fn bad_configuration_is_an_error_with_a_clear_message() {
     assert!(msg(b().max_probe("memory", || 0, 10, 20))
         .starts_with("invalid runtime monitor config: max_probe:"));
     assert!(msg(b().max_probe("", || 0, 20, 10)).contains("name must not be empty"));
+    // The monitor's own signal names: a probe named so could not be told apart in PressureChanged events.
+    assert_eq!(
+        msg(b().max_probe("stopped", || 0, 20, 10)),
+        "invalid runtime monitor config: max_probe: name \"stopped\" is reserved: PressureChanged events use \
+         \"lag\", \"alive_tasks\" and \"stopped\" for the monitor's own signals"
+    );
+    for name in ["lag", "alive_tasks"] {
+        assert!(msg(b().max_probe(name, || 0, 20, 10)).contains("is reserved"));
+    }
 
     let unthresholded = b().build().unwrap();
     assert_eq!(

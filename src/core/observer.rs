@@ -136,7 +136,8 @@ pub enum Event {
         /// Whether the runtime is under pressure now.
         under_pressure: bool,
         /// The signal that tripped (entering) or recovered last (leaving): `"lag"`, `"alive_tasks"`, or the
-        /// name of a user probe.
+        /// name of a user probe; or `"stopped"` (leaving) when the monitor's task ended while under pressure
+        /// (guard dropped, runtime shut down), since a stopped monitor reports no pressure.
         signal: &'static str,
     },
 }

@@ -18,6 +18,12 @@ use crate::core::{ConfigError, Event, Observer};
 const LAYER: &str = "pressure";
 const CONFIG: &str = "runtime monitor";
 
+/// The `signal` of an [`Event::PressureChanged`] the monitor emits when its task ends while under pressure.
+const STOPPED: &str = "stopped";
+
+/// Signal names of the monitor's own: a user probe may not take them.
+const RESERVED_SIGNALS: [&str; 3] = ["lag", "alive_tasks", STOPPED];
+
 /// The most samples a monitor keeps for its percentiles.
 pub const MAX_WINDOW: usize = 10_000;
 
@@ -397,7 +403,7 @@ impl Drop for Running {
             s.observer.on_event(&Event::PressureChanged {
                 layer: LAYER,
                 under_pressure: false,
-                signal: "stopped",
+                signal: STOPPED,
             });
         }
         s.running.store(false, Relaxed);
@@ -524,7 +530,8 @@ impl RuntimeMonitorBuilder {
     /// request path, so it may read `/proc` or an allocator's statistics. Its own run time is not counted as lag
     /// (the next sample is due one interval after it returns), but it must not block for long: it holds up the
     /// worker it runs on like any blocking call, and delays the next sample. `name` labels the signal in
-    /// [`Event::PressureChanged`].
+    /// [`Event::PressureChanged`]; it must not be empty, nor one of the monitor's own signals (`"lag"`,
+    /// `"alive_tasks"`, `"stopped"`).
     ///
     /// ```
     /// # use std::sync::atomic::{AtomicU64, Ordering};
@@ -666,6 +673,17 @@ impl RuntimeMonitorBuilder {
                     CONFIG,
                     "max_probe",
                     "name must not be empty",
+                ));
+            }
+            if RESERVED_SIGNALS.contains(&p.name) {
+                return Err(ConfigError::new(
+                    CONFIG,
+                    "max_probe",
+                    format!(
+                        "name {:?} is reserved: PressureChanged events use \"lag\", \"alive_tasks\" and \"stopped\" \
+                         for the monitor's own signals",
+                        p.name
+                    ),
                 ));
             }
             check_order("max_probe", &p.trip, &p.recover)?;

@@ -314,6 +314,35 @@ async fn the_largest_accepted_durations_keep_the_probe_running() {
     guard.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn stopping_a_pressured_monitor_clears_the_pressure_as_signal_stopped() {
+    let (events, observer) = recorder();
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .observer(observer)
+        .build()
+        .unwrap();
+    let guard = monitor.start().unwrap();
+    feed(&monitor, &mut monitor.evaluator(), lag(80));
+    assert!(monitor.is_under_pressure());
+    guard.stop().await;
+    assert!(!monitor.is_under_pressure());
+    let transitions: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match *e {
+            Event::PressureChanged {
+                under_pressure,
+                signal,
+                ..
+            } => Some((under_pressure, signal)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(transitions, [(true, "lag"), (false, "stopped")]);
+}
+
 #[derive(Default)]
 struct Outcomes(Mutex<Vec<Outcome>>);
 
