@@ -220,7 +220,7 @@ async fn a_monitor_runs_once() {
 fn starting_outside_a_runtime_is_an_error_and_start_on_works_from_outside() {
     let monitor = RuntimeMonitor::builder().interval(MS).build().unwrap();
     let err = monitor.start().unwrap_err();
-    assert!(!err.is_already_running());
+    assert!(!err.is_already_running() && !err.is_timers_disabled());
     assert_eq!(
         err.to_string(),
         "runtime monitor must be started from within a tokio runtime"
@@ -240,6 +240,41 @@ fn starting_outside_a_runtime_is_an_error_and_start_on_works_from_outside() {
         !monitor.is_running(),
         "shutting the runtime down drops the task"
     );
+    drop(guard);
+}
+
+#[test]
+fn starting_on_a_runtime_without_timers_is_an_error() {
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 10 * MS)
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    // The probe sleeps between samples: on this runtime its task would panic at once, and the monitor would
+    // never report pressure.
+    let err = rt.block_on(async { monitor.start().unwrap_err() });
+    assert!(err.is_timers_disabled() && !err.is_already_running());
+    assert_eq!(
+        err.to_string(),
+        "runtime monitor needs a tokio runtime with timers enabled (`enable_time` on its builder)"
+    );
+    assert!(monitor
+        .start_on(rt.handle())
+        .unwrap_err()
+        .is_timers_disabled());
+    assert!(
+        !monitor.is_running(),
+        "a failed start leaves the monitor stopped"
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let guard = monitor.start_on(rt.handle()).unwrap();
+    rt.block_on(next_sample(&monitor));
     drop(guard);
 }
 

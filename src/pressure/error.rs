@@ -2,38 +2,59 @@
 
 use std::fmt;
 
-/// [`RuntimeMonitor::start`](super::RuntimeMonitor::start) failed: there is no tokio runtime to probe, or this
-/// monitor's probe task is already running.
+/// [`RuntimeMonitor::start`](super::RuntimeMonitor::start) failed: there is no tokio runtime to probe, the runtime
+/// was built without timers, or this monitor's probe task is already running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartError {
-    already_running: bool,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    NoRuntime,
+    TimersDisabled,
+    AlreadyRunning,
 }
 
 impl StartError {
     pub(crate) fn no_runtime() -> Self {
         StartError {
-            already_running: false,
+            kind: Kind::NoRuntime,
+        }
+    }
+
+    pub(crate) fn timers_disabled() -> Self {
+        StartError {
+            kind: Kind::TimersDisabled,
         }
     }
 
     pub(crate) fn already_running() -> Self {
         StartError {
-            already_running: true,
+            kind: Kind::AlreadyRunning,
         }
     }
 
-    /// Whether the monitor was already running (rather than started outside a tokio runtime).
+    /// Whether the monitor was already running.
     pub fn is_already_running(&self) -> bool {
-        self.already_running
+        self.kind == Kind::AlreadyRunning
+    }
+
+    /// Whether the runtime was built without timers (no `enable_time` or `enable_all` on its builder): the probe
+    /// sleeps between samples, so it needs them.
+    pub fn is_timers_disabled(&self) -> bool {
+        self.kind == Kind::TimersDisabled
     }
 }
 
 impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.already_running {
-            "runtime monitor already running"
-        } else {
-            "runtime monitor must be started from within a tokio runtime"
+        f.write_str(match self.kind {
+            Kind::NoRuntime => "runtime monitor must be started from within a tokio runtime",
+            Kind::TimersDisabled => {
+                "runtime monitor needs a tokio runtime with timers enabled (`enable_time` on its builder)"
+            }
+            Kind::AlreadyRunning => "runtime monitor already running",
         })
     }
 }

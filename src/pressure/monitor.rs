@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::runtime::{Handle, RuntimeMetrics};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::error::StartError;
 use super::trip::Trip;
@@ -206,15 +206,22 @@ impl RuntimeMonitor {
 
     /// Spawns the probe task on the current tokio runtime (the runtime it measures).
     ///
-    /// Fails outside a tokio runtime, and while this monitor (or a clone of it) is already running.
+    /// Fails outside a tokio runtime, on a runtime built without timers, and while this monitor (or a clone of it)
+    /// is already running.
     pub fn start(&self) -> Result<MonitorGuard, StartError> {
         let handle = Handle::try_current().map_err(|_| StartError::no_runtime())?;
         self.start_on(&handle)
     }
 
     /// Spawns the probe task on the runtime behind `handle`, from anywhere (before `block_on`, from another
-    /// thread). Fails while this monitor is already running.
+    /// thread). Fails on a runtime built without timers, and while this monitor is already running.
+    ///
+    /// A runtime without timers is told by creating the probe's timer here: tokio has no way to ask, and panics
+    /// when a timer is created on such a runtime. The panic is caught and returned as the error (the panic hook
+    /// still prints tokio's message, and under `panic = "abort"` the process aborts, as it would at the first
+    /// timer the application itself created there).
     pub fn start_on(&self, handle: &Handle) -> Result<MonitorGuard, StartError> {
+        let sleep = timer(handle)?;
         if self.shared.running.swap(true, Relaxed) {
             return Err(StartError::already_running());
         }
@@ -223,7 +230,7 @@ impl RuntimeMonitor {
         self.shared.lock_window().clear();
         // Created outside the task so that a task dropped before its first poll still marks the monitor stopped.
         let running = Running(self.shared.clone());
-        let task = handle.spawn(probe(self.shared.clone(), handle.metrics(), running));
+        let task = handle.spawn(probe(self.shared.clone(), handle.metrics(), running, sleep));
         Ok(MonitorGuard {
             monitor: self.clone(),
             task,
@@ -410,13 +417,25 @@ impl Drop for Running {
     }
 }
 
-async fn probe(shared: Arc<Shared>, metrics: RuntimeMetrics, running: Running) {
+/// A timer on `handle`'s runtime for the probe task, or the error for a runtime built without timers.
+///
+/// Created here rather than in the task: there, tokio's "timers are disabled" panic killed the task after `start`
+/// had returned `Ok`, and the monitor failed open without a word.
+fn timer(handle: &Handle) -> Result<Sleep, StartError> {
+    let _entered = handle.enter();
+    std::panic::catch_unwind(|| tokio::time::sleep(Duration::ZERO))
+        .map_err(|_| StartError::timers_disabled())
+}
+
+async fn probe(shared: Arc<Shared>, metrics: RuntimeMetrics, running: Running, sleep: Sleep) {
     let _running = running;
     let monitor = RuntimeMonitor { shared };
     let mut eval = monitor.evaluator();
     let interval = monitor.shared.interval;
+    // From the first poll, not from `start`: a monitor started before its runtime runs must not count the wait.
     let mut due = Instant::now() + interval;
-    let mut sleep = pin!(tokio::time::sleep_until(due));
+    let mut sleep = pin!(sleep);
+    sleep.as_mut().reset(due);
     loop {
         sleep.as_mut().await;
         let now = Instant::now();
