@@ -225,9 +225,15 @@ impl RuntimeMonitor {
         if self.shared.running.swap(true, Relaxed) {
             return Err(StartError::already_running());
         }
-        self.shared.samples.store(0, Relaxed);
-        self.shared.probe_read.store(false, Relaxed);
-        self.shared.lock_window().clear();
+        // A fresh run shows none of the last run's figures until its first sample.
+        let s = &self.shared;
+        s.samples.store(0, Relaxed);
+        s.last_lag_nanos.store(0, Relaxed);
+        s.workers.store(0, Relaxed);
+        s.alive.store(0, Relaxed);
+        s.global_queue_depth.store(0, Relaxed);
+        s.probe_read.store(false, Relaxed);
+        s.lock_window().clear();
         // Created outside the task so that a task dropped before its first poll still marks the monitor stopped.
         let running = Running(self.shared.clone());
         let task = handle.spawn(probe(self.shared.clone(), handle.metrics(), running, sleep));

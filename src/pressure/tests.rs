@@ -343,6 +343,46 @@ async fn stopping_a_pressured_monitor_clears_the_pressure_as_signal_stopped() {
     assert_eq!(transitions, [(true, "lag"), (false, "stopped")]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_restarted_monitor_shows_none_of_the_last_runs_figures() {
+    let monitor = RuntimeMonitor::builder()
+        .max_probe("memory", || 7, 100, 50)
+        .build()
+        .unwrap();
+    let guard = monitor.start().unwrap();
+    monitor.next_sample().await;
+    feed(
+        &monitor,
+        &mut monitor.evaluator(),
+        Sample {
+            global_queue_depth: 4,
+            ..lag(30)
+        },
+    );
+    guard.stop().await;
+
+    let guard = monitor.start().unwrap();
+    let snap = monitor.snapshot();
+    assert_eq!(
+        (snap.samples, snap.window, snap.last_lag, snap.max_lag),
+        (0, 0, Duration::ZERO, Duration::ZERO)
+    );
+    assert_eq!(
+        (
+            snap.workers,
+            snap.alive_tasks,
+            snap.global_queue_depth,
+            snap.probe
+        ),
+        (0, 0, 0, None),
+        "figures from before the restart"
+    );
+    monitor.next_sample().await;
+    let snap = monitor.snapshot();
+    assert_eq!((snap.workers, snap.probe), (1, Some(7)));
+    guard.stop().await;
+}
+
 #[derive(Default)]
 struct Outcomes(Mutex<Vec<Outcome>>);
 
