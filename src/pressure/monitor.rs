@@ -551,12 +551,12 @@ impl RuntimeMonitorBuilder {
     }
 
     /// Declares pressure once `probe()` returns more than `trip`, and clears it once it stays below `recover`
-    /// (above 0, below `trip`) for [`min_recovery`](Self::min_recovery). The probe runs on the monitor task once per interval, never on the
-    /// request path, so it may read `/proc` or an allocator's statistics. Its own run time is not counted as lag
-    /// (the next sample is due one interval after it returns), but it must not block for long: it holds up the
-    /// worker it runs on like any blocking call, and delays the next sample. `name` labels the signal in
-    /// [`Event::PressureChanged`]; it must not be empty, nor one of the monitor's own signals (`"lag"`,
-    /// `"alive_tasks"`, `"stopped"`).
+    /// (above 0, below `trip`) for [`min_recovery`](Self::min_recovery). The probe runs on the monitor task once
+    /// per interval, never on the request path, so it may read `/proc` or an allocator's statistics. Its own run
+    /// time is not counted as lag (the next sample is due one interval after it returns), but it must not block
+    /// for long: it holds up the worker it runs on like any blocking call, and delays the next sample. `name`
+    /// labels the signal in [`Event::PressureChanged`]; it must not be empty, nor one of the monitor's own signals
+    /// (`"lag"`, `"alive_tasks"`, `"stopped"`).
     ///
     /// ```
     /// # use std::sync::atomic::{AtomicU64, Ordering};

@@ -34,6 +34,20 @@ fn recorder() -> (Events, impl Fn(&Event) + Clone + Send + Sync + 'static) {
     (events, move |e: &Event| sink.lock().unwrap().push(*e))
 }
 
+/// The `PressureChanged` events recorded, as (layer, under pressure, signal).
+fn transitions(events: &Events) -> Vec<(&'static str, bool, &'static str)> {
+    let events = events.lock().unwrap();
+    let changes = events.iter().filter_map(|e| match *e {
+        Event::PressureChanged {
+            layer,
+            under_pressure,
+            signal,
+        } => Some((layer, under_pressure, signal)),
+        _ => None,
+    });
+    changes.collect()
+}
+
 #[tokio::test(start_paused = true)]
 async fn layer_sheds_above_trip_and_recovers_below_recover_after_the_hold() {
     let monitor = RuntimeMonitor::builder()
@@ -179,21 +193,8 @@ async fn every_signal_trips_and_events_name_it() {
     );
     assert!(!monitor.is_under_pressure());
 
-    let transitions: Vec<_> = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|e| match *e {
-            Event::PressureChanged {
-                layer,
-                under_pressure,
-                signal,
-            } => Some((layer, under_pressure, signal)),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        transitions,
+        transitions(&events),
         [
             ("pressure", true, "alive_tasks"),
             ("pressure", false, "alive_tasks"),
@@ -327,20 +328,10 @@ async fn stopping_a_pressured_monitor_clears_the_pressure_as_signal_stopped() {
     assert!(monitor.is_under_pressure());
     guard.stop().await;
     assert!(!monitor.is_under_pressure());
-    let transitions: Vec<_> = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|e| match *e {
-            Event::PressureChanged {
-                under_pressure,
-                signal,
-                ..
-            } => Some((under_pressure, signal)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(transitions, [(true, "lag"), (false, "stopped")]);
+    assert_eq!(
+        transitions(&events),
+        [("pressure", true, "lag"), ("pressure", false, "stopped")]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -455,52 +446,28 @@ async fn pressure_is_lag_aware_only_for_lag() {
 async fn http_mode_answers_503_with_retry_after() {
     use http_body_util::Empty;
 
-    let monitor = RuntimeMonitor::builder()
-        .max_lag(50 * MS, 20 * MS)
-        .build()
-        .unwrap();
-    let mut eval = monitor.evaluator();
-    let layer = PressureLayer::builder(&monitor)
-        .http()
-        .retry_after(Duration::from_millis(1500))
-        .build()
-        .unwrap();
-    let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
-        Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
-    }));
-    let ok = svc.clone().oneshot(http::Request::new(())).await.unwrap();
-    assert_eq!(ok.status(), http::StatusCode::OK);
-    feed(&monitor, &mut eval, lag(90));
-    let shed = svc.oneshot(http::Request::new(())).await.unwrap();
-    assert_eq!(shed.status(), http::StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(shed.headers()[http::header::RETRY_AFTER], "2");
-}
-
-#[cfg(feature = "http")]
-#[tokio::test(start_paused = true)]
-async fn http_mode_saturates_a_retry_after_too_large_for_the_header() {
-    use http_body_util::Empty;
-
-    let monitor = RuntimeMonitor::builder()
-        .max_lag(50 * MS, 20 * MS)
-        .build()
-        .unwrap();
-    let mut eval = monitor.evaluator();
-    let layer = PressureLayer::builder(&monitor)
-        .http()
-        .retry_after(Duration::MAX)
-        .build()
-        .unwrap();
-    let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
-        Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
-    }));
-    feed(&monitor, &mut eval, lag(90));
-    // Rounding `Duration::MAX` up to whole seconds overflowed: a panic in debug builds, `Retry-After: 0` (retry at
-    // once) in release.
-    let shed = svc.oneshot(http::Request::new(())).await.unwrap();
-    assert_eq!(shed.status(), http::StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        shed.headers()[http::header::RETRY_AFTER],
-        u64::MAX.to_string().as_str()
-    );
+    // Whole seconds rounded up. `Duration::MAX` saturates: rounding it up overflowed, a panic in debug builds and
+    // `Retry-After: 0` (retry at once) in release.
+    let max = u64::MAX.to_string();
+    for (retry_after, header) in [(1500 * MS, "2"), (Duration::MAX, max.as_str())] {
+        let monitor = RuntimeMonitor::builder()
+            .max_lag(50 * MS, 20 * MS)
+            .build()
+            .unwrap();
+        let mut eval = monitor.evaluator();
+        let layer = PressureLayer::builder(&monitor)
+            .http()
+            .retry_after(retry_after)
+            .build()
+            .unwrap();
+        let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
+        }));
+        let ok = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(ok.status(), http::StatusCode::OK);
+        feed(&monitor, &mut eval, lag(90));
+        let shed = svc.oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(shed.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(shed.headers()[http::header::RETRY_AFTER], header);
+    }
 }
