@@ -380,6 +380,36 @@ fn http_status_table() {
     assert_eq!(custom.outcome_for(StatusCode::OK), Outcome::Success);
 }
 
+#[tokio::test]
+async fn http_status_codes_above_599_are_classified_without_panicking() {
+    // `StatusCode` admits 100 to 999; codes past 599 are outside every standard class and count as success.
+    let odd = StatusCode::from_u16(600).unwrap();
+    let last = StatusCode::from_u16(999).unwrap();
+    assert_eq!(HttpStatus::new().outcome_for(last), Outcome::Success);
+    let custom = HttpStatus::new()
+        .status(odd, Outcome::Failure)
+        .status(last, Outcome::Dropped);
+    assert_eq!(custom.outcome_for(odd), Outcome::Failure);
+    assert_eq!(custom.outcome_for(last), Outcome::Dropped);
+    assert_eq!(
+        custom.outcome_for(StatusCode::from_u16(799).unwrap()),
+        Outcome::Success
+    );
+    assert_eq!(
+        custom.outcome_for(StatusCode::SERVICE_UNAVAILABLE),
+        Outcome::Dropped
+    );
+
+    // On the response path: a customised classifier given an unmapped 799 records the default outcome.
+    let log = Log::new();
+    let mut response = http::Response::new(Empty::<Bytes>::new());
+    *response.status_mut() = StatusCode::from_u16(799).unwrap();
+    let classify = HttpStatus::new().status(StatusCode::NOT_FOUND, Outcome::Ignored);
+    let res: Result<_, Infallible> = classify.finish(Ok(response), Some(permit(&log)));
+    res.unwrap().into_body().collect().await.unwrap();
+    assert_eq!(log.outcomes(), [Outcome::Success]);
+}
+
 #[test]
 fn grpc_code_table() {
     let c = GrpcClassifier::new();

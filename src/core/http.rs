@@ -156,7 +156,8 @@ impl<B, T> fmt::Debug for TrackedBody<B, T> {
 ///
 /// Defaults: 503, 429 and 504 are [`Outcome::Dropped`] (overload downstream), other 5xx are
 /// [`Outcome::Failure`], everything else (2xx, 3xx, and 4xx: the caller's mistake, not the service's) is
-/// [`Outcome::Success`]. An `Err` from the inner service is a failure. Any status can be remapped:
+/// [`Outcome::Success`]. An `Err` from the inner service is a failure. Any status `http` accepts (100 to 999,
+/// including codes above 599 that no standard defines) can be remapped:
 ///
 /// ```
 /// use http::StatusCode;
@@ -168,8 +169,17 @@ impl<B, T> fmt::Debug for TrackedBody<B, T> {
 /// ```
 #[derive(Clone, Default)]
 pub struct HttpStatus {
-    // Only a customised classifier pays for a table (and an atomic per request for cloning it).
-    table: Option<Arc<[Outcome; 500]>>,
+    // Only a customised classifier pays for a table (and an atomic per request for cloning it). The table covers
+    // every code a `StatusCode` can hold (100 to 999), one byte each.
+    table: Option<Arc<[Outcome; STATUS_CODES]>>,
+}
+
+/// How many status codes `http::StatusCode` admits: 100 to 999.
+const STATUS_CODES: usize = 900;
+
+/// A status code's slot in the table.
+fn slot(status: StatusCode) -> usize {
+    usize::from(status.as_u16()).saturating_sub(100)
 }
 
 impl HttpStatus {
@@ -182,20 +192,28 @@ impl HttpStatus {
     #[must_use]
     pub fn status(mut self, status: StatusCode, outcome: Outcome) -> Self {
         let table = self.table.get_or_insert_with(|| {
-            let mut t = [Outcome::Success; 500];
-            for (i, slot) in t.iter_mut().enumerate() {
-                *slot = default_outcome(i as u16 + 100);
+            let mut t = [Outcome::Success; STATUS_CODES];
+            for (code, entry) in (100..).zip(t.iter_mut()) {
+                *entry = default_outcome(code);
             }
             Arc::new(t)
         });
-        Arc::make_mut(table)[usize::from(status.as_u16() - 100)] = outcome;
+        // `StatusCode` keeps its code within 100..=999, so the slot exists; were it ever not, the mapping would
+        // be left out rather than panic.
+        if let Some(entry) = Arc::make_mut(table).get_mut(slot(status)) {
+            *entry = outcome;
+        }
         self
     }
 
     /// The outcome for a response with `status`.
     pub fn outcome_for(&self, status: StatusCode) -> Outcome {
-        match &self.table {
-            Some(table) => table[usize::from(status.as_u16() - 100)],
+        match self
+            .table
+            .as_ref()
+            .and_then(|table| table.get(slot(status)))
+        {
+            Some(outcome) => *outcome,
             None => default_outcome(status.as_u16()),
         }
     }
