@@ -238,6 +238,53 @@ async fn retry_after_is_never_zero_when_a_wait_is_needed() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_interval_between_whole_nanoseconds_is_rounded_up() {
+    // Three a second is one every 333 333 333.3 ns. Truncated, a fourth request would fit in the first second
+    // (at 999 999 999 ns); rounded up, the spacing is 333 333 334 ns.
+    let layer = RateLimitLayer::builder()
+        .rate(3, Duration::from_secs(1))
+        .burst(1)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(echo());
+    let mut admissions = 0;
+    let mut now = 0;
+    for at in [
+        0,
+        333_333_333,
+        333_333_334,
+        666_666_666,
+        666_666_667,
+        666_666_668,
+        999_999_999,
+    ] {
+        tokio::time::advance(Duration::from_nanos(at - now)).await;
+        now = at;
+        admissions += usize::from(admitted(&mut svc, 0).await);
+    }
+    assert_eq!(admissions, 3, "never more than 3 within a second");
+    tokio::time::advance(Duration::from_nanos(3)).await;
+    assert!(
+        admitted(&mut svc, 1).await,
+        "the fourth at 1 000 000 002 ns"
+    );
+
+    // 600 million a second (1.67 ns apart) is enforced as one every 2 ns, not one every nanosecond.
+    let layer = RateLimitLayer::builder()
+        .rate(600_000_000, Duration::from_secs(1))
+        .burst(1)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(echo());
+    let mut admissions = 0;
+    for _ in 0..1_000 {
+        admissions += usize::from(admitted(&mut svc, 0).await);
+        tokio::time::advance(Duration::from_nanos(1)).await;
+    }
+    assert_eq!(admissions, 500, "1 µs at one every 2 ns");
+}
+
+#[tokio::test(start_paused = true)]
 async fn observer_sees_each_rejection() {
     let rejections = Arc::new(AtomicUsize::new(0));
     let seen = rejections.clone();

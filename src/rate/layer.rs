@@ -60,6 +60,12 @@ impl RateLimitLayerBuilder {
 impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
     /// Allows `requests` per `per` on average, spaced evenly (one every `per / requests`). Required.
     ///
+    /// The spacing is kept in whole nanoseconds, rounded up: a limit never admits more than `requests` in any
+    /// `per`, but one whose spacing is not a whole number of nanoseconds is enforced slightly below the rate
+    /// asked for (`rate(3, Duration::from_secs(1))` spaces requests 333 333 334 ns apart; 600 million per second,
+    /// 1.67 ns apart, becomes one every 2 ns: 500 million per second). More than one request per nanosecond is
+    /// refused by [`build`](Self::build).
+    ///
     /// ```
     /// use std::time::Duration;
     /// use tower_backpressure::rate::RateLimitLayer;
@@ -249,14 +255,14 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
                 "period must be longer than zero",
             ));
         }
-        let interval = per / requests;
-        if interval.is_zero() {
+        if per.as_nanos() < u128::from(requests) {
             return Err(ConfigError::new(
                 LAYER,
                 "rate",
                 "more than one request per nanosecond",
             ));
         }
+        let interval = interval_rounded_up(per, requests);
         let burst = self.settings.burst.unwrap_or(requests);
         let burst = NonZeroU32::new(burst)
             .ok_or_else(|| ConfigError::new(LAYER, "burst", "must be at least 1"))?;
@@ -303,6 +309,16 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
             shared: Arc::new(Shared::new(quota, max_keys, self.observer)),
         })
     }
+}
+
+/// `per / requests` rounded up to whole nanoseconds (`Duration`'s division truncates, which would admit more than
+/// `requests` per `per`).
+fn interval_rounded_up(per: Duration, requests: u32) -> Duration {
+    const NANOS_PER_SEC: u128 = 1_000_000_000;
+    let nanos = per.as_nanos().div_ceil(u128::from(requests));
+    // At most `per`'s nanoseconds, so the seconds fit in a `u64` as `per`'s do.
+    let secs = u64::try_from(nanos / NANOS_PER_SEC).unwrap_or(u64::MAX);
+    Duration::new(secs, (nanos % NANOS_PER_SEC) as u32)
 }
 
 impl<K, C, M, O> fmt::Debug for RateLimitLayerBuilder<K, C, M, O> {
