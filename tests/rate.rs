@@ -285,6 +285,20 @@ async fn an_interval_between_whole_nanoseconds_is_rounded_up() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_retry_after_keeps_the_limiters_own_wait() {
+    use tower_backpressure::core::{ErrorMode, WithRetryAfter};
+    let layer = RateLimitLayer::builder()
+        .rate(1, Duration::from_secs(2))
+        .reject_mode(WithRetryAfter::new(ErrorMode, Duration::from_secs(30)))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(echo());
+    assert!(admitted(&mut svc, 0).await);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(retry_after(&mut svc).await, Duration::from_millis(1500));
+}
+
+#[tokio::test(start_paused = true)]
 async fn observer_sees_each_rejection() {
     let rejections = Arc::new(AtomicUsize::new(0));
     let seen = rejections.clone();
@@ -429,6 +443,37 @@ mod http_mode {
         assert_eq!(headers["retry-after"], "2");
         assert_eq!(headers["ratelimit"], "\"api\";r=0;t=2");
         assert_eq!(headers["ratelimit-policy"], "\"api\";q=5;w=6");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_retry_after_keeps_the_wait_and_the_ratelimit_headers() {
+        use tower_backpressure::core::{HttpMode, HttpStatus, WithRetryAfter};
+        let layer = RateLimitLayer::builder()
+            .rate(1, Duration::from_secs(1))
+            .policy_name("api")
+            .classifier(HttpStatus::new())
+            .reject_mode(WithRetryAfter::new(HttpMode, Duration::from_secs(5)))
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(ok_service());
+        let mut call = async || {
+            svc.ready()
+                .await
+                .unwrap()
+                .call(Request::new(()))
+                .await
+                .unwrap()
+        };
+        assert_eq!(call().await.status(), StatusCode::OK);
+        let response = call().await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let headers = response.headers();
+        assert_eq!(
+            headers["retry-after"], "1",
+            "the limiter's wait, not the default"
+        );
+        assert_eq!(headers["ratelimit"], "\"api\";r=0;t=1");
+        assert_eq!(headers["ratelimit-policy"], "\"api\";q=1;w=1");
     }
 
     #[tokio::test(start_paused = true)]

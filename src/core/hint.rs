@@ -7,7 +7,9 @@ use super::{RejectMode, Rejection};
 /// Layers that cannot know when capacity frees up (the adaptive limiter, the queue) refuse without a hint, so
 /// their 503s carry no `Retry-After` and their gRPC rejections no `grpc-retry-pushback-ms`. Clients that honour
 /// the hint back off instead of retrying at once; wrapping the mode sets one. Hints a layer computed itself
-/// (a rate limit's wait, an open breaker's remaining time) are kept.
+/// (a rate limit's wait, an open breaker's remaining time) are kept. It wraps the mode of any layer, the rate
+/// limit's included (where it is a [`RateLimitReject`](crate::rate::RateLimitReject) when the mode it wraps is,
+/// and keeps that mode's rate-limit headers).
 ///
 /// ```
 /// # #[cfg(feature = "http")] {
@@ -45,10 +47,21 @@ impl<Res, E, M: RejectMode<Res, E>> RejectMode<Res, E> for WithRetryAfter<M> {
     }
 
     fn reject(&self, rejection: Rejection) -> Result<Res, Self::Error> {
-        let rejection = match rejection.retry_after() {
+        self.mode.reject(self.hinted(rejection))
+    }
+}
+
+impl<M> WithRetryAfter<M> {
+    /// The wrapped mode.
+    pub(crate) fn mode(&self) -> &M {
+        &self.mode
+    }
+
+    /// `rejection`, given the default hint if it has none of its own.
+    pub(crate) fn hinted(&self, rejection: Rejection) -> Rejection {
+        match rejection.retry_after() {
             Some(_) => rejection,
             None => rejection.with_retry_after(Some(self.retry_after)),
-        };
-        self.mode.reject(rejection)
+        }
     }
 }

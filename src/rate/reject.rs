@@ -7,7 +7,7 @@ use crate::core::BoxError;
 use crate::core::GrpcMode;
 #[cfg(feature = "http")]
 use crate::core::{http_rejection, retry_after_secs, HttpMode};
-use crate::core::{ErrorMode, RejectMode, Rejection};
+use crate::core::{ErrorMode, RejectMode, Rejection, WithRetryAfter};
 
 /// The quota a rate limit advertises, in the terms of the IETF draft
 /// [draft-ietf-httpapi-ratelimit-headers-10](https://datatracker.ietf.org/doc/draft-ietf-httpapi-ratelimit-headers/)
@@ -82,8 +82,9 @@ pub(crate) fn valid_policy_name(name: &str) -> bool {
 ///
 /// [`ErrorMode`] and [`GrpcMode`](crate::core::GrpcMode) answer as for any rejection (`core::error::RateLimited`;
 /// RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`). [`HttpMode`](crate::core::HttpMode) adds the IETF
-/// `RateLimit` and `RateLimit-Policy` fields to its 429 with `Retry-After`. A custom reject mode opts in with an
-/// empty `impl` (the provided method answers as [`RejectMode::reject`] does).
+/// `RateLimit` and `RateLimit-Policy` fields to its 429 with `Retry-After`. [`WithRetryAfter`] answers as the
+/// mode it wraps does, keeping the limiter's own wait. A custom reject mode opts in with an empty `impl` (the
+/// provided method answers as [`RejectMode::reject`] does).
 pub trait RateLimitReject<Res, E>: RejectMode<Res, E> {
     /// The answer to a request refused under `policy`.
     fn reject_rate_limited(
@@ -97,6 +98,19 @@ pub trait RateLimitReject<Res, E>: RejectMode<Res, E> {
 }
 
 impl<Res, E: Into<BoxError>> RateLimitReject<Res, E> for ErrorMode {}
+
+/// The wrapped mode answers (with its rate-limit headers, if it writes any). The rate limit always computes its
+/// own wait, which is kept; the default hint would only fill a rejection that came without one.
+impl<Res, E, M: RateLimitReject<Res, E>> RateLimitReject<Res, E> for WithRetryAfter<M> {
+    fn reject_rate_limited(
+        &self,
+        rejection: Rejection,
+        policy: &Policy,
+    ) -> Result<Res, Self::Error> {
+        self.mode()
+            .reject_rate_limited(self.hinted(rejection), policy)
+    }
+}
 
 #[cfg(feature = "grpc")]
 impl<B: Default, E> RateLimitReject<http::Response<B>, E> for GrpcMode {}
