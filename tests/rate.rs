@@ -11,7 +11,7 @@ use futures::task::noop_waker_ref;
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_backpressure::core::error::RateLimited;
 use tower_backpressure::core::{BoxError, Event, Reason};
-use tower_backpressure::rate::RateLimitLayer;
+use tower_backpressure::rate::{RateLimitHandle, RateLimitLayer};
 
 fn echo() -> impl Service<
     u32,
@@ -191,16 +191,26 @@ async fn requests_without_a_key_share_one_budget() {
     assert!(admitted(&mut svc, 5).await);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_flood_of_distinct_keys_stays_at_the_cap() {
+/// A limit of one request per `per` for each `u32` key, tracking at most `max_keys` keys, and its handle.
+fn one_per_key(
+    per: Duration,
+    max_keys: usize,
+) -> (
+    RateLimitHandle,
+    impl Service<u32, Response = u32, Error = BoxError>,
+) {
     let layer = RateLimitLayer::builder()
-        .rate(1, Duration::from_secs(60))
+        .rate(1, per)
         .key(|n: &u32| Some(*n))
-        .max_keys(1_000)
+        .max_keys(max_keys)
         .build()
         .unwrap();
-    let handle = layer.handle();
-    let mut svc = layer.layer(echo());
+    (layer.handle(), layer.layer(echo()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_distinct_keys_stays_at_the_cap() {
+    let (handle, mut svc) = one_per_key(Duration::from_secs(60), 1_000);
     for n in 0..100_000 {
         assert!(
             admitted(&mut svc, n).await,
@@ -212,6 +222,26 @@ async fn a_flood_of_distinct_keys_stays_at_the_cap() {
     assert_eq!(snapshot.max_keys, Some(1_000));
     // The most recent keys are still tracked and still limited.
     assert!(!admitted(&mut svc, 99_999).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn active_clients_are_never_forgotten_below_the_cap() {
+    // As many clients as max_keys, one request an hour each. However their keys spread over the store's shards,
+    // none may be forgotten (and come back with a fresh burst) while the store has room for all of them.
+    let (handle, mut svc) = one_per_key(Duration::from_secs(3600), 1_000);
+    for n in 0..1_000 {
+        assert!(admitted(&mut svc, n).await);
+    }
+    assert_eq!(handle.snapshot().tracked_keys, 1_000);
+    for round in 0..3 {
+        for n in 0..1_000 {
+            assert!(
+                !admitted(&mut svc, n).await,
+                "client {n} admitted again in round {round}"
+            );
+        }
+    }
+    assert_eq!(handle.snapshot().tracked_keys, 1_000);
 }
 
 #[tokio::test(start_paused = true)]

@@ -130,8 +130,10 @@ impl<K, C, M, O> RateLimitLayerBuilder<K, C, M, O> {
     }
 
     /// The most keys tracked at once (default 100 000; about 95 bytes per key whatever its size, so under
-    /// 10 MB). When full, the least recently seen key is forgotten; it starts with a full burst if it comes
-    /// back. Set it above the number of clients active within one window, so only idle clients are forgotten.
+    /// 10 MB). No key is forgotten while fewer are tracked. When full, a new key takes the place of one not seen
+    /// lately, preferring one whose budget has refilled (forgetting it loses nothing); a key forgotten while
+    /// still limited starts with a full burst if it comes back. Set it above the number of clients active within
+    /// one window, so only idle clients are forgotten.
     ///
     /// ```
     /// use std::time::Duration;

@@ -17,9 +17,10 @@
 //!   [`ErrorMode`](crate::core::ErrorMode) (`core::error::RateLimited`), a 429 in `.http()`, RESOURCE_EXHAUSTED
 //!   in `.grpc()`.
 //! - **Keyed, with bounded memory.** Per peer IP ([`PeerIp`]), per header ([`HeaderKey`]) or per anything a
-//!   closure returns. At most [`max_keys`](RateLimitLayerBuilder::max_keys) keys are tracked; a flood of
-//!   distinct keys evicts the least recently seen instead of growing memory (governor's own keyed maps grow
-//!   until someone calls `retain_recent`).
+//!   closure returns. At most [`max_keys`](RateLimitLayerBuilder::max_keys) keys are tracked, and none is
+//!   forgotten below that; at the cap, a flood of distinct keys replaces keys not seen lately (first those whose
+//!   budget has refilled) instead of growing memory (governor's own keyed maps grow until someone calls
+//!   `retain_recent`).
 //! - **Honest retry hints.** `Retry-After` is governor's wait rounded *up* to whole seconds, never `0` when a
 //!   wait is needed (1.2 s gives `2`); gRPC gets `grpc-retry-pushback-ms`, also rounded up.
 //! - **Standard headers.** HTTP rejections carry `RateLimit` and `RateLimit-Policy` as defined by
@@ -143,7 +144,8 @@
 //!
 //! A global limit is one compare-and-swap on an `AtomicU64` per request plus one clock read, with no lock and
 //! no allocation (`tests/rate_alloc.rs` counts). A keyed limit hashes the key (SipHash with a per-layer random
-//! seed, so clients cannot aim collisions) and takes a short lock on one of up to 16 shards. Observers see an
+//! seed, so clients cannot aim collisions) and takes a short lock on one of up to 16 shards (a new key, while the
+//! store fills, also a compare-and-swap on the count of keys the shards share). Observers see an
 //! [`Event::Rejected`](crate::core::Event::Rejected) with layer `"rate"` per refusal; the limiter holds no
 //! permits, so admitted requests are not reported.
 

@@ -2,21 +2,50 @@
 //!
 //! governor's own keyed stores grow with every new key until someone calls `retain_recent`; a flood of distinct
 //! keys (spoofed headers, an IPv6 range) would grow them without bound. This store keeps at most `max_keys`
-//! entries and, when full, forgets the least recently seen key in O(1). Forgetting a key whose budget has
-//! refilled loses nothing: GCRA treats an unknown key exactly like one with a full burst.
+//! entries. Below the cap it forgets nothing, so active clients are never forgotten while fewer than `max_keys`
+//! keys are tracked. At the cap a new key takes the place of an old one, chosen among the least recently seen
+//! keys of its shard: the one whose budget refills first. Forgetting a key whose budget has refilled loses
+//! nothing (GCRA treats an unknown key exactly like one with a full burst), so such a key goes first; when none
+//! has, the one closest to refilling gains the least from coming back with a full burst.
 //!
 //! Keys arrive pre-hashed (a keyed SipHash of the user's key, see the service), so every entry has the same
 //! small size whatever the key was, and the maps below need no hashing of their own.
+//!
+//! # Shards and the shared count
+//!
+//! Shards cut lock contention between cores. They have no caps of their own (a per-shard cap would make keys
+//! that happen to hash together evict each other while the store is far from full); one atomic count of the
+//! keys in all shards enforces the cap instead:
+//!
+//! - A hit (a known key) locks its shard and never touches the count.
+//! - A new key below the cap takes a unit of the count (a compare-and-swap, only while the store fills) and is
+//!   added to its shard.
+//! - A new key at the cap replaces a key of its own shard; the count is unchanged and no lock but the shard's is
+//!   taken.
+//! - Only when the store is full and the new key's shard is empty does it take a key from another shard. While
+//!   holding its own lock it only *tries* the other shards' locks, so no two threads can wait on each other. The
+//!   count moves with the slot and stays exact.
+//!
+//! Memory keeps its hard cap: once the store is full the count never drops, so a shard gains entries only by
+//! taking one from another while empty, which reuses a slot it freed earlier unless it never held a key. At most
+//! `max_keys` plus one slot per shard is ever allocated, and shards of small stores hold at least
+//! [`MIN_SHARD_KEYS`] keys' worth of the cap each, so a full store with an empty shard is rare.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use governor::nanos::Nanos;
 use governor::state::StateStore;
 
-/// Shards cut lock contention between cores; each holds a fixed share of the cap.
+/// The most shards a store is split into.
 const MAX_SHARDS: usize = 16;
+/// A store has one shard per this many keys of its cap (at least one shard, at most [`MAX_SHARDS`]).
+const MIN_SHARD_KEYS: usize = 64;
+/// How many of a shard's least recently seen keys are weighed when one must be forgotten: a bounded walk from
+/// the tail of the recency list, so choosing a victim stays O(1).
+const VICTIM_WINDOW: usize = 8;
 const NIL: u32 = u32::MAX;
 
 /// The hashes are already uniformly distributed: use them as they are.
@@ -41,29 +70,36 @@ impl Hasher for PreHashed {
 
 struct Slot {
     key: u64,
+    /// governor's theoretical arrival time: the budget is full again once the clock reaches it.
     tat: u64,
     prev: u32,
+    /// The next slot on the recency list, or on the free list for a slot not in use.
     next: u32,
 }
 
-/// One shard: a hash index into a slab of slots threaded on a recency list (head = most recent).
+/// One shard: a hash index into a slab of slots threaded on a recency list (head = most recent). Slots freed
+/// when another shard takes a key from this one wait on a free list for reuse.
 struct Shard {
     index: HashMap<u64, u32, BuildHasherDefault<PreHashed>>,
     slots: Vec<Slot>,
     head: u32,
     tail: u32,
-    cap: usize,
+    free: u32,
 }
 
 impl Shard {
-    fn new(cap: usize) -> Self {
+    fn new() -> Self {
         Shard {
             index: HashMap::default(),
             slots: Vec::new(),
             head: NIL,
             tail: NIL,
-            cap,
+            free: NIL,
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head == NIL
     }
 
     fn unlink(&mut self, i: u32) {
@@ -102,58 +138,164 @@ impl Shard {
         }
     }
 
+    /// Adds `key` in a free slot, or a new one. The caller has made room for it under the store's cap.
     fn insert(&mut self, key: u64, tat: u64) {
-        let i = if self.slots.len() < self.cap {
-            self.slots.push(Slot {
-                key,
-                tat,
-                prev: NIL,
-                next: NIL,
-            });
-            (self.slots.len() - 1) as u32
-        } else {
-            let i = self.tail;
-            self.unlink(i);
-            let slot = &mut self.slots[i as usize];
-            self.index.remove(&slot.key);
-            slot.key = key;
-            slot.tat = tat;
-            i
+        let i = match self.free {
+            NIL => {
+                self.slots.push(Slot {
+                    key,
+                    tat,
+                    prev: NIL,
+                    next: NIL,
+                });
+                (self.slots.len() - 1) as u32
+            }
+            i => {
+                let slot = &mut self.slots[i as usize];
+                self.free = slot.next;
+                slot.key = key;
+                slot.tat = tat;
+                i
+            }
         };
         self.index.insert(key, i);
         self.push_front(i);
     }
+
+    /// The key to forget (the shard must not be empty): of the [`VICTIM_WINDOW`] least recently seen, the one
+    /// whose budget refills first, the least recent on a tie.
+    fn victim(&self) -> u32 {
+        let mut best = self.tail;
+        let mut i = self.tail;
+        for _ in 0..VICTIM_WINDOW {
+            if i == NIL {
+                break;
+            }
+            let slot = &self.slots[i as usize];
+            if slot.tat < self.slots[best as usize].tat {
+                best = i;
+            }
+            i = slot.prev;
+        }
+        best
+    }
+
+    /// Puts `key` in the place of the victim's slot.
+    fn replace(&mut self, key: u64, tat: u64) {
+        let i = self.victim();
+        self.unlink(i);
+        let slot = &mut self.slots[i as usize];
+        self.index.remove(&slot.key);
+        slot.key = key;
+        slot.tat = tat;
+        self.index.insert(key, i);
+        self.push_front(i);
+    }
+
+    /// Forgets the victim (the shard must not be empty) and keeps its slot for reuse.
+    fn evict(&mut self) {
+        let i = self.victim();
+        self.unlink(i);
+        let slot = &mut self.slots[i as usize];
+        self.index.remove(&slot.key);
+        slot.next = self.free;
+        self.free = i;
+    }
 }
 
-/// The capped store: `max_keys` entries at most, spread over up to 16 shards whose caps add up to exactly
-/// `max_keys`. Clones share the shards (the limiter owns one, the snapshot side another).
+/// What the store's clones share.
+struct Shards {
+    shards: Box<[Mutex<Shard>]>,
+    /// Keys in all shards, at most `max_keys`; see the module docs.
+    len: AtomicUsize,
+    max_keys: usize,
+}
+
+/// The capped store: `max_keys` entries at most, spread over up to 16 shards. Clones share the shards (the
+/// limiter owns one, the snapshot side another).
 #[derive(Clone)]
 pub(crate) struct BoundedStore {
-    shards: Arc<[Mutex<Shard>]>,
+    inner: Arc<Shards>,
+}
+
+/// A shard's lock. A panic while holding it cannot leave a shard half-updated (the list is relinked before any
+/// user code runs, and governor's closure does not panic), so a poisoned lock is still usable.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl BoundedStore {
-    /// `max_keys` must be at least 1 and fit in a `u32` per shard (the builder checks).
+    /// `max_keys` must be at least 1 and fit in a `u32` (the builder checks).
     pub(crate) fn new(max_keys: usize) -> Self {
-        let n = max_keys.clamp(1, MAX_SHARDS);
-        let shards = (0..n)
-            .map(|i| Mutex::new(Shard::new(max_keys / n + usize::from(i < max_keys % n))))
-            .collect();
-        BoundedStore { shards }
+        Self::with_shards(max_keys, (max_keys / MIN_SHARD_KEYS).clamp(1, MAX_SHARDS))
     }
 
-    fn shard(&self, key: u64) -> &Mutex<Shard> {
+    fn with_shards(max_keys: usize, shards: usize) -> Self {
+        BoundedStore {
+            inner: Arc::new(Shards {
+                shards: (0..shards.max(1))
+                    .map(|_| Mutex::new(Shard::new()))
+                    .collect(),
+                len: AtomicUsize::new(0),
+                max_keys: max_keys.max(1),
+            }),
+        }
+    }
+
+    fn shard_of(&self, key: u64) -> usize {
         // The high bits pick the shard; the index inside uses all of them, which is fine: they are uniform.
-        let i = ((key >> 32) as usize) % self.shards.len();
-        &self.shards[i]
+        ((key >> 32) as usize) % self.inner.shards.len()
     }
 
-    /// Keys tracked now (locks each shard in turn: for snapshots, not the request path).
+    /// Keys tracked now (one atomic load: no lock).
     pub(crate) fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).index.len())
-            .sum()
+        self.inner.len.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more key if the store is not full. Relaxed is enough: the count guards no data of its own,
+    /// the shard locks order every access to the entries.
+    fn reserve(&self) -> bool {
+        let max = self.inner.max_keys;
+        self.inner
+            .len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Forgets a key of a shard other than `home`, whose lock the caller holds and whose shard is empty while
+    /// the store is full; the freed unit of the count passes to the caller.
+    ///
+    /// Only `try_lock` is used on the other shards, so this never waits on a lock while holding one. The wait
+    /// ends: the count says `max_keys` keys are in shards, `home` has none, and a thread holds a non-empty
+    /// shard's lock only for an ordinary lookup (only threads whose own shard is empty come here).
+    fn take_from_another(&self, home: usize) {
+        let shards = &self.inner.shards;
+        loop {
+            let mut busy = false;
+            for step in 1..shards.len() {
+                let mut other = match shards[(home + step) % shards.len()].try_lock() {
+                    Ok(guard) => guard,
+                    Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                    Err(TryLockError::WouldBlock) => {
+                        busy = true;
+                        continue;
+                    }
+                };
+                if !other.is_empty() {
+                    other.evict();
+                    return;
+                }
+            }
+            if !busy {
+                // Every other shard was empty and unlocked: the count and the shards disagree, which the
+                // accounting above rules out. Never spin on it.
+                debug_assert!(false, "a full store with every shard empty");
+                return;
+            }
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -164,12 +306,8 @@ impl StateStore for BoundedStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        // A panic while holding the lock cannot leave a shard half-updated (the list is relinked before any
-        // user code runs, and governor's closure does not panic), so a poisoned lock is still usable.
-        let mut shard = self
-            .shard(*key)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let home = self.shard_of(*key);
+        let mut shard = lock(&self.inner.shards[home]);
         match shard.index.get(key).copied() {
             Some(i) => {
                 // Refused keys are touched too: a client being throttled must not drift out of the store and
@@ -181,7 +319,15 @@ impl StateStore for BoundedStore {
             }
             None => {
                 let (value, tat) = f(None)?;
-                shard.insert(*key, tat.as_u64());
+                let tat = tat.as_u64();
+                if self.reserve() {
+                    shard.insert(*key, tat);
+                } else if !shard.is_empty() {
+                    shard.replace(*key, tat);
+                } else {
+                    self.take_from_another(home);
+                    shard.insert(*key, tat);
+                }
                 Ok(value)
             }
         }
@@ -192,18 +338,62 @@ impl StateStore for BoundedStore {
 mod tests {
     use super::*;
 
-    fn admit(store: &BoundedStore, key: u64) {
+    /// Admits `key` with the given theoretical arrival time.
+    fn admit_at(store: &BoundedStore, key: u64, tat: u64) {
         store
-            .measure_and_replace(&key, |_| Ok::<_, ()>(((), Nanos::from(1))))
+            .measure_and_replace(&key, |_| Ok::<_, ()>(((), Nanos::from(tat))))
             .unwrap();
     }
 
+    fn admit(store: &BoundedStore, key: u64) {
+        admit_at(store, key, 1);
+    }
+
+    fn tracks(store: &BoundedStore, key: u64) -> bool {
+        lock(&store.inner.shards[store.shard_of(key)])
+            .index
+            .contains_key(&key)
+    }
+
+    fn shard_lens(store: &BoundedStore) -> Vec<usize> {
+        store
+            .inner
+            .shards
+            .iter()
+            .map(|s| lock(s).index.len())
+            .collect()
+    }
+
+    /// The key `low` of shard `shard` (the high bits pick the shard).
+    fn in_shard(shard: u64, low: u64) -> u64 {
+        (shard << 32) | low
+    }
+
     #[test]
-    fn caps_add_up_to_max_keys() {
-        for max in [1, 3, 15, 16, 17, 1000] {
-            let store = BoundedStore::new(max);
-            let total: usize = store.shards.iter().map(|s| s.lock().unwrap().cap).sum();
-            assert_eq!(total, max);
+    fn keys_sharing_a_shard_are_kept_while_the_store_is_not_full() {
+        // 200 keys whose high bits are all zero land in one shard, far beyond an even share of a cap of 256.
+        let store = BoundedStore::new(256);
+        assert!(store.inner.shards.len() > 1);
+        for key in 0..200 {
+            admit(&store, key);
+        }
+        assert_eq!(store.len(), 200);
+        for key in 0..200 {
+            assert!(tracks(&store, key), "key {key} was forgotten below the cap");
+        }
+    }
+
+    #[test]
+    fn shard_counts() {
+        for (max, shards) in [
+            (1, 1),
+            (127, 1),
+            (128, 2),
+            (1000, 15),
+            (1024, 16),
+            (100_000, 16),
+        ] {
+            assert_eq!(BoundedStore::new(max).inner.shards.len(), shards, "{max}");
         }
     }
 
@@ -213,86 +403,146 @@ mod tests {
         admit(&store, 1);
         admit(&store, 2);
         assert_eq!(store.len(), 1);
-        let shard = store.shards[0].lock().unwrap();
-        assert!(shard.index.contains_key(&2));
-        assert_eq!(shard.slots.len(), 1);
+        assert!(tracks(&store, 2) && !tracks(&store, 1));
+        assert_eq!(lock(&store.inner.shards[0]).slots.len(), 1);
     }
 
     #[test]
-    fn recency_order_decides_the_victim() {
-        let mut shard = Shard::new(3);
-        shard.insert(1, 0);
-        shard.insert(2, 0);
-        shard.insert(3, 0);
-        let one = shard.index[&1];
-        shard.touch(one);
-        shard.insert(4, 0);
-        assert!(shard.index.contains_key(&1));
-        assert!(
-            !shard.index.contains_key(&2),
-            "2 was the least recently seen"
-        );
-        assert_eq!(shard.index.len(), 3);
-        assert_eq!(shard.slots.len(), 3);
+    fn the_victim_is_the_least_recent_key_that_refills_first() {
+        let store = BoundedStore::with_shards(4, 1);
+        for (key, tat) in [(1, 50), (2, 10), (3, 30), (4, 40)] {
+            admit_at(&store, key, tat);
+        }
+        admit_at(&store, 5, 60);
+        assert!(!tracks(&store, 2), "2 refills first");
+        assert!([1, 3, 4, 5].iter().all(|&k| tracks(&store, k)));
+        // Equal times: the least recently seen goes.
+        let store = BoundedStore::with_shards(3, 1);
+        for key in 1..=3 {
+            admit(&store, key);
+        }
+        admit(&store, 4);
+        assert!(!tracks(&store, 1));
+    }
+
+    #[test]
+    fn only_the_least_recently_seen_keys_are_weighed() {
+        let store = BoundedStore::with_shards(VICTIM_WINDOW + 1, 1);
+        admit_at(&store, 0, 0);
+        for key in 1..=VICTIM_WINDOW as u64 {
+            admit_at(&store, key, 5);
+        }
+        // Key 0 refills first but was just seen: it is out of the window.
+        admit_at(&store, 0, 0);
+        admit_at(&store, 100, 5);
+        assert!(tracks(&store, 0));
+        assert!(!tracks(&store, 1), "the least recent of the window");
     }
 
     #[test]
     fn refused_keys_stay_fresh() {
-        // 32 keys over 16 shards: two per shard; small keys all land in shard 0.
-        let store = BoundedStore::new(32);
+        let store = BoundedStore::with_shards(2, 1);
         admit(&store, 1);
         admit(&store, 2);
         // Key 1 is refused (still throttled): that counts as being seen.
         let refused = store.measure_and_replace(&1, |_| Err::<((), Nanos), ()>(()));
         assert_eq!(refused, Err(()));
         admit(&store, 3);
-        let shard = store.shards[0].lock().unwrap();
-        assert!(
-            shard.index.contains_key(&1),
-            "the throttled key kept its state"
-        );
-        assert!(!shard.index.contains_key(&2));
+        assert!(tracks(&store, 1), "the throttled key kept its state");
+        assert!(!tracks(&store, 2));
+    }
+
+    #[test]
+    fn a_full_store_with_an_empty_shard_takes_a_key_from_another() {
+        let store = BoundedStore::with_shards(4, 2);
+        for low in 0..4 {
+            admit_at(&store, in_shard(0, low), 10 + low);
+        }
+        assert_eq!(shard_lens(&store), [4, 0]);
+        admit(&store, in_shard(1, 0));
+        assert_eq!((store.len(), shard_lens(&store)), (4, vec![3, 1]));
+        assert!(!tracks(&store, in_shard(0, 0)), "shard 0's victim went");
+        // Shard 1 now replaces its own key, and shard 0 reuses the slot it gave up before growing.
+        admit(&store, in_shard(1, 1));
+        assert_eq!(shard_lens(&store), [3, 1]);
+        let slots = |i: usize| lock(&store.inner.shards[i]).slots.len();
+        assert_eq!((slots(0), slots(1)), (4, 1));
+        admit(&store, in_shard(1, 2));
+        admit(&store, in_shard(0, 9));
+        assert_eq!(store.len(), 4);
+        assert_eq!((slots(0), slots(1)), (4, 1));
+    }
+
+    /// Checks a shard's list, index and free list against each other; returns its keys from most to least
+    /// recent.
+    fn check_shard(shard: &Shard) -> Vec<u64> {
+        let mut order = Vec::new();
+        let mut i = shard.head;
+        while i != NIL {
+            order.push(shard.slots[i as usize].key);
+            i = shard.slots[i as usize].next;
+        }
+        let mut backwards = Vec::new();
+        let mut i = shard.tail;
+        while i != NIL {
+            backwards.push(shard.slots[i as usize].key);
+            i = shard.slots[i as usize].prev;
+        }
+        backwards.reverse();
+        assert_eq!(backwards, order);
+        assert_eq!(shard.index.len(), order.len());
+        for (k, &i) in &shard.index {
+            assert_eq!(shard.slots[i as usize].key, *k);
+        }
+        let mut free = 0;
+        let mut i = shard.free;
+        while i != NIL {
+            free += 1;
+            i = shard.slots[i as usize].next;
+        }
+        assert_eq!(order.len() + free, shard.slots.len());
+        order
     }
 
     proptest::proptest! {
-        /// The slab and its recency list agree with a plain model LRU under any sequence of admissions and
-        /// refusals.
+        /// Under any sequence of admissions and refusals: the count is the number of keys, never above the cap;
+        /// no key is forgotten while the store is not full, and at most one when it is; every shard keeps
+        /// recency order; and no more than one slot per shard beyond the cap is ever allocated.
         #[test]
-        fn matches_a_model_lru(cap in 1usize..6, ops in proptest::collection::vec((0u64..10, proptest::bool::ANY), 0..200)) {
-            let mut shard = Shard::new(cap);
-            let mut model: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
-            for (key, refuse) in ops {
-                match shard.index.get(&key).copied() {
-                    Some(i) => shard.touch(i),
-                    None if refuse => continue,
-                    None => shard.insert(key, 0),
+        fn matches_a_model(
+            max in 1usize..8,
+            shards in 1usize..4,
+            ops in proptest::collection::vec((0u64..4, 0u64..6, 0u64..20, proptest::bool::ANY), 0..200),
+        ) {
+            let store = BoundedStore::with_shards(max, shards);
+            let mut model: Vec<std::collections::VecDeque<u64>> = vec![Default::default(); shards];
+            for (shard, low, tat, refuse) in ops {
+                let key = in_shard(shard % shards as u64, low);
+                let home = store.shard_of(key);
+                let before = store.len();
+                let known = model[home].contains(&key);
+                let _ = store.measure_and_replace(&key, |_| {
+                    if refuse { Err(()) } else { Ok(((), Nanos::from(tat))) }
+                });
+                if known || !refuse {
+                    model[home].retain(|&k| k != key);
+                    model[home].push_front(key);
                 }
-                if let Some(pos) = model.iter().position(|&k| k == key) {
-                    model.remove(pos);
-                } else if model.len() == cap {
-                    model.pop_back();
+                let mut forgotten = 0;
+                for (i, keys) in model.iter_mut().enumerate() {
+                    let order = check_shard(&lock(&store.inner.shards[i]));
+                    let len = keys.len();
+                    keys.retain(|k| order.contains(k));
+                    forgotten += len - keys.len();
+                    proptest::prop_assert_eq!(&order, &keys.iter().copied().collect::<Vec<_>>());
                 }
-                model.push_front(key);
-
-                let mut order = Vec::new();
-                let mut i = shard.head;
-                while i != NIL {
-                    order.push(shard.slots[i as usize].key);
-                    i = shard.slots[i as usize].next;
-                }
-                let mut backwards = Vec::new();
-                let mut i = shard.tail;
-                while i != NIL {
-                    backwards.push(shard.slots[i as usize].key);
-                    i = shard.slots[i as usize].prev;
-                }
-                backwards.reverse();
-                proptest::prop_assert_eq!(&order, &model.iter().copied().collect::<Vec<_>>());
-                proptest::prop_assert_eq!(&backwards, &order);
-                proptest::prop_assert_eq!(shard.index.len(), model.len());
-                for (k, &i) in &shard.index {
-                    proptest::prop_assert_eq!(shard.slots[i as usize].key, *k);
-                }
+                let total: usize = model.iter().map(|k| k.len()).sum();
+                proptest::prop_assert_eq!(store.len(), total);
+                proptest::prop_assert!(total <= max);
+                let allowed = usize::from(before == max && !known && !refuse);
+                proptest::prop_assert!(forgotten <= allowed, "{} forgotten ({} of {} tracked)", forgotten, before, max);
+                let slots: usize = store.inner.shards.iter().map(|s| lock(s).slots.len()).sum();
+                proptest::prop_assert!(slots <= max + shards);
             }
         }
     }
