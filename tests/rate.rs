@@ -426,7 +426,7 @@ mod http_mode {
     use super::*;
     use bytes::Bytes;
     use http::{HeaderValue, Request, Response, StatusCode};
-    use http_body_util::Empty;
+    use http_body_util::{BodyExt, Empty};
     use tower_backpressure::rate::{HeaderKey, PeerIp};
 
     fn ok_service(
@@ -504,6 +504,74 @@ mod http_mode {
         );
         assert_eq!(headers["ratelimit"], "\"api\";r=0;t=1");
         assert_eq!(headers["ratelimit-policy"], "\"api\";q=1;w=1");
+    }
+
+    /// The shed-share query of docs/guide.md ("Metrics reference"), which this test evaluates.
+    const SHED_SHARE: &str = "sum(rate(backpressure_rejections_total[1m])) / \
+        (sum(rate(backpressure_requests_total{layer=\"deadline\"}[1m])) + \
+        sum(rate(backpressure_rejections_total{layer=\"deadline\"}[1m])))";
+
+    #[tokio::test(start_paused = true)]
+    async fn the_guides_shed_share_counts_each_refusal_once() {
+        use std::sync::Mutex;
+        use tower_backpressure::deadline::DeadlineLayer;
+
+        let guide = include_str!("../docs/guide.md");
+        assert!(
+            guide.contains(&format!("`{SHED_SHARE}`")),
+            "the guide's query is the one evaluated here"
+        );
+        // What MetricsObserver records: rejections per layer, and finished requests per layer and outcome.
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = events.clone();
+        let observer = move |event: &Event| match *event {
+            Event::Rejected { layer, .. } => log.lock().unwrap().push((layer, "rejected")),
+            Event::Completed { layer, outcome, .. } => {
+                log.lock().unwrap().push((layer, outcome.as_str()))
+            }
+            _ => {}
+        };
+        // The recommended order: the deadline outermost, with a maximum so that it times every request.
+        let deadline = DeadlineLayer::builder()
+            .max_timeout(Duration::from_secs(10))
+            .http()
+            .observer(observer.clone())
+            .build()
+            .unwrap();
+        let rate = RateLimitLayer::builder()
+            .rate(1, Duration::from_secs(3600))
+            .http()
+            .observer(observer)
+            .build()
+            .unwrap();
+        let mut svc = tower::ServiceBuilder::new()
+            .layer(deadline)
+            .layer(rate)
+            .service(ok_service());
+        let expired = || {
+            Request::builder()
+                .header("x-request-timeout-ms", "0")
+                .body(())
+                .unwrap()
+        };
+        // Served; refused by the rate limit; refused by the deadline layer (no budget left).
+        for request in [Request::new(()), Request::new(()), expired()] {
+            let response = svc.ready().await.unwrap().call(request).await.unwrap();
+            drop(response.into_body().collect().await.unwrap());
+        }
+        let events = events.lock().unwrap();
+        let count =
+            |pred: &dyn Fn(&(&str, &str)) -> bool| events.iter().filter(|e| pred(e)).count() as f64;
+        let rejections = count(&|(_, kind)| *kind == "rejected");
+        let deadline_requests = count(&|(layer, kind)| *layer == "deadline" && *kind != "rejected");
+        let deadline_rejections =
+            count(&|(layer, kind)| *layer == "deadline" && *kind == "rejected");
+        assert!(
+            events.contains(&("deadline", "ignored")),
+            "the deadline layer finished the request the rate limit refused: {events:?}"
+        );
+        let shed_share = rejections / (deadline_requests + deadline_rejections);
+        assert_eq!(shed_share, 2.0 / 3.0, "2 of 3 requests refused: {events:?}");
     }
 
     #[tokio::test(start_paused = true)]
