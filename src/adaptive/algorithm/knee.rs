@@ -244,10 +244,12 @@ impl Knee {
             // Below the limit throughput is demand, not capacity, and latency may or may not include a queue:
             // nothing to learn, and no reason to probe.
             Phase::Normal(_) if !saturated(w) => {}
-            // Nothing learnt yet: a window that reached the limit for a moment only (the head of a burst) has the
-            // throughput of the demand before it, not capacity, and a first probe sized on it would drop the
-            // limit far below the knee just as the burst needs draining. Wait for a window saturated throughout.
-            Phase::Normal(_) if self.base_latency == 0.0 && !saturated_throughout(w) => {}
+            // A window that reached the limit for a moment only has the throughput of the demand before it, not
+            // capacity: the head of a burst, or a burst after an idle spell, whose window (started when the last
+            // one closed) spans the idle time too. Learnt from, it would drop the limit far below the knee just as
+            // the burst needs draining (a 60 s lull took a learnt 16 down to 2). Only a window saturated throughout
+            // measures capacity.
+            Phase::Normal(_) if !saturated_throughout(w) => {}
             Phase::Normal(n) => {
                 if self.base_latency == 0.0 && latency > 0.0 {
                     self.base_latency = latency;
