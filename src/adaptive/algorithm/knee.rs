@@ -37,12 +37,13 @@ enum Phase {
 /// - unsaturated window (in-flight never reached the limit; stricter than app-limited): throughput was demand,
 ///   not capacity, so the limit holds, nothing is learnt and no probe starts;
 /// - a window with a drop caps the limit at `backoff × limit` (default 0.9);
-/// - **first probe**: until a probe has measured anything, a window that reached the limit only for a moment
-///   (the head of a burst: by Little's law, `samples × mean latency / duration`, it was on average below
-///   three quarters of the limit) neither teaches nor probes. Its throughput is the demand before the burst,
-///   not capacity, and a probe sized on it would drop the limit below the knee just as the burst needs
-///   draining; a queue in front would then stand and shed it. Requests as long as a quarter of the window
-///   or more make that estimate unreliable, and such a window counts as saturated throughout;
+/// - **saturated throughout**: a window that reached the limit only for a moment (by Little's law,
+///   `samples × mean latency / duration`, it was on average below three quarters of the limit) neither teaches
+///   nor probes. It is the head of a burst, or a burst after a quiet spell (a window starts when the last one
+///   closed, so it spans the quiet time): its throughput is not capacity, and a limit sized on it would drop
+///   below the knee just as the burst needs draining; a queue in front would then stand and shed it. Requests
+///   as long as a quarter of the window or more make that estimate unreliable, and such a window counts as
+///   saturated throughout;
 /// - **probe**: at the first saturated window and then every `probe_interval` saturated windows (default 12)
 ///   the limit drops to `ceil(probe_factor × knee)` (default 0.92; at least one below the knee once it is 4 or
 ///   more) until the requests admitted before have drained (1.5 mean latencies), and the next window's
