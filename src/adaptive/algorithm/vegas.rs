@@ -19,7 +19,9 @@ use crate::core::ConfigError;
 ///
 /// A window faster than `rtt_noload` only lowers `rtt_noload` (the limit is left alone). Every
 /// `probe_multiplier × limit` samples (with a jitter of 0.5–1×) `rtt_noload` is reset to the current window's
-/// latency so that a baseline measured before the service slowed down does not pin the limit low.
+/// latency so that a baseline measured before the service slowed down does not pin the limit low. Either
+/// window still backs off if it dropped requests (upstream leaves the limit alone there too; but the survivors
+/// of a window whose slow requests timed out have a low mean, so exactly the windows with drops would keep it).
 ///
 /// Defaults, as published: `alpha = 3`, `beta = 6`, `threshold = 1` (each multiplied by `l`), `smoothing = 1.0`,
 /// `probe_multiplier = 30`. Netflix's initial limit (20) and maximum (1000) belong to the layer here.
@@ -125,15 +127,19 @@ impl Algorithm for Vegas {
         let rtt = w.mean_latency.as_secs_f64();
         self.samples_since_probe += w.samples as f64;
         if rtt > 0.0 {
-            if self.jitter * self.probe_multiplier * limit <= self.samples_since_probe {
+            let probe = self.jitter * self.probe_multiplier * limit <= self.samples_since_probe;
+            if probe {
                 self.next_jitter();
                 self.samples_since_probe = 0.0;
-                self.rtt_noload = rtt;
-                return limit;
             }
-            if self.rtt_noload == 0.0 || rtt < self.rtt_noload {
+            if probe || self.rtt_noload == 0.0 || rtt < self.rtt_noload {
+                // A new baseline, which holds the limit, unless requests were dropped: then it backs off below.
+                // (Upstream returns first; but a window whose slow requests timed out has a low mean of the
+                // survivors, so exactly the windows with drops would keep their limit.)
                 self.rtt_noload = rtt;
-                return limit;
+                if !w.did_drop() {
+                    return limit;
+                }
             }
         }
         let l = log10_root(limit);
@@ -166,6 +172,30 @@ mod tests {
         let mut v = Vegas::new();
         v.update(&busy(20.0, baseline_ms, 20));
         v
+    }
+
+    /// Every window with drops backs off, as the module docs say of every algorithm: the first one (no baseline
+    /// yet), one faster than the baseline (its slow requests timed out, so the survivors' mean is low), and a
+    /// probe window. The baseline still moves in each.
+    #[test]
+    fn backs_off_on_drops_in_baseline_and_probe_windows() {
+        let mut first = Vegas::new();
+        assert!(first.update(&dropped(busy(100.0, 20, 50))) < 100.0);
+        assert_eq!(first.rtt_noload, 0.020);
+        let mut faster = warmed(20);
+        assert!(faster.update(&dropped(busy(100.0, 15, 50))) < 100.0);
+        assert_eq!(faster.rtt_noload, 0.015);
+        let mut probing = warmed(20);
+        probing.samples_since_probe = 1e9;
+        assert!(probing.update(&dropped(busy(100.0, 30, 50))) < 100.0);
+        assert_eq!(
+            (probing.rtt_noload, probing.samples_since_probe),
+            (0.030, 0.0)
+        );
+        // Without drops those windows hold the limit.
+        let mut probing = warmed(20);
+        probing.samples_since_probe = 1e9;
+        assert_eq!(probing.update(&busy(100.0, 30, 50)), 100.0);
     }
 
     #[test]
