@@ -117,7 +117,6 @@ impl<S, C, M: Clone, O: Observer, B, D> AdaptiveConcurrency<S, C, M, O, B, D> {
         let (shared, releaser) = self.shared.next();
         let core = &shared.core;
         let (in_flight, stripe) = core.try_acquire()?;
-        observer::admitted(&shared.observer, "adaptive", || in_flight);
         // The tag is the admission instant (nanoseconds since the core's epoch), from which the release works out
         // the latency; an untimed request reads no clock at all.
         let tag = if observer::is_noop::<O>() && !core.timed_on(stripe) {
@@ -125,7 +124,10 @@ impl<S, C, M: Clone, O: Observer, B, D> AdaptiveConcurrency<S, C, M, O, B, D> {
         } else {
             core.tag(Instant::now())
         };
-        Some(Permit::untimed(releaser.clone(), tag))
+        // The permit exists before the observer runs: an observer that panics cannot keep the token.
+        let permit = Permit::untimed(releaser.clone(), tag);
+        observer::admitted(&shared.observer, "adaptive", || in_flight);
+        Some(permit)
     }
 
     /// Whether a request under `deadline` would still be running when it passes, by the service time the

@@ -105,7 +105,11 @@ where
             Admit::Tag(tag) if shared.config.slow_call.is_none() && observer::is_noop::<O>() => {
                 Some(Permit::untimed(releaser.clone(), tag))
             }
-            Admit::Tag(tag) => Some(Permit::new(releaser.clone(), tag)),
+            Admit::Tag(tag) => {
+                let permit = Permit::new(releaser.clone(), tag);
+                shared.note_admitted();
+                Some(permit)
+            }
             Admit::Bypass => None,
             Admit::Reject(rejection) => {
                 return ResponseFuture::rejected(rejection, self.mode.clone())

@@ -277,8 +277,13 @@ impl<O: Observer> Shared<O> {
 
     fn admitted(&self, tag: u64) -> Admit {
         self.in_flight.add(1);
-        observer::admitted(&self.observer, LAYER, || self.in_flight.sum() as usize);
         Admit::Tag(tag)
+    }
+
+    /// Tells the observer of an admission, once the permit that releases it exists (an observer that panics then
+    /// cannot keep a half-open probe's slot or the in-flight count).
+    pub(crate) fn note_admitted(&self) {
+        observer::admitted(&self.observer, LAYER, || self.in_flight.sum() as usize);
     }
 
     fn rejected(&self, retry_after: Option<Duration>) -> Admit {

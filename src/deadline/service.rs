@@ -91,8 +91,10 @@ where
     O: Observer,
 {
     let (shared, releaser) = shared.next();
+    // The permit first: an observer that panics on the admission cannot leave the request counted in flight.
+    let permit = shared.permit(releaser, now);
     shared.admitted();
-    shared.permit(releaser, now)
+    permit
 }
 
 /// Up to this many distinct header names, [`carried`] compares each with ours instead of looking ours up.

@@ -50,11 +50,11 @@ impl Waiter {
         };
         self.done = true;
         Poll::Ready(match answer {
-            Ok(granted) => Ok(Permit::admitted_at(
-                self.owner.clone(),
-                granted.tag,
-                granted.at,
-            )),
+            Ok(granted) => {
+                let permit = Permit::admitted_at(self.owner.clone(), granted.tag, granted.at);
+                self.queue.admitted();
+                Ok(permit)
+            }
             Err(reason) => Err(Rejection::new(reason)),
         })
     }

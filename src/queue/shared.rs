@@ -423,20 +423,22 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         level as u64 | (u64::from(critical) << 8)
     }
 
-    /// Reports an admission (the slot was counted when it was taken); returns the permit's tag.
-    fn note_admitted(&self, level: usize) -> u64 {
+    /// Reports an admission (the slot was counted when it was taken). Called once the permit that gives the slot
+    /// back exists, so that an observer that panics cannot keep the slot.
+    fn note_admitted(&self) {
         observer::admitted(&self.observer, LAYER, || self.in_flight());
-        self.tag(level)
     }
 
     fn permit(&self, owner: &Releaser, level: usize, now: Option<Instant>) -> Permit {
         let owner = owner.clone();
-        let tag = self.note_admitted(level);
-        match now {
+        let tag = self.tag(level);
+        let permit = match now {
             Some(now) => Permit::admitted_at(owner, tag, now),
             None if self.timed => Permit::new(owner, tag),
             None => Permit::untimed(owner, tag),
-        }
+        };
+        self.note_admitted();
+        permit
     }
 
     fn count_rejection(&self, reason: Reason) {
@@ -648,7 +650,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 q.release_node(index);
                 drop(q);
                 return Waiting::Answer(Ok(Granted {
-                    tag: self.note_admitted(level),
+                    tag: self.tag(level),
                     at: now,
                 }));
             }
@@ -797,6 +799,9 @@ pub(crate) trait WaitSlot: Send + Sync + 'static {
 
     /// A waiter's future was dropped before it collected its answer.
     fn cancel_waiter(&self, index: usize);
+
+    /// A waiter collected its admission and holds the permit for it: tells the observer.
+    fn admitted(&self);
 }
 
 impl<L: LimitSource, O: Observer> WaitSlot for Shared<L, O> {
@@ -806,5 +811,9 @@ impl<L: LimitSource, O: Observer> WaitSlot for Shared<L, O> {
 
     fn cancel_waiter(&self, index: usize) {
         self.cancel_waiter_inner(index)
+    }
+
+    fn admitted(&self) {
+        self.note_admitted();
     }
 }
