@@ -84,7 +84,7 @@ fn store<B>(request: &mut Request<B>, deadline: Deadline, insert: bool) {
 
 /// Counts a request admitted under a deadline and makes its permit (timed only for an observer that wants
 /// latencies).
-#[inline]
+#[inline(always)]
 fn admit<K, O>(shared: &mut Instance<Shared<K, O>>, now: Instant) -> Permit
 where
     K: Send + Sync + 'static,
