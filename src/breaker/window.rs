@@ -315,12 +315,13 @@ impl TimeWindow {
             if word_epoch == epoch {
                 // A bucket saturates rather than carry into its epoch tag.
                 ((w & self.count_mask()) < self.count_mask()).then_some(w + 1)
-            } else if self.age(word_epoch, epoch) < self.buckets.len() as u64 {
-                // A writer delayed past a whole window turn: the bucket already counts a later epoch, and ours
-                // has left the window.
+            } else if self.age(word_epoch, epoch) <= self.epoch_mask() / 2 {
+                // A writer delayed by a window turn or more (a bucket only ever holds epochs a whole number of
+                // turns apart): the bucket already counts a later epoch, and ours has left the window.
                 None
             } else {
-                // An older epoch, however old (an idle bucket's tag may be any distance behind): start afresh.
+                // An older epoch (an idle bucket's tag may be any distance behind, up to half the epoch range:
+                // 2^39 widths, 17 years at the narrowest bucket, before it would be taken for a later one).
                 Some((epoch << self.count_bits) | 1)
             }
         });
@@ -444,6 +445,25 @@ mod tests {
         let w = CountWindow::new(4);
         assert_eq!(w.decode(0u64.wrapping_sub(FAILURE_UNIT)), None);
         assert_eq!(w.decode(5), None);
+    }
+
+    /// A writer that read the clock a whole window turn ago (held up between its clock read and its write) must
+    /// not wipe the bucket the current turn counts in; a writer a long idle spell later starts it afresh.
+    #[test]
+    fn a_writer_a_window_turn_late_leaves_the_live_bucket_alone() {
+        let base = Instant::now();
+        let w = TimeWindow::new(3, Duration::from_secs(1), base);
+        let now = base + Duration::from_secs(3);
+        for _ in 0..5 {
+            w.record(true, false, now);
+        }
+        // Epoch 0: the same bucket as epoch 3, one turn behind.
+        w.record(false, false, base);
+        let c = w.counts(now);
+        assert_eq!((c.calls, c.failures), (5, 5));
+        let much_later = now + Duration::from_secs(1 << 33);
+        let c = w.record(false, false, much_later);
+        assert_eq!((c.calls, c.failures), (1, 0));
     }
 
     #[test]
