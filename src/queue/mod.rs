@@ -14,10 +14,11 @@
 //!   to `max_wait`. A burst that drains within the interval is served in full; a standing queue is cut down to
 //!   the target instead of growing latency for everyone. "Not empty" is measured as a share of time (at least
 //!   90 % of the interval), so a standing queue that the cut empties for an instant is not mistaken for a
-//!   drained one. The verdict follows the queue as it goes, not interval by interval: a run without a break
-//!   for 90 % of an interval starts it, and a break of over 10 % of one ends it. When the limit comes from an adaptive limiter, which knows the expected latency, the target is
-//!   at least half of it (at most `max_wait`): a wait shorter than half a service time is not a queue worth
-//!   cutting, and a fixed 5 ms target would shed the ordinary bursts of a busy 40 ms service.
+//!   drained one. The verdict is judged at each interval's end and, in between, follows the queue as it goes:
+//!   a run without a break for 90 % of an interval starts it, and a single break of over 10 % of one ends it.
+//!   When the limit comes from an adaptive limiter, which knows the expected latency, the target is at least
+//!   half of it (at most `max_wait`): a wait shorter than half a service time is not a queue worth cutting, and
+//!   a fixed 5 ms target would shed the ordinary bursts of a busy 40 ms service.
 //! - **Adaptive LIFO** (on by default): while a queue stands, its newest request is served first (the oldest
 //!   ones' clients have probably given up); FIFO otherwise.
 //! - Both act **per priority level, lowest first**: each level's queue is judged on its own, and a level is cut
