@@ -79,80 +79,80 @@ const EMPTY: List = List {
 /// CoDel's standing-queue test for one level, after Facebook's "Fail at Scale": a queue that has not been empty
 /// for a whole interval is standing. Emptiness is measured as a share of time: the level stands while it was
 /// non-empty for at least 90 % of the last interval (see `observe` for how that is judged between intervals'
-/// ends: a break of over 10 % of one ends it at once). Under overload, a queue cut down to the target
+/// ends: a single break of over 10 % of one ends it at once). Under overload, a queue cut down to the target
 /// can touch empty for an instant; that must not reset it to a long FIFO wait. A moderately loaded level whose
 /// queue keeps emptying (critical traffic passing through a flood of sheddable requests) never stands.
 #[derive(Debug, Clone, Copy)]
 struct Standing {
     interval_start: Instant,
-    /// Since when the level is non-empty, if it is; restarted at each interval's end (see `nonempty`).
-    nonempty_since: Option<Instant>,
-    /// Time non-empty in the current interval, up to `nonempty_since`.
+    /// Time non-empty in the current interval before the run under way (if any).
     nonempty: Duration,
-    /// Since when the level is non-empty without a break, if it is: not restarted at an interval's end.
-    run_start: Option<Instant>,
-    /// When the level last became empty, if it is empty now.
-    emptied_at: Option<Instant>,
+    /// Whether the level is empty or not, and since when.
+    occupancy: Occupancy,
     /// The longest time the level stayed empty since the last `observe`.
     gap: Duration,
     standing: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Occupancy {
+    Empty(Instant),
+    /// Non-empty without a break since then.
+    NonEmpty(Instant),
 }
 
 impl Standing {
     fn new(now: Instant) -> Self {
         Standing {
             interval_start: now,
-            nonempty_since: None,
             nonempty: Duration::ZERO,
-            run_start: None,
-            emptied_at: None,
+            occupancy: Occupancy::Empty(now),
             gap: Duration::ZERO,
             standing: false,
         }
     }
 
-    fn filled(&mut self, now: Instant) {
-        if let Some(at) = self.emptied_at.take() {
-            self.gap = self.gap.max(now.saturating_duration_since(at));
+    /// The part of the run under way that falls in the current interval.
+    fn run_in_interval(&self, now: Instant) -> Duration {
+        match self.occupancy {
+            Occupancy::NonEmpty(since) => {
+                now.saturating_duration_since(since.max(self.interval_start))
+            }
+            Occupancy::Empty(_) => Duration::ZERO,
         }
-        self.nonempty_since = Some(now);
-        self.run_start = Some(now);
+    }
+
+    fn filled(&mut self, now: Instant) {
+        if let Occupancy::Empty(since) = self.occupancy {
+            self.gap = self.gap.max(now.saturating_duration_since(since));
+        }
+        self.occupancy = Occupancy::NonEmpty(now);
     }
 
     fn emptied(&mut self, now: Instant) {
-        if let Some(since) = self.nonempty_since.take() {
-            self.nonempty += now.saturating_duration_since(since);
-        }
-        self.run_start = None;
-        self.emptied_at = Some(now);
+        self.nonempty += self.run_in_interval(now);
+        self.occupancy = Occupancy::Empty(now);
     }
 
     /// Standing means non-empty for at least 90 % of the last interval. Judged at intervals' ends alone, a
     /// verdict would hold for the whole next interval, up to one interval late either way; so in between, a
-    /// break longer than the 10 % allowed ends it at once (a burst after a drained queue is served in full), and
-    /// a run without a break as long as the 90 % required starts it at once.
+    /// single break longer than the 10 % allowed ends it at once (a burst after a drained queue is served in
+    /// full), and a run without a break as long as the 90 % required starts it at once.
     fn observe(&mut self, now: Instant, interval: Duration) {
         let elapsed = now.saturating_duration_since(self.interval_start);
         if elapsed >= interval {
-            let mut nonempty = self.nonempty;
-            if let Some(since) = self.nonempty_since.as_mut() {
-                nonempty += now.saturating_duration_since(*since);
-                *since = now;
-            }
-            self.standing = nonempty >= elapsed.mul_f64(0.9);
+            self.standing = self.nonempty + self.run_in_interval(now) >= elapsed.mul_f64(0.9);
             self.nonempty = Duration::ZERO;
             self.interval_start = now;
         }
-        let empty_for = self
-            .emptied_at
-            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+        let (empty_for, run) = match self.occupancy {
+            Occupancy::Empty(since) => (now.saturating_duration_since(since), Duration::ZERO),
+            Occupancy::NonEmpty(since) => (Duration::ZERO, now.saturating_duration_since(since)),
+        };
         if empty_for.max(std::mem::take(&mut self.gap)) > interval / 10 {
             self.standing = false;
         }
-        if self
-            .run_start
-            .is_some_and(|at| now.saturating_duration_since(at) >= interval.mul_f64(0.9))
-        {
+        if run >= interval.mul_f64(0.9) {
             self.standing = true;
         }
     }
