@@ -71,14 +71,20 @@ async fn the_queue_keeps_no_slot_admitted_at_once_or_after_waiting() {
         .build()
         .unwrap();
     let handle = layer.handle();
+    // Request 0 says when it runs, then holds its slot until the gate opens.
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
     let (gate, opened) = tokio::sync::oneshot::channel::<()>();
-    let opened = Arc::new(tokio::sync::Mutex::new(Some(opened)));
+    let hold = Arc::new(std::sync::Mutex::new(Some((started_tx, opened))));
     let svc = layer.layer(service_fn(move |n: u32| {
-        let opened = opened.clone();
+        let held = if n == 0 {
+            hold.lock().unwrap().take()
+        } else {
+            None
+        };
         async move {
-            if n == 0 {
-                let rx = opened.lock().await.take().unwrap();
-                let _ = rx.await;
+            if let Some((started_tx, opened)) = held {
+                let _ = started_tx.send(());
+                let _ = opened.await;
             }
             Ok::<_, Infallible>(n)
         }
@@ -89,7 +95,7 @@ async fn the_queue_keeps_no_slot_admitted_at_once_or_after_waiting() {
     // Admitted after waiting: the slot is handed over while request 0 holds it, and the observer panics as the
     // waiter collects it.
     let first = tokio::spawn(svc.clone().oneshot(0));
-    tokio::task::yield_now().await;
+    started.await.unwrap();
     let mut waiting = Box::pin(svc.clone().oneshot(1));
     assert!(futures::poll!(waiting.as_mut()).is_pending());
     assert_eq!(handle.snapshot().depth, 1);
