@@ -45,3 +45,43 @@ fn modest_overload_does_not_creep() {
     let row = report.row("late", "all").unwrap();
     assert!(row.goodput_rps >= 0.9 * row.capacity_rps, "{row:?}");
 }
+
+/// A quiet minute is not a loss of capacity. Knee (the default) measures throughput as completions over window
+/// duration, and a window runs from the previous one's close, so the first window of the next burst spans the
+/// quiet minute too. It once read that as a throughput of a few requests a minute and cut its learnt limit to a
+/// couple of requests, refusing most of the burst though the backend was as fast as before.
+#[test]
+fn the_default_limit_survives_a_quiet_minute() {
+    let s = Scenario::from_toml(
+        r#"
+name = "quiet-minute"
+description = "2x load, a minute without a request, then the same load again."
+seed = 7
+[backend]
+workers = 10
+service = { dist = "constant", ms = 50.0 }
+[client]
+timeout_ms = 1000
+[[phase]]
+name = "load"
+duration_s = 20
+rps = 400.0
+[[phase]]
+name = "quiet"
+duration_s = 60
+rps = 0.0
+[[phase]]
+name = "again"
+duration_s = 1
+rps = 400.0
+"#,
+        "quiet-minute.toml",
+    )
+    .unwrap();
+    let report = sim::run(&s, strategy("adaptive").unwrap()).unwrap();
+    let load = report.row("load", "all").unwrap();
+    assert!(load.goodput_rps >= 0.9 * load.capacity_rps, "{load:?}");
+    // The same load after the quiet minute is served as well (63 of a capacity of 200 before the fix).
+    let again = report.row("again", "all").unwrap();
+    assert!(again.goodput_rps >= 0.9 * again.capacity_rps, "{again:?}");
+}
