@@ -24,7 +24,8 @@
 //!   taken.
 //! - Only when the store is full and the new key's shard is empty does it take a key from another shard. While
 //!   holding its own lock it only *tries* the other shards' locks, so no two threads can wait on each other. The
-//!   count moves with the slot and stays exact.
+//!   count moves with the slot and stays exact; should its scans keep missing a key that another thread moves
+//!   between shards meanwhile, the new key goes untracked rather than past the count.
 //!
 //! Memory keeps its hard cap: once the store is full the count never drops, so a shard gains entries only by
 //! taking one from another while empty, which reuses a slot it freed earlier unless it never held a key. At most
