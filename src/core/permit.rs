@@ -209,8 +209,9 @@ fn stamp(t: Instant) -> u64 {
 ///
 /// The second row is a deadline layer outside cutting the request off: it drops the inner future (or body) while
 /// the deadline is still current. To a limiter or breaker inside, that is a timeout, as a 504 from below would
-/// be, and not a caller that went away. Looking for it costs a thread-local read, and a clock read when a
-/// deadline is current, on this path only.
+/// be, and not a caller that went away. (A caller that hangs up after the deadline, before the layer's timer has
+/// fired, counts the same: its request had missed its deadline anyway.) Looking for it costs a thread-local read,
+/// and a clock read when a deadline is current, on this path only.
 ///
 /// A timed permit reads the clock at admission and when it finishes, and reports the latency to the
 /// microsecond, for requests of up to about 1.6 days (see [`Permit::elapsed`]). An untimed one reads no clock.
