@@ -72,6 +72,15 @@ fn closed_path(c: &mut Criterion) {
         b.iter(|| call(&mut ours_time, black_box(7)))
     });
 
+    let mut ours_minute = CircuitBreakerLayer::builder()
+        .time_window(60, Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .layer(inner());
+    g.bench_function("tower-backpressure, time window of 60 buckets", |b| {
+        b.iter(|| call(&mut ours_minute, black_box(7)))
+    });
+
     let failsafe = failsafe::Config::new().build();
     let mut bare = inner();
     g.bench_function("failsafe", |b| {

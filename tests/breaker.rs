@@ -330,6 +330,42 @@ async fn time_window_trips_within_its_span() {
     assert_eq!(handle.state(), CircuitState::Open);
 }
 
+/// A time window reads its counts back after a success only while it holds a failure or a slow call: a success
+/// that brings the calls up to the minimum trips on the failures before it, unless they have left the window.
+#[tokio::test(start_paused = true)]
+async fn time_window_trips_on_the_success_that_reaches_the_minimum() {
+    let layer = CircuitBreakerLayer::builder()
+        .time_window(2, Duration::from_secs(1))
+        .minimum_calls(4)
+        .failure_rate_threshold(50.0)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner());
+    for _ in 0..2 {
+        let _ = send(&mut svc, Call::Fail).await;
+    }
+    // The failures leave the window of two 1 s buckets.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..4 {
+        send(&mut svc, Call::Ok).await.unwrap();
+    }
+    assert_eq!(handle.state(), CircuitState::Closed);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..2 {
+        let _ = send(&mut svc, Call::Fail).await;
+    }
+    send(&mut svc, Call::Ok).await.unwrap();
+    assert_eq!(
+        handle.state(),
+        CircuitState::Closed,
+        "3 calls, under the minimum"
+    );
+    send(&mut svc, Call::Ok).await.unwrap();
+    assert_eq!(handle.state(), CircuitState::Open, "2 of 4 calls failed");
+}
+
 /// The slow-call rule is off by default (no clock read on the closed path), and either of its setters turns it
 /// on with Resilience4j's values for the other (60 s, 100 %).
 #[tokio::test(start_paused = true)]

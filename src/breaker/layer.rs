@@ -208,8 +208,11 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
     );
     setter!(
         /// Measure over the last `buckets × bucket_width` of time, in `buckets` fixed buckets (1 to 1000, each
-        /// 1 ms to 365 days wide) that expire whole.
-        time_window(buckets: usize, bucket_width: Duration) => window = WindowKind::Time { buckets, width: bucket_width }
+        /// 1 ms to 365 days wide) that expire whole. Each call reads the clock; a call that finds a failure or a
+        /// slow call in the window also reads every bucket back to judge the rates (O(buckets)), while a healthy
+        /// dependency's calls cost the same whatever the number of buckets.
+        time_window(buckets: usize, bucket_width: Duration)
+            => window = WindowKind::Time { buckets, width: bucket_width }
     );
     setter!(
         /// The rate rules apply only once the window holds at least this many calls (at least 1, and for a

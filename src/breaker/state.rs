@@ -564,7 +564,9 @@ impl<O: Observer> Release for Shared<O> {
             }
             0
         };
-        let counts = self.window.record(failure, slow);
+        let counts = self
+            .window
+            .record(failure, slow, state == CircuitState::Closed);
         if state != CircuitState::Closed {
             return;
         }

@@ -1,5 +1,6 @@
 //! The windows over which failure and slow-call rates are measured. Both have a memory bound fixed at build time
-//! and lock-free updates: O(1) for the count window, O(buckets) for the time window (see `TimeWindow`).
+//! and lock-free updates: O(1) for the count window; for the time window O(1) while no failure or slow call is in
+//! the window, O(buckets) otherwise (see `TimeWindow`).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
@@ -41,12 +42,14 @@ impl Window {
         }
     }
 
-    /// Records one counted call and returns the window's counts right after it, or `None` when a concurrent
-    /// update left them momentarily inconsistent (see [`CountWindow::record`]).
-    pub(crate) fn record(&self, failure: bool, slow: bool) -> Option<Counts> {
+    /// Records one counted call and returns the window's counts right after it, for the caller to judge the rate
+    /// rules on. `None` when they cannot be judged now: a concurrent update left them momentarily inconsistent
+    /// (see [`CountWindow::record`]); or, for the time window, the caller does not `judge` them, or the window
+    /// holds no failure and no slow call, so no rate rule can be reached (see [`TimeWindow::record`]).
+    pub(crate) fn record(&self, failure: bool, slow: bool, judge: bool) -> Option<Counts> {
         match self {
             Window::Count(w) => w.record(failure, slow),
-            Window::Time(w) => Some(w.record(failure, slow, Instant::now())),
+            Window::Time(w) => w.record(failure, slow, judge, Instant::now()),
         }
     }
 
@@ -223,8 +226,13 @@ impl CountWindow {
 /// A window over the last `buckets × width` of time: a fixed ring of buckets, each counting one `width`-long
 /// epoch. Every count carries its epoch in its own word (epoch in the high bits, count in the low bits), so a
 /// writer that finds an old epoch restarts the count with one compare-and-swap, and a reader ignores counts
-/// from epochs that have left the window. No bucket is ever cleaned up in the background. Recording reads every
-/// bucket back (the counts after it decide a trip): O(buckets), at most 1000.
+/// from epochs that have left the window. No bucket is ever cleaned up in the background.
+///
+/// The counts after a call decide a trip, and reading them means reading every bucket back: O(buckets), at most
+/// 1000. But a rate rule is only reached with failures or slow calls in the window (thresholds are above 0 %),
+/// so the window also keeps the epoch of its latest failure or slow call, and a call recorded while that epoch
+/// has left the window reads nothing back. A healthy dependency's calls therefore cost O(1); a failing one's
+/// O(buckets), until the breaker opens and stops recording.
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
     buckets: Box<[Bucket]>,
@@ -235,6 +243,9 @@ pub(crate) struct TimeWindow {
     // hold the epoch, which wraps only after 2^40 widths for a bucket up to a second wide (34 years at the
     // narrowest, 1 ms), and after no less than 2^39 seconds for a wider one.
     count_bits: u32,
+    // One more than the unwrapped epoch of the latest failure or slow call recorded; 0 for none yet. Raised with
+    // `fetch_max`, so that a writer held up since an older epoch cannot lower it.
+    last_bad: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -252,6 +263,7 @@ impl TimeWindow {
             width_nanos: width.as_nanos().max(1),
             base,
             count_bits: (24 + seconds.log2().ceil() as u32).min(56),
+            last_bad: AtomicU64::new(0),
         }
     }
 
@@ -263,10 +275,16 @@ impl TimeWindow {
         u64::MAX >> self.count_bits
     }
 
+    /// The number of whole widths from the window's base to `now`, unwrapped (it fits 64 bits for 584 years at
+    /// the narrowest width).
+    fn unwrapped_epoch(&self, now: Instant) -> u64 {
+        let epoch = now.saturating_duration_since(self.base).as_nanos() / self.width_nanos;
+        u64::try_from(epoch).unwrap_or(u64::MAX)
+    }
+
     fn epoch(&self, now: Instant) -> u64 {
         // Epochs wrap (see `count_bits`); comparisons below use wrapping differences.
-        let epoch = now.saturating_duration_since(self.base).as_nanos() / self.width_nanos;
-        epoch as u64 & self.epoch_mask()
+        self.unwrapped_epoch(now) & self.epoch_mask()
     }
 
     /// How many epochs `later` comes after `earlier`, modulo the epoch's range.
@@ -274,8 +292,11 @@ impl TimeWindow {
         later.wrapping_sub(earlier) & self.epoch_mask()
     }
 
-    fn record(&self, failure: bool, slow: bool, now: Instant) -> Counts {
-        let epoch = self.epoch(now);
+    /// Records one call at `now`; then, if the caller will `judge` the rate rules and the window holds a failure
+    /// or a slow call (this one, or the latest one's epoch has not left the window), the counts right after it.
+    fn record(&self, failure: bool, slow: bool, judge: bool, now: Instant) -> Option<Counts> {
+        let unwrapped = self.unwrapped_epoch(now);
+        let epoch = unwrapped & self.epoch_mask();
         let bucket = &self.buckets[(epoch % self.buckets.len() as u64) as usize];
         self.bump(&bucket.calls, epoch);
         if failure {
@@ -284,7 +305,17 @@ impl TimeWindow {
         if slow {
             self.bump(&bucket.slow, epoch);
         }
-        self.sum(epoch)
+        if failure || slow {
+            self.last_bad
+                .fetch_max(unwrapped.saturating_add(1), Ordering::AcqRel);
+        } else if judge {
+            let last = self.last_bad.load(Ordering::Acquire);
+            // A later epoch than ours (another writer's clock ran ahead) counts as inside the window.
+            if last == 0 || unwrapped.saturating_sub(last - 1) >= self.buckets.len() as u64 {
+                return None;
+            }
+        }
+        judge.then(|| self.sum(epoch))
     }
 
     fn counts(&self, now: Instant) -> Counts {
@@ -455,14 +486,15 @@ mod tests {
         let w = TimeWindow::new(3, Duration::from_secs(1), base);
         let now = base + Duration::from_secs(3);
         for _ in 0..5 {
-            w.record(true, false, now);
+            w.record(true, false, true, now);
         }
         // Epoch 0: the same bucket as epoch 3, one turn behind.
-        w.record(false, false, base);
+        w.record(false, false, true, base);
         let c = w.counts(now);
         assert_eq!((c.calls, c.failures), (5, 5));
         let much_later = now + Duration::from_secs(1 << 33);
-        let c = w.record(false, false, much_later);
+        w.record(false, false, false, much_later);
+        let c = w.counts(much_later);
         assert_eq!((c.calls, c.failures), (1, 0));
     }
 
@@ -470,14 +502,56 @@ mod tests {
     fn buckets_expire_by_epoch() {
         let base = Instant::now();
         let w = TimeWindow::new(3, Duration::from_secs(1), base);
-        w.record(true, false, base);
-        w.record(false, true, base + Duration::from_millis(1500));
+        w.record(true, false, true, base);
+        w.record(false, true, true, base + Duration::from_millis(1500));
         assert_eq!(w.counts(base + Duration::from_millis(2999)).calls, 2);
         let c = w.counts(base + Duration::from_secs(3));
         assert_eq!((c.calls, c.failures, c.slow), (1, 0, 1));
         assert_eq!(w.counts(base + Duration::from_secs(4)).calls, 0);
         // A write to a recycled bucket starts from zero.
-        w.record(false, false, base + Duration::from_secs(3));
+        w.record(false, false, true, base + Duration::from_secs(3));
         assert_eq!(w.counts(base + Duration::from_secs(3)).failures, 0);
+    }
+
+    /// While no failure and no slow call is in the window, a success reads nothing back (no rate rule can be
+    /// reached); with one in the window, every call reads the counts, until it leaves the window.
+    #[test]
+    fn only_a_window_with_a_failure_or_a_slow_call_is_read_back() {
+        let base = Instant::now();
+        let s = Duration::from_secs(1);
+        let w = TimeWindow::new(3, s, base);
+        for _ in 0..4 {
+            assert_eq!(w.record(false, false, true, base), None);
+        }
+        let c = w
+            .record(true, false, true, base + s)
+            .expect("a failure reads the counts");
+        assert_eq!((c.calls, c.failures), (5, 1));
+        let c = w
+            .record(false, false, true, base + 3 * s)
+            .expect("the failure is still in the window");
+        assert_eq!((c.calls, c.failures, c.slow), (2, 1, 0));
+        assert_eq!(
+            w.record(false, false, false, base + 3 * s),
+            None,
+            "not judged: nothing read"
+        );
+        let c = w
+            .record(false, true, true, base + 4 * s)
+            .expect("a slow call reads the counts");
+        assert_eq!((c.calls, c.failures, c.slow), (3, 0, 1));
+        assert!(w.record(false, false, true, base + 6 * s).is_some());
+        // The slow call's epoch (4) has left the window of epochs 5 to 7.
+        assert_eq!(w.record(false, false, true, base + 7 * s), None);
+        assert_eq!(
+            w.counts(base + 7 * s).calls,
+            2,
+            "the calls are still counted"
+        );
+        // A writer held up since an older epoch does not lower the latest one.
+        w.record(true, false, true, base + 8 * s);
+        w.record(false, true, true, base + 6 * s);
+        assert!(w.record(false, false, true, base + 10 * s).is_some());
+        assert_eq!(w.record(false, false, true, base + 11 * s), None);
     }
 }
