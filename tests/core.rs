@@ -519,6 +519,40 @@ async fn grpc_status_in_trailers_at_end_of_body() {
 }
 
 #[tokio::test]
+async fn grpc_body_dropped_right_after_its_trailers_keeps_their_outcome() {
+    // hyper (HTTP/1 and HTTP/2 alike) sends the trailers frame and drops the body without polling it again, and
+    // a streaming body need not report its end before it is polled once more: the trailers are the end.
+    for (status, outcome) in [("0", Outcome::Success), ("14", Outcome::Dropped)] {
+        let log = Log::new();
+        let (tx, body) = streaming();
+        let res: Result<_, Infallible> = GrpcClassifier::new().finish(
+            Ok(grpc_response(StatusCode::OK, None, body)),
+            Some(permit(&log)),
+        );
+        let mut body = res.unwrap().into_body();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"msg"))))
+            .unwrap();
+        tx.unbounded_send(Ok(trailers(status))).unwrap();
+        let _ = body.frame().await.unwrap().unwrap();
+        assert!(body.frame().await.unwrap().unwrap().is_trailers());
+        drop(body);
+        assert_eq!(log.outcomes(), [outcome], "grpc-status {status}");
+    }
+    // The same for plain HTTP: a 200 whose body ended with trailers was served.
+    let log = Log::new();
+    let (tx, body) = streaming();
+    let res: Result<_, Infallible> =
+        HttpStatus::new().finish(Ok(http::Response::new(body)), Some(permit(&log)));
+    let mut body = res.unwrap().into_body();
+    tx.unbounded_send(Ok(Frame::trailers(HeaderMap::new())))
+        .unwrap();
+    assert!(body.frame().await.unwrap().unwrap().is_trailers());
+    assert!(!body.holds_permit(), "released at the trailers");
+    drop(body);
+    assert_eq!(log.outcomes(), [Outcome::Success]);
+}
+
+#[tokio::test]
 async fn grpc_stream_ending_without_status_is_failure() {
     let log = Log::new();
     let (tx, body) = streaming();

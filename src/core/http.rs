@@ -31,9 +31,9 @@ impl ClassifyEos for () {
 pin_project! {
     /// A response body that holds its request's [`Permit`] until the body is really done.
     ///
-    /// The permit is released exactly once: at the end of the stream (with the outcome of the response head, or,
-    /// for gRPC, of the trailers), on a body error ([`Outcome::Failure`]; [`Outcome::Dropped`] for a body a
-    /// deadline layer cut at its deadline), or when the body is dropped half-read
+    /// The permit is released exactly once: at the end of the stream, which a trailers frame is (with the outcome
+    /// of the response head, or, for gRPC, of the trailers), on a body error ([`Outcome::Failure`];
+    /// [`Outcome::Dropped`] for a body a deadline layer cut at its deadline), or when the body is dropped half-read
     /// ([`Outcome::Ignored`]: the client went away). A body that is already at its end when the head arrives
     /// releases the permit at once, since servers may never poll it.
     pub struct TrackedBody<B, T = ()> {
@@ -115,14 +115,18 @@ where
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         let finished = match &frame {
-            Some(Ok(frame)) => {
-                if let (None, Some(trailers)) = (*this.outcome, frame.trailers_ref()) {
-                    *this.outcome = Some(this.eos.classify_eos(Some(trailers)));
-                }
-                this.inner
+            // Trailers are a body's last frame, whatever `is_end_stream` says yet: hyper sends them and drops
+            // the body without polling it again, so waiting for the end would record the request as abandoned.
+            Some(Ok(frame)) => match frame.trailers_ref() {
+                Some(trailers) => Some(
+                    this.outcome
+                        .unwrap_or_else(|| this.eos.classify_eos(Some(trailers))),
+                ),
+                None => this
+                    .inner
                     .is_end_stream()
-                    .then(|| this.outcome.unwrap_or_else(|| this.eos.classify_eos(None)))
-            }
+                    .then(|| this.outcome.unwrap_or_else(|| this.eos.classify_eos(None))),
+            },
             Some(Err(error)) => Some(body_error_outcome(error)),
             None => Some(this.outcome.unwrap_or_else(|| this.eos.classify_eos(None))),
         };
