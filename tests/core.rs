@@ -636,6 +636,39 @@ async fn body_dropped_half_read_records_ignored() {
 }
 
 #[tokio::test]
+async fn body_of_a_failed_response_dropped_unread_keeps_the_heads_outcome() {
+    // A caller that checks the status and drops the body (`if !res.status().is_success() { return .. }`) has
+    // still been answered 503 or 500: the dependency said so, and a breaker or limiter outside must hear it.
+    for (status, outcome) in [
+        (StatusCode::SERVICE_UNAVAILABLE, Outcome::Dropped),
+        (StatusCode::INTERNAL_SERVER_ERROR, Outcome::Failure),
+        (StatusCode::OK, Outcome::Ignored),
+    ] {
+        let log = Log::new();
+        let mut res = http::Response::new(Full::new(Bytes::from_static(b"unread")));
+        *res.status_mut() = status;
+        let res: Result<_, Infallible> = HttpStatus::new().finish(Ok(res), Some(permit(&log)));
+        let res = res.unwrap();
+        assert!(res.body().holds_permit());
+        drop(res);
+        assert_eq!(log.outcomes(), [outcome], "{status}");
+    }
+    // The same for a gRPC status in the head of a stream, dropped half-read.
+    let log = Log::new();
+    let (tx, body) = streaming();
+    let res: Result<_, Infallible> = GrpcClassifier::new().finish(
+        Ok(grpc_response(StatusCode::OK, Some("14"), body)),
+        Some(permit(&log)),
+    );
+    let mut body = res.unwrap().into_body();
+    tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"half"))))
+        .unwrap();
+    assert!(body.frame().await.unwrap().is_ok());
+    drop(body);
+    assert_eq!(log.outcomes(), [Outcome::Dropped]);
+}
+
+#[tokio::test]
 async fn full_body_released_when_its_only_frame_is_read() {
     let log = Log::new();
     let mut res = http::Response::new(Full::new(Bytes::from_static(b"all")));

@@ -34,7 +34,9 @@ pin_project! {
     /// The permit is released exactly once: at the end of the stream, which a trailers frame is (with the outcome
     /// of the response head, or, for gRPC, of the trailers), on a body error ([`Outcome::Failure`];
     /// [`Outcome::Dropped`] for a body a deadline layer cut at its deadline), or when the body is dropped half-read
-    /// ([`Outcome::Ignored`]: the client went away). A body that is already at its end when the head arrives
+    /// ([`Outcome::Ignored`]: the client went away; but a head that said [`Outcome::Failure`] or
+    /// [`Outcome::Dropped`], a 500 or a 503, keeps its outcome: a caller that reads the status and drops the body
+    /// was still answered so). A body that is already at its end when the head arrives
     /// releases the permit at once, since servers may never poll it.
     pub struct TrackedBody<B, T = ()> {
         #[pin]
@@ -42,6 +44,19 @@ pin_project! {
         permit: Option<Permit>,
         outcome: Option<Outcome>,
         eos: T,
+    }
+
+    // A body dropped before its end: the caller went away, unless the head had already said the service failed.
+    impl<B, T> PinnedDrop for TrackedBody<B, T> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(permit) = this.permit.take() {
+                match *this.outcome {
+                    Some(answered) => permit.abandon(answered),
+                    None => drop(permit),
+                }
+            }
+        }
     }
 }
 

@@ -204,6 +204,7 @@ fn stamp(t: Instant) -> u64 {
 /// |---|---|
 /// | [`Permit::complete`] | the given outcome |
 /// | dropped without completing (caller went away, future or body dropped) | [`Outcome::Ignored`] |
+/// | body dropped after a head that said `Failure` or `Dropped` (a 500 or 503 left unread) | that outcome |
 /// | dropped without completing after the [current deadline](super::Deadline::current) | [`Outcome::Dropped`] |
 /// | dropped while the thread unwinds from a panic (inner service panicked) | [`Outcome::Failure`] |
 ///
@@ -290,6 +291,19 @@ impl Permit {
     #[inline]
     pub fn complete(mut self, outcome: Outcome) {
         // `Drop` then finds it released and only lets go of the owner.
+        self.finish(outcome);
+    }
+
+    /// Lets go of a request that was answered `answered` (by the response head) but not finished: its body was
+    /// dropped. A caller that goes away after a failed answer (reads the status, drops the body) does not undo the
+    /// answer, so a `Failure` or `Dropped` answer is recorded where a plain drop would record `Ignored`; a panic
+    /// or an expired deadline decide as they do for any drop.
+    #[cfg(feature = "http")]
+    pub(crate) fn abandon(mut self, answered: Outcome) {
+        let outcome = match unfinished_outcome() {
+            Outcome::Ignored if answered.is_failure() => answered,
+            outcome => outcome,
+        };
         self.finish(outcome);
     }
 
