@@ -145,7 +145,7 @@ pub fn app(
     let deadline = DeadlineLayer::builder()
         .max_timeout(config.max_timeout)
         .http()
-        .observer(MetricsObserver)
+        .observer(MetricsObserver::new())
         .build()?;
     let rate = RateLimitLayer::builder()
         .rate(config.rate_per_ip, Duration::from_secs(1))
@@ -153,7 +153,7 @@ pub fn app(
         .key(PeerIp::new().ipv6_prefix(64))
         .policy_name("per-ip")
         .http()
-        .observer(MetricsObserver)
+        .observer(MetricsObserver::new())
         .build()?;
     // The queue and the limiter refuse without knowing when a slot will free: give their 503s a hint, so
     // well-behaved clients back off instead of retrying at once.
@@ -163,7 +163,7 @@ pub fn app(
         .max_limit(config.max_limit)
         .classifier(HttpStatus::new())
         .reject_mode(mode)
-        .observer(MetricsObserver)
+        .observer(MetricsObserver::new())
         .build()?;
     let limit = adaptive.handle();
     let queue = QueueLayer::builder()
@@ -171,7 +171,7 @@ pub fn app(
         .max_depth(config.queue_depth)
         .classifier(HttpStatus::new())
         .reject_mode(mode)
-        .observer(MetricsObserver)
+        .observer(MetricsObserver::new())
         .build()?;
 
     let protected = Router::new()

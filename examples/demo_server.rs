@@ -92,7 +92,7 @@ fn router(args: &Args, prometheus: PrometheusHandle) -> Result<Router, Box<dyn s
                 .max_depth(0)
                 .classifier(HttpStatus::new())
                 .reject_mode(WithRetryAfter::new(HttpMode, Duration::from_secs(1)))
-                .observer(MetricsObserver)
+                .observer(MetricsObserver::new())
                 .build()?;
             plain(Router::new().route("/work", get(work)).layer(limit))
         }
