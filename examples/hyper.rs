@@ -107,8 +107,15 @@ pub(crate) fn serve(listener: TcpListener, feeds: mpsc::UnboundedSender<Feed>) -
 
     tokio::spawn(async move {
         loop {
-            let Ok((socket, _peer)) = listener.accept().await else {
-                continue;
+            let (socket, _peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, most often: retrying at once would spin on the error while the
+                    // connections that hold them finish. Wait a moment, as axum's and hyper-util's servers do.
+                    eprintln!("accept failed: {error}; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let service = TowerToHyperService::new(service.clone());
             tokio::spawn(async move {
