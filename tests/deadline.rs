@@ -1386,3 +1386,58 @@ async fn grpc_propagation_with_nothing_left_answers_deadline_exceeded_without_ca
     assert_eq!(response.headers()["grpc-status"], "4");
     assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
 }
+
+/// With no timeout header written (`grpc_timeout(false)`, `no_timeout_header()`), no next hop or transport enforces a
+/// budget of ours: an error from the inner service before the deadline, in the margin's last stretch too, is its
+/// own failure and passes on as it is, as does one from the response body. Only the deadline itself cuts.
+#[tokio::test(start_paused = true)]
+async fn with_no_timeout_header_written_an_error_before_the_deadline_is_the_inner_services_own() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+
+    let layer = PropagateDeadlineLayer::builder()
+        .margin(Duration::from_millis(100))
+        .grpc_timeout(false)
+        .no_timeout_header()
+        .build()
+        .unwrap();
+    // 3 s left, a 100 ms margin: the call fails at 2.95 s, after `deadline - margin` but before the deadline.
+    let error = Deadline::after(Duration::from_secs(3))
+        .scope(
+            layer
+                .layer(failing_after(Duration::from_millis(2_950)))
+                .oneshot(request(&[])),
+        )
+        .await
+        .unwrap_err();
+    assert!(!error.is::<DeadlineExceeded>(), "{error}");
+    assert_eq!(error.to_string(), "transport gave up");
+    let s = layer.handle().snapshot();
+    assert_eq!((s.in_flight, s.dropped), (0, 0));
+
+    // The same for the response body, in HTTP mode: a body error at 2.95 s is the body's own error.
+    let layer = PropagateDeadlineLayer::builder()
+        .margin(Duration::from_millis(100))
+        .grpc_timeout(false)
+        .no_timeout_header()
+        .http()
+        .build()
+        .unwrap();
+    let streaming = service_fn(|_req: Request<String>| async {
+        let frames = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(2_950)).await;
+            Err::<http_body::Frame<Bytes>, BoxError>("connection reset".into())
+        });
+        Ok::<_, Infallible>(Response::new(StreamBody::new(frames).boxed_unsync()))
+    });
+    let error = Deadline::after(Duration::from_secs(3))
+        .scope(async {
+            let response = layer.layer(streaming).oneshot(request(&[])).await.unwrap();
+            response.into_body().collect().await.unwrap_err()
+        })
+        .await;
+    assert!(!error.is::<DeadlineExceeded>(), "{error}");
+    assert_eq!(error.to_string(), "connection reset");
+    let s = layer.handle().snapshot();
+    assert_eq!((s.in_flight, s.dropped), (0, 0));
+}

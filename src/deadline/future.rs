@@ -103,17 +103,18 @@ impl SentBudget for NotSent {
     }
 }
 
-/// The client future's [`SentBudget`]: when the smallest timeout the outgoing headers carry runs out.
+/// The client future's [`SentBudget`]: when the smallest timeout the outgoing headers carry runs out (`None`: the
+/// layer writes no timeout header, so nothing below enforces one).
 #[derive(Debug, Clone, Copy)]
-struct Sent(Instant);
+struct Sent(Option<Instant>);
 
 impl SentBudget for Sent {
     fn spent(&self) -> bool {
-        Instant::now() >= self.0
+        self.0.is_some_and(|sent| Instant::now() >= sent)
     }
 
     fn until(&self) -> Option<Instant> {
-        Some(self.0)
+        self.0
     }
 }
 
@@ -279,7 +280,7 @@ impl<F, C, M> PropagateFuture<F, C, M> {
         permit: Permit,
         classify: C,
         mode: M,
-        sent: Instant,
+        sent: Option<Instant>,
     ) -> Self {
         PropagateFuture {
             state: State::running(inner, permit, classify, Sent(sent)),

@@ -436,7 +436,9 @@ impl<C, M, O> PropagateDeadlineLayerBuilder<C, M, O> {
     }
 
     /// Write no millisecond timeout header. With [`grpc_timeout(false)`](Self::grpc_timeout) as well, the layer
-    /// passes no budget on and only enforces the deadline locally (for a backend that reads no timeout header).
+    /// passes no budget on and only enforces the deadline locally (for a backend that reads no timeout header):
+    /// an error from the inner service or the response body before the deadline is then passed on as it is, since
+    /// nothing below was given a budget to enforce.
     #[must_use]
     pub fn no_timeout_header(mut self) -> Self {
         self.config.timeout_header = None;

@@ -56,8 +56,9 @@
 //!   (`oneshot`, or `call` in an `async` block), not before it. A transport that enforces the timeout it sends
 //!   on its own (a tonic `Channel` fails the call when the `grpc-timeout` runs out, which tonic reports as
 //!   CANCELLED) is answered for: an error from the inner service once the sent budget is spent becomes
-//!   deadline-exceeded (with [`GrpcMode`](crate::core::GrpcMode), DEADLINE_EXCEEDED) and outcome `Dropped`. A
-//!   response that arrives, even late, is passed on as it is (in HTTP and gRPC modes its head: a body still to
+//!   deadline-exceeded (with [`GrpcMode`](crate::core::GrpcMode), DEADLINE_EXCEEDED) and outcome `Dropped`
+//!   (a layer that writes no timeout header sends no budget: an error before the deadline passes on as it is).
+//!   A response that arrives, even late, is passed on as it is (in HTTP and gRPC modes its head: a body still to
 //!   come after the deadline is cut at once).
 //!
 //! **The response body** (`.http()` and `.grpc()`): the deadline bounds the whole exchange, not only the response

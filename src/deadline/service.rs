@@ -356,7 +356,15 @@ fn keep_smaller(
 ///
 /// Returns the smallest timeout the written headers now carry, which is what a transport enforcing them (a tonic
 /// `Channel`) will time out after: the encoding may round the budget down, and a caller's value may be smaller.
-fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duration) -> Duration {
+/// `None` when the layer writes no header: then no next hop or transport has been given a budget to enforce.
+fn write_timeout(
+    headers: &mut HeaderMap,
+    config: &ClientConfig,
+    budget: Duration,
+) -> Option<Duration> {
+    if !config.write_grpc_timeout && config.timeout_header.is_none() {
+        return None;
+    }
     let mut sent = budget;
     if config.write_grpc_timeout {
         let smaller_set = keep_smaller(headers, &GRPC_TIMEOUT, decode_grpc_timeout, budget);
@@ -386,7 +394,7 @@ fn write_timeout(headers: &mut HeaderMap, config: &ClientConfig, budget: Duratio
             }
         }
     }
-    sent
+    Some(sent)
 }
 
 impl<S, B, C, M, O> Service<Request<B>> for PropagateDeadline<S, C, M, O>
@@ -420,7 +428,7 @@ where
             .saturating_sub(self.shared.config.margin);
         let config = &self.shared.config;
         let sent = write_timeout(request.headers_mut(), config, budget);
-        if sent.is_zero() {
+        if sent.unwrap_or(budget).is_zero() {
             // Nothing left after the margin, or the headers would tell the next hop that its budget is spent (the
             // millisecond header truncates a budget under a millisecond to 0; a caller may have set 0): fail here
             // and send nothing, rather than have the next hop refuse it on arrival. (`sent` is never more than
@@ -441,7 +449,9 @@ where
             permit,
             self.classify.clone(),
             self.mode.clone(),
-            now + sent,
+            // With no header written nobody below enforces a budget of ours: an error before the deadline is the
+            // inner service's own, not an expiry.
+            sent.map(|sent| now + sent),
         )
     }
 }
