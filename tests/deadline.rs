@@ -1441,3 +1441,63 @@ async fn with_no_timeout_header_written_an_error_before_the_deadline_is_the_inne
     let s = layer.handle().snapshot();
     assert_eq!((s.in_flight, s.dropped), (0, 0));
 }
+
+/// A caller that hangs up once the deadline has passed, before the layer's timer has answered for it (timers fire at
+/// the next millisecond tick, and a client giving up at the same deadline races them), leaves a request that missed
+/// its deadline: outcome `Dropped`, as the permits of the layers inside record, not `Ignored` (a caller going away
+/// in time). One that hangs up before the deadline is `Ignored`.
+#[tokio::test(start_paused = true)]
+async fn a_caller_hanging_up_after_the_deadline_leaves_a_dropped_request() {
+    for server in [true, false] {
+        for (hang_up_after, expected) in [(999, Outcome::Ignored), (1_000, Outcome::Dropped)] {
+            let (log, observer) = events();
+            let (handle, mut svc): (
+                _,
+                tower::util::BoxService<Request<String>, Response<String>, BoxError>,
+            ) = if server {
+                let layer = DeadlineLayer::builder().observer(observer).build().unwrap();
+                (
+                    layer.handle(),
+                    tower::util::BoxService::new(layer.layer(leaving(Exit::Dropped))),
+                )
+            } else {
+                let layer = PropagateDeadlineLayer::builder()
+                    .observer(observer)
+                    .build()
+                    .unwrap();
+                (
+                    layer.handle(),
+                    tower::util::BoxService::new(layer.layer(leaving(Exit::Dropped))),
+                )
+            };
+            // No scope around the caller (hyper's connection task calls the server): the server finds its deadline
+            // in the header, the client in the request's extensions.
+            let mut req = request(&[("grpc-timeout", "1S")]);
+            req.extensions_mut()
+                .insert(Deadline::after(Duration::from_secs(1)));
+            svc.ready().await.unwrap();
+            let mut future = svc.call(req);
+            assert!(futures::poll!(future.as_mut()).is_pending());
+            tokio::time::advance(Duration::from_millis(hang_up_after)).await;
+            drop(future);
+            let what = format!("server {server}, hanging up after {hang_up_after} ms");
+            let completed: Vec<_> = log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Completed { outcome, .. } => Some(*outcome),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(completed, vec![expected], "{what}");
+            let snapshot = handle.snapshot();
+            assert_eq!(snapshot.in_flight, 0, "{what}");
+            assert_eq!(
+                snapshot.dropped,
+                u64::from(expected == Outcome::Dropped),
+                "{what}"
+            );
+        }
+    }
+}

@@ -11,7 +11,9 @@ use tokio::time::{Instant, Sleep};
 
 use super::codec::InvalidTimeout;
 use super::mode::{BoundResponse, RejectInvalid};
-use crate::core::{Classify, DeadlineScope, Outcome, Permit, Reason, RejectMode, Rejection};
+use crate::core::{
+    Classify, Deadline, DeadlineScope, Outcome, Permit, Reason, RejectMode, Rejection,
+};
 
 pin_project! {
     /// Response future of [`DeadlineService`](super::DeadlineService).
@@ -28,6 +30,12 @@ pin_project! {
         state: State<F, C, NotSent, InvalidTimeout>,
         mode: M,
     }
+
+    impl<F, C, M> PinnedDrop for ResponseFuture<F, C, M> {
+        fn drop(this: Pin<&mut Self>) {
+            this.project().state.release_unfinished();
+        }
+    }
 }
 
 pin_project! {
@@ -38,6 +46,12 @@ pin_project! {
         #[pin]
         state: State<F, C, Sent, Infallible>,
         mode: M,
+    }
+
+    impl<F, C, M> PinnedDrop for PropagateFuture<F, C, M> {
+        fn drop(this: Pin<&mut Self>) {
+            this.project().state.release_unfinished();
+        }
     }
 }
 
@@ -129,6 +143,19 @@ impl<F, C, T, I> State<F, C, T, I> {
         }
     }
 
+    /// Lets go of the permit of a request dropped before it was answered, with its deadline current (unless an
+    /// earlier one is), as the inner future is dropped: a caller that hangs up once the deadline has passed, before
+    /// the timer has answered for it, leaves a request that missed its deadline, `Dropped` as the permits of the
+    /// layers inside record it, not `Ignored`. Nothing to do for a request answered or never admitted.
+    #[inline]
+    fn release_unfinished(self: Pin<&mut Self>) {
+        if let StateProj::Running { inner, permit, .. } = self.project() {
+            if let Some(permit) = permit.take() {
+                release_in_scope(inner.deadline(), permit);
+            }
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             State::Passthrough { .. } => "passthrough",
@@ -209,6 +236,13 @@ where
     };
     state.set(State::Done);
     Poll::Ready(output)
+}
+
+/// Drops an unfinished `permit` with `deadline` current: see [`State::release_unfinished`].
+#[cold]
+fn release_in_scope(deadline: Deadline, permit: Permit) {
+    let _scope = deadline.enter_poll();
+    drop(permit);
 }
 
 /// The answer when the deadline has passed: the permit records an overload signal.

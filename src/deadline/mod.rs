@@ -38,6 +38,8 @@
 //!   clock reading instead of reading the clock again), runs the inner future inside [`Deadline::scope`] and races
 //!   it against a timer. On expiry the inner future is
 //!   dropped, the answer is deadline-exceeded and the outcome [`Outcome::Dropped`](crate::core::Outcome::Dropped).
+//!   A caller that hangs up before the deadline leaves the outcome `Ignored`; one that hangs up once it has
+//!   passed, before the timer has answered (timers fire at the next millisecond tick), `Dropped` as well.
 //!   In HTTP and gRPC modes the deadline goes on bounding the response body (see below).
 //!   A malformed header (too many digits, unknown unit, overflow, garbage) is ignored with a `tracing` event by
 //!   default, or refused in [strict](DeadlineLayerBuilder::strict) mode with 400 / INVALID_ARGUMENT /
