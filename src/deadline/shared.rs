@@ -139,7 +139,8 @@ pub struct DeadlineSnapshot {
     pub admitted: u64,
     /// Requests refused before the inner service was called: expired, or less than the minimum budget left.
     pub rejected: u64,
-    /// Malformed timeout headers seen (ignored, or refused in strict mode). Always 0 for the propagating layer.
+    /// Requests that carried a malformed timeout header (the header ignored, or, in strict mode, the request
+    /// refused with no observer event: it is not a shed). Always 0 for the propagating layer.
     pub invalid: u64,
     /// Admitted requests whose outcome was [`Outcome::Dropped`]: the deadline expired in flight, or the inner
     /// service answered with an overload signal.
