@@ -541,3 +541,34 @@ fn a_panicking_stack_fails_the_run() {
         sim::Stack::new(sim::boxed(service))
     });
 }
+
+/// Backend work still going on when the run ends is part of the last phase's busy time up to its end: a worker
+/// busy for nobody until the very end must show as wasted, not vanish from the figures.
+#[test]
+fn work_still_running_when_the_run_ends_is_counted() {
+    // One request at 0.5 s, 5 s of work on the only worker, a client that gives up after 100 ms, a run of 1 s:
+    // the worker is busy from 0.5 s to the end, and for nobody from 0.6 s.
+    let text = r#"
+name = "long-work"
+[backend]
+workers = 1
+service = { dist = "constant", ms = 5000.0 }
+[client]
+timeout_ms = 100
+arrivals = "uniform"
+[[phase]]
+name = "only"
+duration_s = 1
+rps = 2.0
+"#;
+    let report = sim::run(&scenario(text), strategy("unprotected")).unwrap();
+    let row = report.row("only", "all").unwrap();
+    assert_eq!(row.offered_rps, 1.0);
+    assert_eq!(row.backend_rps, 1.0);
+    assert_eq!(row.timeout_rps, 1.0);
+    assert!(
+        (row.wasted_work - 0.8).abs() < 1e-9,
+        "0.4 s of 0.5 s busy were for nobody: {}",
+        row.wasted_work
+    );
+}

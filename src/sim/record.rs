@@ -92,6 +92,18 @@ pub(crate) struct Recorder {
     window: Window,
     series: Vec<SeriesPoint>,
     attempts: u64,
+    /// Backend work under way, by slot: at most one slot per worker plus the free ones in `free_slots`. Work
+    /// still under way when the report is taken counts up to the end of the run.
+    in_service: Vec<Option<InService>>,
+    free_slots: Vec<usize>,
+}
+
+/// Backend work under way on a request.
+#[derive(Clone, Copy)]
+struct InService {
+    start: u64,
+    id: u32,
+    class: usize,
 }
 
 impl Recorder {
@@ -126,6 +138,8 @@ impl Recorder {
             },
             series: Vec::new(),
             attempts: 0,
+            in_service: Vec::new(),
+            free_slots: Vec::new(),
         }
     }
 
@@ -251,23 +265,41 @@ impl Recorder {
         self.backend_queue -= 1;
     }
 
-    pub(crate) fn service_started(&mut self, now: u64, class: usize) {
+    /// The backend starts work on request `id` at `now`; returns the slot to end it with.
+    pub(crate) fn service_started(&mut self, now: u64, id: u32, class: usize) -> usize {
         if let Some(phase) = self.phase_at(now) {
             self.phases[phase].classes[class].started += 1;
         }
+        let work = Some(InService {
+            start: now,
+            id,
+            class,
+        });
+        match self.free_slots.pop() {
+            Some(slot) => {
+                self.in_service[slot] = work;
+                slot
+            }
+            None => {
+                self.in_service.push(work);
+                self.in_service.len() - 1
+            }
+        }
     }
 
-    /// The backend worked on request `id` from `start` to `end`, `finished` or cut off before the work was done;
-    /// splits that busy time over the phases, counts as wasted the part after the client was done with the
-    /// request, and as cut all of it if it was cut off.
-    pub(crate) fn service_ended(
-        &mut self,
-        start: u64,
-        end: u64,
-        id: u32,
-        class: usize,
-        finished: bool,
-    ) {
+    /// The backend's work in `slot` ended at `end`, `finished` or cut off before it was done.
+    pub(crate) fn service_ended(&mut self, slot: usize, end: u64, finished: bool) {
+        let Some(work) = self.in_service.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free_slots.push(slot);
+        self.busy(work, end, !finished);
+    }
+
+    /// The backend worked on a request from its start to `end`: splits that busy time over the phases, counts as
+    /// wasted the part after the client was done with the request, and as cut all of it if it was `cut` off.
+    fn busy(&mut self, work: InService, end: u64, cut: bool) {
+        let InService { start, id, class } = work;
         let give_up = self.give_up.get(id as usize).copied().unwrap_or(NEVER);
         let Some(mut phase) = self.phase_at(start) else {
             return;
@@ -278,7 +310,7 @@ impl Recorder {
             let stats = &mut self.phases[phase].classes[class];
             stats.busy_ns += seg_end - t;
             stats.wasted_ns += seg_end.saturating_sub(give_up.max(t));
-            if !finished {
+            if cut {
                 stats.cut_ns += seg_end - t;
             }
             t = seg_end;
@@ -294,6 +326,11 @@ impl Recorder {
     ) -> (Vec<Row>, Vec<SeriesPoint>, u64, u64) {
         let end = self.end();
         self.advance(end);
+        // Work still under way (the backend busy on a request its client gave up on, say) was busy time all the
+        // same, up to the end of the run; its guard, dropped with the runtime, finds no recorder.
+        for work in std::mem::take(&mut self.in_service).into_iter().flatten() {
+            self.busy(work, end, false);
+        }
         let has_limit = self.limit.is_some();
         let has_queue = self.queue.is_some();
         let mut backend = (scenario.backend.service, scenario.backend.error_rate);

@@ -40,7 +40,7 @@ pub struct Row {
     /// 99th percentile latency of the good requests in milliseconds (`null` when none).
     pub p99_ms: Option<f64>,
     /// Share of the backend's busy time spent on requests whose client had already given up (or had already
-    /// received its answer).
+    /// received its answer). Work still under way when the run ends counts up to the end.
     pub wasted_work: f64,
     /// Share of the backend's busy time spent on work cut off before it was done (a layer dropped the request at
     /// its deadline, or the client cancelled it): work that produced no answer, though not counted as wasted when

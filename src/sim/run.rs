@@ -517,11 +517,11 @@ fn serve(
         };
         let start = shared.now();
         let (service, error_rate) = shared.backend_at(start);
-        shared.record(|r| r.service_started(start, usize::from(demand.class)));
+        let slot =
+            shared.record(|r| r.service_started(start, demand.id, usize::from(demand.class)));
         let mut busy = Busy {
             shared: &shared,
-            start,
-            demand,
+            slot,
             finished: false,
         };
         tokio::time::sleep(shared.work_time(service.sample(demand.normal, demand.exp))).await;
@@ -552,8 +552,8 @@ impl Drop for Queued<'_> {
 /// Records the backend's busy time on drop, whether the work completed or was cancelled.
 struct Busy<'a> {
     shared: &'a Shared,
-    start: u64,
-    demand: Demand,
+    /// The work's slot in the recorder.
+    slot: usize,
     /// Whether the work was done; dropped before, it was cut off.
     finished: bool,
 }
@@ -561,10 +561,8 @@ struct Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let end = self.shared.now();
-        let (start, demand, finished) = (self.start, self.demand, self.finished);
-        let class = usize::from(demand.class);
-        self.shared
-            .record(|r| r.service_ended(start, end, demand.id, class, finished));
+        let (slot, finished) = (self.slot, self.finished);
+        self.shared.record(|r| r.service_ended(slot, end, finished));
     }
 }
 
