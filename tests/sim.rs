@@ -572,3 +572,34 @@ rps = 2.0
         row.wasted_work
     );
 }
+
+/// `max_queue_depth` is the deepest queue seen: the depth right after a request joins the queue counts, even
+/// when the next thing to happen is a request leaving it.
+#[test]
+fn the_deepest_queue_counts_the_request_that_made_it() {
+    // One worker and the `queue` strategy (a fixed limit of 2): five requests 2 ms apart, each 100 ms of work.
+    // Two are admitted; the other three wait in the queue, three deep from 10 ms until the first answer at
+    // 102 ms lets one in.
+    let text = r#"
+name = "queue-depth"
+[backend]
+workers = 1
+service = { dist = "constant", ms = 100.0 }
+[client]
+timeout_ms = 1000
+arrivals = "uniform"
+[[phase]]
+name = "burst"
+duration_s = 0.011
+rps = 500.0
+[[phase]]
+name = "quiet"
+duration_s = 1
+rps = 0.0
+"#;
+    let report = sim::run(&scenario(text), strategy("queue")).unwrap();
+    let burst = report.row("burst", "all").unwrap();
+    assert_eq!((burst.offered_rps * burst.duration_s).round(), 5.0);
+    assert_eq!(burst.max_queue_depth, Some(3));
+    assert_eq!(report.series[0].queue_depth, Some(3));
+}

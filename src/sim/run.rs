@@ -428,8 +428,8 @@ async fn attempt(
     let _in_flight = InFlight::enter(shared);
     let call = service.oneshot(request);
     let answer = match scope {
-        Some(deadline) => deadline.scope(call).await,
-        None => call.await,
+        Some(deadline) => probed_after_call(shared, deadline.scope(call)).await,
+        None => probed_after_call(shared, call).await,
     };
     let response = match answer {
         Ok(response) => response,
@@ -443,6 +443,24 @@ async fn attempt(
         }
     }
     verdict
+}
+
+/// Runs a call through the stack, reading the stack's probes right after its first poll: that poll calls the
+/// stack (`oneshot` does once the stack is ready), where the request joins a queue or takes a permit, and the
+/// depth or limit it leaves must be seen before anything else happens (the next event may be an answer that
+/// lets a waiting request in, and the deepest queue would go unseen).
+async fn probed_after_call<F: Future>(shared: &Shared, call: F) -> F::Output {
+    let mut call = pin!(call);
+    let mut called = false;
+    std::future::poll_fn(|cx| {
+        let poll = call.as_mut().poll(cx);
+        if !called {
+            called = true;
+            shared.sample(shared.now());
+        }
+        poll
+    })
+    .await
 }
 
 fn classify(response: &Response<SimResponseBody>) -> Verdict {
