@@ -603,3 +603,20 @@ rps = 0.0
     assert_eq!(burst.max_queue_depth, Some(3));
     assert_eq!(report.series[0].queue_depth, Some(3));
 }
+
+/// Report rows are keyed by phase and class name (`Report::row`, the JSON that check_scenarios.py reads): a
+/// second phase of the same name, or a class called `all` like the rows that sum the classes, would make two
+/// rows answer to one key.
+#[test]
+fn names_that_would_make_two_rows_alike_are_refused() {
+    let twice = format!("{ONE_WORKER}[[phase]]\nname = \"steady\"\nduration_s = 1\nrps = 5.0\n");
+    let error = error_of(&twice);
+    assert_eq!(error.key(), "phase[1].name", "{error}");
+    assert!(error.problem().contains("steady"), "{error}");
+    let all = ONE_WORKER.replace(
+        "[[phase]]",
+        "[[class]]\nname = \"all\"\npriority = \"critical\"\n[[phase]]",
+    );
+    let error = error_of(&all);
+    assert_eq!(error.key(), "class[0].name", "{error}");
+}

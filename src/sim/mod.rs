@@ -59,12 +59,12 @@
 //! arrivals = "poisson"           # optional: "poisson" or "uniform" (evenly spaced)
 //!
 //! [[class]]                      # optional; default: one class "default", priority critical
-//! name = "critical"
+//! name = "critical"              # unique, not "all" (the rows summing the classes)
 //! priority = "critical"          # critical_plus | critical | sheddable_plus | sheddable
 //! timeout_ms = 1000              # optional override
 //!
 //! [[phase]]
-//! name = "2x"
+//! name = "2x"                    # unique
 //! duration_s = 60
 //! rps = 400.0                    # or class_rps = { critical = 120.0, sheddable = 720.0 }
 //! rps_end = 800.0                # optional linear ramp

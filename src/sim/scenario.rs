@@ -352,6 +352,12 @@ impl Scenario {
                     format!("duplicate class `{}`", class.name),
                 ));
             }
+            if class.name == "all" {
+                return Err((
+                    format!("class[{i}].name"),
+                    "`all` names the rows that sum the classes".into(),
+                ));
+            }
             if class.timeout_ms == Some(0) {
                 return Err((
                     format!("class[{i}].timeout_ms"),
@@ -364,6 +370,9 @@ impl Scenario {
         }
         for (i, phase) in self.phases.iter().enumerate() {
             let key = |field: &str| format!("phase[{i}].{field}");
+            if self.phases[..i].iter().any(|p| p.name == phase.name) {
+                return Err((key("name"), format!("duplicate phase `{}`", phase.name)));
+            }
             if !(phase.duration_s.is_finite() && phase.duration_s > 0.0) {
                 return Err((
                     key("duration_s"),
