@@ -620,3 +620,20 @@ fn names_that_would_make_two_rows_alike_are_refused() {
     let error = error_of(&all);
     assert_eq!(error.key(), "class[0].name", "{error}");
 }
+
+/// A timeout beyond what a run can measure is refused with a message, not a panic (an overflowing instant) or
+/// latencies silently capped at the histograms' hour.
+#[test]
+fn timeouts_beyond_an_hour_are_refused() {
+    let huge = ONE_WORKER.replace("timeout_ms = 1000", "timeout_ms = 18446744073709551615");
+    let error = error_of(&huge);
+    assert_eq!(error.key(), "client.timeout_ms", "{error}");
+    let class = ONE_WORKER.replace(
+        "[[phase]]",
+        "[[class]]\nname = \"slow\"\npriority = \"critical\"\ntimeout_ms = 3600001\n[[phase]]",
+    );
+    let error = error_of(&class);
+    assert_eq!(error.key(), "class[0].timeout_ms", "{error}");
+    let hour = ONE_WORKER.replace("timeout_ms = 1000", "timeout_ms = 3600000");
+    assert!(Scenario::from_toml(&hour, "ok.toml").is_ok());
+}

@@ -52,7 +52,7 @@
 //! error_rate = 0.0               # optional
 //!
 //! [client]
-//! timeout_ms = 1000
+//! timeout_ms = 1000              # at most 3600000 (an hour)
 //! send_deadline = false          # optional: send grpc-timeout
 //! cancel_on_timeout = false      # optional
 //! retries = 0                    # optional

@@ -339,9 +339,7 @@ impl Scenario {
         }
         self.backend.service.validate("backend.service")?;
         check_fraction("backend.error_rate", self.backend.error_rate)?;
-        if self.client.timeout_ms == 0 {
-            return Err(("client.timeout_ms".into(), "must be at least 1".into()));
-        }
+        check_timeout("client.timeout_ms", self.client.timeout_ms)?;
         for (i, class) in self.classes.iter().enumerate() {
             if class.name.is_empty() {
                 return Err((format!("class[{i}].name"), "must not be empty".into()));
@@ -358,11 +356,8 @@ impl Scenario {
                     "`all` names the rows that sum the classes".into(),
                 ));
             }
-            if class.timeout_ms == Some(0) {
-                return Err((
-                    format!("class[{i}].timeout_ms"),
-                    "must be at least 1".into(),
-                ));
+            if let Some(timeout) = class.timeout_ms {
+                check_timeout(&format!("class[{i}].timeout_ms"), timeout)?;
             }
         }
         if self.phases.is_empty() {
@@ -424,6 +419,20 @@ impl Scenario {
     /// The end of the scenario, from its start.
     pub fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.phases.iter().map(|p| p.duration_s).sum())
+    }
+}
+
+/// The longest client timeout: the range of the latency histograms.
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+fn check_timeout(key: &str, ms: u64) -> Result<(), (String, String)> {
+    if (1..=MAX_TIMEOUT_MS).contains(&ms) {
+        Ok(())
+    } else {
+        Err((
+            key.into(),
+            format!("must be between 1 and {MAX_TIMEOUT_MS} (an hour), got {ms}"),
+        ))
     }
 }
 
