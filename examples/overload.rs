@@ -136,6 +136,22 @@ fn inputs(args: &Args) -> Result<(Vec<Scenario>, Vec<&'static Strategy>), String
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?
     };
+    // Scenario names key the rows and name the charts.
+    for (i, later) in scenarios.iter().enumerate() {
+        if let Some(first) = scenarios[..i].iter().position(|s| s.name == later.name) {
+            let file = |j: usize| {
+                args.scenario
+                    .get(j)
+                    .map_or_else(|| later.name.clone(), |p| p.display().to_string())
+            };
+            return Err(format!(
+                "{}: name: duplicate scenario `{}` (also in {})",
+                file(i),
+                later.name,
+                file(first)
+            ));
+        }
+    }
     if let Some(seed) = args.seed {
         for s in &mut scenarios {
             s.seed = seed;
@@ -157,6 +173,11 @@ fn inputs(args: &Args) -> Result<(Vec<Scenario>, Vec<&'static Strategy>), String
             })
             .collect::<Result<Vec<_>, _>>()?
     };
+    for (i, later) in strategies.iter().enumerate() {
+        if strategies[..i].iter().any(|s| s.name == later.name) {
+            return Err(format!("--strategy: `{}` given twice", later.name));
+        }
+    }
     Ok((scenarios, strategies))
 }
 

@@ -637,3 +637,47 @@ fn timeouts_beyond_an_hour_are_refused() {
     let hour = ONE_WORKER.replace("timeout_ms = 1000", "timeout_ms = 3600000");
     assert!(Scenario::from_toml(&hour, "ok.toml").is_ok());
 }
+
+#[test]
+fn overload_example_refuses_two_scenarios_of_one_name() {
+    let Some(exe) = overload_example() else {
+        eprintln!("examples not built; skipped");
+        return;
+    };
+    // Scenario names key the rows and the charts: two files naming the same scenario would give rows that
+    // check_scenarios.py cannot tell apart, and one chart overwriting the other.
+    let dir = std::env::temp_dir().join(format!("sim-twice-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
+    let short = ONE_WORKER.replace("duration_s = 20", "duration_s = 0.1");
+    std::fs::write(&a, &short).unwrap();
+    std::fs::write(&b, short.replace("rps = 50.0", "rps = 20.0")).unwrap();
+    let output = std::process::Command::new(exe)
+        .args(["--json", "--scenario"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("b.toml") && stderr.contains("one-worker"),
+        "{stderr}"
+    );
+    // The same goes for a strategy named twice.
+    let output = std::process::Command::new(overload_example().unwrap())
+        .args([
+            "--json",
+            "--strategy",
+            "unprotected,unprotected",
+            "--scenario",
+        ])
+        .arg(&a)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unprotected"), "{stderr}");
+}
