@@ -639,6 +639,17 @@ fn timeouts_beyond_an_hour_are_refused() {
 }
 
 #[test]
+fn phases_beyond_a_day_are_refused() {
+    for duration in ["1e20", "86400.5", "inf", "nan", "0", "-1"] {
+        let text = ONE_WORKER.replace("duration_s = 20", &format!("duration_s = {duration}"));
+        let error = error_of(&text);
+        assert_eq!(error.key(), "phase[0].duration_s", "{duration}: {error}");
+    }
+    let day = ONE_WORKER.replace("duration_s = 20", "duration_s = 86400");
+    assert!(Scenario::from_toml(&day, "ok.toml").is_ok());
+}
+
+#[test]
 fn overload_example_refuses_two_scenarios_of_one_name() {
     let Some(exe) = overload_example() else {
         eprintln!("examples not built; skipped");

@@ -29,8 +29,8 @@
 //!   every response body to its end, so layers that hold a permit until the body is done release it as in
 //!   production.
 //! - **Verdicts**: an `Err`, or status 503, 429 or 504 (or a trailers-only gRPC UNAVAILABLE, RESOURCE_EXHAUSTED
-//!   or DEADLINE_EXCEEDED), is a *rejection*; status 500 an *error*; any other answer within the client's
-//!   timeout a *success*; no answer in time a *timeout*.
+//!   or DEADLINE_EXCEEDED), is a *rejection*; any other 4xx or 5xx status (or gRPC status) an *error*; any other
+//!   answer within the client's timeout a *success*; no answer in time a *timeout*.
 //!
 //! Each request's demand (its service time draw and whether it fails) comes from its own RNG stream, and
 //! arrivals from another, so every strategy faces exactly the same requests.

@@ -468,7 +468,8 @@ fn classify(response: &Response<SimResponseBody>) -> Verdict {
         StatusCode::SERVICE_UNAVAILABLE
         | StatusCode::TOO_MANY_REQUESTS
         | StatusCode::GATEWAY_TIMEOUT => Verdict::Rejected,
-        status if status.is_server_error() => Verdict::Error,
+        // Any other refusal (400, 408, 500, ...) did not serve the request: not goodput.
+        status if status.is_client_error() || status.is_server_error() => Verdict::Error,
         // gRPC-mode layers answer trailers-only with HTTP 200 and the status in the headers.
         _ => match response
             .headers()
@@ -672,5 +673,32 @@ mod tests {
         assert_eq!(grpc_timeout(Duration::from_micros(999)), "0m");
         assert_eq!(grpc_timeout(Duration::from_secs(200_000)), "200000S");
         assert_eq!(grpc_timeout(Duration::from_secs(u64::MAX / 4)), "99999999H");
+    }
+
+    #[test]
+    fn only_an_answer_that_served_the_request_is_a_success() {
+        use http_body_util::BodyExt;
+        let answer = |status: u16, grpc: Option<&str>| {
+            let mut response = Response::new(String::new().map_err(|e| match e {}).boxed_unsync());
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            if let Some(code) = grpc {
+                response
+                    .headers_mut()
+                    .insert("grpc-status", HeaderValue::from_str(code).unwrap());
+            }
+            classify(&response)
+        };
+        for status in [200, 204, 304] {
+            assert_eq!(answer(status, None), Verdict::Good, "{status}");
+        }
+        for status in [429, 503, 504] {
+            assert_eq!(answer(status, None), Verdict::Rejected, "{status}");
+        }
+        for status in [400, 404, 408, 500, 502] {
+            assert_eq!(answer(status, None), Verdict::Error, "{status}");
+        }
+        assert_eq!(answer(200, Some("0")), Verdict::Good);
+        assert_eq!(answer(200, Some("14")), Verdict::Rejected);
+        assert_eq!(answer(200, Some("13")), Verdict::Error);
     }
 }

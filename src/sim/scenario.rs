@@ -368,10 +368,13 @@ impl Scenario {
             if self.phases[..i].iter().any(|p| p.name == phase.name) {
                 return Err((key("name"), format!("duplicate phase `{}`", phase.name)));
             }
-            if !(phase.duration_s.is_finite() && phase.duration_s > 0.0) {
+            if !(phase.duration_s > 0.0 && phase.duration_s <= MAX_PHASE_S) {
                 return Err((
                     key("duration_s"),
-                    format!("must be a positive number, got {}", phase.duration_s),
+                    format!(
+                        "must be a positive number of seconds up to {MAX_PHASE_S} (a day), got {}",
+                        phase.duration_s
+                    ),
                 ));
             }
             match (&phase.rps, &phase.class_rps) {
@@ -424,6 +427,10 @@ impl Scenario {
 
 /// The longest client timeout: the range of the latency histograms.
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+/// The longest phase: runs are in simulated time, but a phase far longer than any scenario needs would only run
+/// for hours of real time (or, beyond 584 billion years, overflow the run's length).
+const MAX_PHASE_S: f64 = 86_400.0;
 
 fn check_timeout(key: &str, ms: u64) -> Result<(), (String, String)> {
     if (1..=MAX_TIMEOUT_MS).contains(&ms) {
