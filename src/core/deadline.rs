@@ -58,25 +58,59 @@ fn far_future(now: Instant, budget: Duration) -> Instant {
     }
 }
 
-/// Sets a thread-local `Cell<Option<T>>` to a value until dropped, then restores the previous one (also while
-/// unwinding): the scope of [`Deadline::current`] around a poll and of [`now_in_call`] around a `call`.
-struct Restore<T: Copy + 'static> {
-    key: &'static LocalKey<Cell<Option<T>>>,
-    previous: Option<T>,
+/// A thread-local `Cell<Option<T>>` that a [`Restore`] guard sets and puts back, named by a type so that the guard
+/// holds nothing but the value it restores (a guard that kept the key too spent a store on it, and a register or
+/// a stack slot across the inner `call`).
+trait Slot: 'static {
+    type Value: Copy + 'static;
+
+    fn key() -> &'static LocalKey<Cell<Option<Self::Value>>>;
 }
 
-impl<T: Copy + 'static> Restore<T> {
-    // Used by the deadline layers' `enter_call` only.
-    #[cfg(feature = "http")]
-    #[inline]
-    fn set(key: &'static LocalKey<Cell<Option<T>>>, value: T) -> Self {
-        // Never fails for a constant-initialised `Cell` without destructor; if it did, the scope would be empty.
-        let previous = key.try_with(|c| c.replace(Some(value))).ok().flatten();
-        Restore { key, previous }
+/// [`CURRENT`]: the deadline current on this thread.
+struct Current;
+
+impl Slot for Current {
+    type Value = Deadline;
+
+    #[inline(always)]
+    fn key() -> &'static LocalKey<Cell<Option<Deadline>>> {
+        &CURRENT
     }
 }
 
-impl Restore<Deadline> {
+/// [`CALLED_AT`]: the clock reading of the deadline layer whose inner `call` runs.
+#[cfg(feature = "http")]
+struct CalledAt;
+
+#[cfg(feature = "http")]
+impl Slot for CalledAt {
+    type Value = Instant;
+
+    #[inline(always)]
+    fn key() -> &'static LocalKey<Cell<Option<Instant>>> {
+        &CALLED_AT
+    }
+}
+
+/// Sets a thread-local slot to a value until dropped, then restores the previous one (also while unwinding): the
+/// scope of [`Deadline::current`] around a poll and of [`now_in_call`] around a `call`.
+struct Restore<S: Slot> {
+    previous: Option<S::Value>,
+}
+
+impl<S: Slot> Restore<S> {
+    // Used by the deadline layers' `enter_call` only.
+    #[cfg(feature = "http")]
+    #[inline]
+    fn set(value: S::Value) -> Self {
+        // Never fails for a constant-initialised `Cell` without destructor; if it did, the scope would be empty.
+        let previous = S::key().try_with(|c| c.replace(Some(value))).ok().flatten();
+        Restore { previous }
+    }
+}
+
+impl Restore<Current> {
     /// Makes `deadline` current, or leaves the current one if that is earlier: a scope polled (or dropped) inside
     /// another keeps the earlier deadline whichever was made first.
     #[inline]
@@ -91,17 +125,14 @@ impl Restore<Deadline> {
             })
             .ok()
             .flatten();
-        Restore {
-            key: &CURRENT,
-            previous,
-        }
+        Restore { previous }
     }
 }
 
-impl<T: Copy + 'static> Drop for Restore<T> {
+impl<S: Slot> Drop for Restore<S> {
     #[inline]
     fn drop(&mut self) {
-        let _ = self.key.try_with(|c| c.set(self.previous));
+        let _ = S::key().try_with(|c| c.set(self.previous));
     }
 }
 
@@ -109,15 +140,15 @@ impl<T: Copy + 'static> Drop for Restore<T> {
 /// [`Deadline::enter_call`].
 #[cfg(feature = "http")]
 pub(crate) struct CallScope {
-    _current: Restore<Deadline>,
-    _called: Restore<Instant>,
+    _current: Restore<Current>,
+    _called: Restore<CalledAt>,
 }
 
 /// While alive, a deadline is current (unless an earlier one already is), as around a poll of
 /// [`DeadlineScope`]: made by [`Deadline::enter_poll`].
 #[cfg(feature = "http")]
 pub(crate) struct PollScope {
-    _current: Restore<Deadline>,
+    _current: Restore<Current>,
 }
 
 /// The absolute instant by which a request must be answered.
@@ -212,8 +243,8 @@ impl Deadline {
     pub(crate) fn enter_call(self, now: Instant) -> CallScope {
         debug_assert!(Deadline::current().is_none_or(|outer| self <= outer));
         CallScope {
-            _current: Restore::set(&CURRENT, self),
-            _called: Restore::set(&CALLED_AT, now),
+            _current: Restore::set(self),
+            _called: Restore::set(now),
         }
     }
 
@@ -278,15 +309,23 @@ pin_project! {
     }
 
     impl<F> PinnedDrop for DeadlineScope<F> {
+        // Inline: the common case (the inner future answered and is gone already) is one test; the rest is out of
+        // line.
+        #[inline]
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            let mut future = this.future;
-            if std::mem::needs_drop::<F>() && future.is_some() {
-                let _enter = Restore::earliest(*this.deadline);
-                future.set(None);
+            if std::mem::needs_drop::<F>() && this.future.is_some() {
+                drop_in_scope(*this.deadline, this.future);
             }
         }
     }
+}
+
+/// Drops an unfinished inner future with its deadline current, as [`DeadlineScope`]'s drop does.
+#[inline(never)]
+fn drop_in_scope<F>(deadline: Deadline, mut future: Pin<&mut Option<F>>) {
+    let _enter = Restore::earliest(deadline);
+    future.set(None);
 }
 
 impl<F> DeadlineScope<F> {

@@ -171,6 +171,12 @@ impl<F, C, T, I> State<F, C, T, I> {
 
 /// Polls the state to its answer, dropping the inner future and the timer at once rather than whenever the caller
 /// drops the future. `invalid` answers the `Invalid` state.
+///
+/// Only the running state (a request under a deadline, the layer's common case) is polled here, inline in the
+/// caller; the others, the passthrough of a request without any deadline included, are answered out of line by
+/// [`poll_other`]. With all of them inline, the caller's poll carried every state's code and the compiler made
+/// costlier choices around it: the benchmark's server stack ran 39 instructions a request more (docs/PERFORMANCE.md,
+/// "Stop 30").
 #[inline]
 fn poll_state<F, Res, E, C, M, T, I>(
     mut state: Pin<&mut State<F, C, T, I>>,
@@ -185,6 +191,65 @@ where
     T: SentBudget,
     I: Copy,
 {
+    let StateProj::Running {
+        mut inner,
+        mut sleep,
+        permit,
+        classify,
+        sent,
+    } = state.as_mut().project()
+    else {
+        return poll_other(state, mode, cx, invalid);
+    };
+    // The inner future is polled first, so work that finishes at the deadline instant is still delivered.
+    let output = match inner.as_mut().poll(cx) {
+        // A transport that enforces the timeout it was sent (a tonic `Channel` does) fails the call with its
+        // own error, which callers would see as CANCELLED or UNKNOWN. An error once the sent budget is spent
+        // is that expiry: answer deadline-exceeded, as the local timer would have.
+        Poll::Ready(Err(_)) if sent.spent() => expired(permit, mode),
+        Poll::Ready(result) => {
+            // The scope has dropped the inner future already, and a timer armed goes now too; the permit is
+            // taken below. The state otherwise stays as it is, which spares the common path (an answer
+            // before the deadline) rewriting the whole state: the classifier lives on until the future is
+            // dropped, and a second poll finds the scope empty and panics.
+            if sleep.is_some() {
+                sleep.set(None);
+            }
+            // In HTTP and gRPC modes the deadline goes on bounding the body.
+            let deadline = inner.deadline();
+            let result = result.map(|response| mode.bound(response, Some(deadline), sent.until()));
+            return Poll::Ready(
+                classify
+                    .finish(result, permit.take())
+                    .map_err(|e| mode.inner_error(e)),
+            );
+        }
+        Poll::Pending => {
+            if sleep.is_none() {
+                sleep.set(Some(tokio::time::sleep_until(inner.deadline().instant())));
+            }
+            ready!(sleep.as_pin_mut().expect("timer armed above").poll(cx));
+            expired(permit, mode)
+        }
+    };
+    state.set(State::Done);
+    Poll::Ready(output)
+}
+
+/// [`poll_state`] for every state but the running one: out of line (see there).
+#[inline(never)]
+fn poll_other<F, Res, E, C, M, T, I>(
+    mut state: Pin<&mut State<F, C, T, I>>,
+    mode: &M,
+    cx: &mut Context<'_>,
+    invalid: impl FnOnce(&M, I) -> Result<C::Response, M::Error>,
+) -> Poll<Result<C::Response, M::Error>>
+where
+    F: Future<Output = Result<Res, E>>,
+    C: Classify<M::Bounded, E>,
+    M: BoundResponse<Res> + RejectMode<C::Response, E>,
+    I: Copy,
+{
     let output = match state.as_mut().project() {
         StateProj::Passthrough { inner, classify } => {
             let result = ready!(inner.poll(cx)).map(|response| mode.bound(response, None, None));
@@ -192,44 +257,7 @@ where
                 .finish(result, None)
                 .map_err(|e| mode.inner_error(e))
         }
-        // The inner future is polled first, so work that finishes at the deadline instant is still delivered.
-        StateProj::Running {
-            mut inner,
-            mut sleep,
-            permit,
-            classify,
-            sent,
-        } => match inner.as_mut().poll(cx) {
-            // A transport that enforces the timeout it was sent (a tonic `Channel` does) fails the call with its
-            // own error, which callers would see as CANCELLED or UNKNOWN. An error once the sent budget is spent
-            // is that expiry: answer deadline-exceeded, as the local timer would have.
-            Poll::Ready(Err(_)) if sent.spent() => expired(permit, mode),
-            Poll::Ready(result) => {
-                // The scope has dropped the inner future already, and a timer armed goes now too; the permit is
-                // taken below. The state otherwise stays as it is, which spares the common path (an answer
-                // before the deadline) rewriting the whole state: the classifier lives on until the future is
-                // dropped, and a second poll finds the scope empty and panics.
-                if sleep.is_some() {
-                    sleep.set(None);
-                }
-                // In HTTP and gRPC modes the deadline goes on bounding the body.
-                let deadline = inner.deadline();
-                let result =
-                    result.map(|response| mode.bound(response, Some(deadline), sent.until()));
-                return Poll::Ready(
-                    classify
-                        .finish(result, permit.take())
-                        .map_err(|e| mode.inner_error(e)),
-                );
-            }
-            Poll::Pending => {
-                if sleep.is_none() {
-                    sleep.set(Some(tokio::time::sleep_until(inner.deadline().instant())));
-                }
-                ready!(sleep.as_pin_mut().expect("timer armed above").poll(cx));
-                expired(permit, mode)
-            }
-        },
+        StateProj::Running { .. } => unreachable!("the running state is polled by `poll_state`"),
         StateProj::Rejected => mode.reject(Rejection::new(Reason::DeadlineExceeded)),
         StateProj::Invalid { error } => invalid(mode, *error),
         StateProj::Done => panic!("deadline response future polled after completion"),
