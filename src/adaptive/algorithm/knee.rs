@@ -134,14 +134,14 @@ impl Knee {
         self
     }
 
-    /// The limit during a probe, as a fraction of the estimated knee (rounded up), in `[0.5, 1)` (default 0.92).
+    /// The limit during a probe, as a fraction of the estimated knee (rounded up), in `[0.5, 0.999]` (default 0.92).
     #[must_use]
     pub fn probe_factor(mut self, factor: f64) -> Self {
         self.probe_factor = factor;
         self
     }
 
-    /// Weight of each new throughput and probe latency measurement in their averages, in `(0, 1]`
+    /// Weight of each new throughput and probe latency measurement in their averages, in `[0.001, 1]`
     /// (default 0.25 for throughput; probes weigh twice as much).
     #[must_use]
     pub fn smoothing(mut self, smoothing: f64) -> Self {
@@ -149,7 +149,7 @@ impl Knee {
         self
     }
 
-    /// The factor a drop caps the limit at, in `[0.5, 1)` (default 0.9).
+    /// The factor a drop caps the limit at, in `[0.5, 0.999]` (default 0.9).
     #[must_use]
     pub fn backoff(mut self, backoff: f64) -> Self {
         self.backoff = backoff;
