@@ -11,8 +11,8 @@ pub enum Outcome {
     /// The request failed for a reason that is the service's fault (an HTTP 500, gRPC INTERNAL, an inner panic),
     /// but that is not, by itself, a sign of overload.
     Failure,
-    /// The request was lost to overload: a timeout, an expired deadline, a downstream 503/429 or gRPC
-    /// UNAVAILABLE / RESOURCE_EXHAUSTED. Adaptive limiters treat it as a congestion signal.
+    /// The request was lost to overload: a timeout, an expired deadline, a downstream 429/503/504 or gRPC
+    /// UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED. Adaptive limiters treat it as a congestion signal.
     Dropped,
     /// The answer says nothing about load: the caller went away (the response future or body was dropped) or
     /// cancelled, or the classifier chose to ignore it.
