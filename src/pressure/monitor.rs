@@ -1,6 +1,7 @@
 //! The runtime monitor: a probe task that measures scheduling delay, and the pressure state it computes.
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -69,6 +70,24 @@ struct UserProbe {
     read: Arc<dyn Fn() -> u64 + Send + Sync>,
     trip: u64,
     recover: u64,
+}
+
+impl UserProbe {
+    /// One reading, or none when the probe panics. The probe is user code run on the monitor's task: a panic
+    /// escaping it would end that task, and the monitor would fail open for good, lag and all. A failed reading
+    /// instead leaves the probe's signal as it was (tripped or not) until the next one.
+    fn reading(&self) -> Option<u64> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| (self.read)())) {
+            Ok(value) => Some(value),
+            Err(_) => {
+                tracing::warn!(
+                    probe = self.name,
+                    "runtime monitor: the user probe panicked, reading skipped"
+                );
+                None
+            }
+        }
+    }
 }
 
 /// The figures of a [`RuntimeMonitor`] at one moment; see [`RuntimeMonitor::snapshot`].
@@ -450,7 +469,7 @@ async fn probe(shared: Arc<Shared>, metrics: RuntimeMetrics, running: Running, s
             workers: metrics.num_workers(),
             alive_tasks: metrics.num_alive_tasks(),
             global_queue_depth: metrics.global_queue_depth(),
-            probe: monitor.shared.probe.as_ref().map(|p| (p.read)()),
+            probe: monitor.shared.probe.as_ref().and_then(UserProbe::reading),
         };
         monitor.record(&mut eval, &sample, now);
         // From a fresh reading taken after this sample's own work, not from `now`: the user probe and the observer
@@ -554,7 +573,8 @@ impl RuntimeMonitorBuilder {
     /// (above 0, below `trip`) for [`min_recovery`](Self::min_recovery). The probe runs on the monitor task once
     /// per interval, never on the request path, so it may read `/proc` or an allocator's statistics. Its own run
     /// time is not counted as lag (the next sample is due one interval after it returns), but it must not block
-    /// for long: it holds up the worker it runs on like any blocking call, and delays the next sample. `name`
+    /// for long: it holds up the worker it runs on like any blocking call, and delays the next sample. A reading
+    /// that panics is skipped (with a `tracing` warning), leaving the signal as it was; the monitor runs on. `name`
     /// labels the signal in [`Event::PressureChanged`]; it must not be empty, nor one of the monitor's own signals
     /// (`"lag"`, `"alive_tasks"`, `"stopped"`).
     ///

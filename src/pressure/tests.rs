@@ -374,6 +374,41 @@ async fn a_restarted_monitor_shows_none_of_the_last_runs_figures() {
     guard.stop().await;
 }
 
+/// A user probe is user code: one that panics on a reading (a `/proc` read that failed, unwrapped) must cost that
+/// reading, not the monitor. Its task died with the panic, and the monitor failed open for good: no more lag or
+/// probe samples, and no shedding however loaded the runtime became.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_user_probe_costs_one_reading_not_the_monitor() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    let reads = Arc::new(AtomicU64::new(0));
+    let counter = reads.clone();
+    let probe = move || match counter.fetch_add(1, SeqCst) + 1 {
+        2 => panic!("the probe failed to read"),
+        n if n >= 3 => 200,
+        _ => 0,
+    };
+    let monitor = RuntimeMonitor::builder()
+        .interval(10 * MS)
+        .max_lag(50 * MS, 20 * MS)
+        .max_probe("memory", probe, 100, 50)
+        .build()
+        .unwrap();
+    let guard = monitor.start().unwrap();
+    tokio::time::sleep(55 * MS).await;
+    let snap = monitor.snapshot();
+    assert!(
+        snap.running,
+        "the probe task died with the user probe's panic"
+    );
+    assert_eq!(
+        snap.samples, 5,
+        "a sample every interval, the failed reading's too"
+    );
+    assert_eq!(snap.probe, Some(200));
+    assert!(snap.under_pressure, "the readings after the panic count");
+    guard.stop().await;
+}
+
 #[derive(Default)]
 struct Outcomes(Mutex<Vec<Outcome>>);
 
