@@ -352,6 +352,14 @@ impl Shared {
         self.window.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Tells the observer, from the probe task. The observer is user code: a panic escaping it would end the task
+    /// and the monitor would fail open for good, so it costs that one event instead.
+    fn tell(&self, event: &Event) {
+        if std::panic::catch_unwind(AssertUnwindSafe(|| self.observer.on_event(event))).is_err() {
+            tracing::warn!("runtime monitor: the observer panicked on {event:?}");
+        }
+    }
+
     fn evaluator(&self) -> Evaluator {
         Evaluator {
             lag: self
@@ -402,7 +410,7 @@ impl Shared {
         self.lagging.store(lagging, Relaxed);
         let was = self.under_pressure.swap(pressured, Relaxed);
         self.samples.fetch_add(1, Relaxed);
-        self.observer.on_event(&Event::RuntimeLag {
+        self.tell(&Event::RuntimeLag {
             layer: LAYER,
             lag: sample.lag,
             alive_tasks: sample.alive_tasks,
@@ -413,7 +421,7 @@ impl Shared {
             if pressured {
                 self.trips.fetch_add(1, Relaxed);
             }
-            self.observer.on_event(&Event::PressureChanged {
+            self.tell(&Event::PressureChanged {
                 layer: LAYER,
                 under_pressure: pressured,
                 signal,
@@ -432,7 +440,7 @@ impl Drop for Running {
         let s = &self.0;
         s.lagging.store(false, Relaxed);
         if s.under_pressure.swap(false, Relaxed) {
-            s.observer.on_event(&Event::PressureChanged {
+            s.tell(&Event::PressureChanged {
                 layer: LAYER,
                 under_pressure: false,
                 signal: STOPPED,
@@ -624,7 +632,8 @@ impl RuntimeMonitorBuilder {
     }
 
     /// Receives an [`Event::RuntimeLag`] per sample and an [`Event::PressureChanged`] per transition, from the
-    /// probe task (default: none).
+    /// probe task (default: none). A panic in the observer loses that event (with a `tracing` warning); the
+    /// monitor runs on.
     ///
     /// ```
     /// # use tower_backpressure::core::TracingObserver;

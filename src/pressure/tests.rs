@@ -409,6 +409,39 @@ async fn a_panicking_user_probe_costs_one_reading_not_the_monitor() {
     guard.stop().await;
 }
 
+/// An observer is user code too, and the monitor's task calls it on every sample: one that panics (a metrics
+/// exporter's bug) must not end the task. It did, and the monitor failed open for good.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_observer_does_not_stop_the_monitor() {
+    let (events, record) = recorder();
+    let observer = move |e: &Event| {
+        record(e);
+        if matches!(e, Event::RuntimeLag { .. }) {
+            panic!("the exporter failed");
+        }
+    };
+    let monitor = RuntimeMonitor::builder()
+        .interval(10 * MS)
+        .max_lag(50 * MS, 20 * MS)
+        .observer(observer)
+        .build()
+        .unwrap();
+    let guard = monitor.start().unwrap();
+    tokio::time::sleep(55 * MS).await;
+    let snap = monitor.snapshot();
+    assert!(
+        snap.running,
+        "the probe task died with the observer's panic"
+    );
+    assert_eq!(snap.samples, 5);
+    // The rest of a sample's work is done: the pressure is set, and the change told and counted.
+    feed(&monitor, &mut monitor.evaluator(), lag(80));
+    assert!(monitor.is_under_pressure());
+    assert_eq!(transitions(&events), [("pressure", true, "lag")]);
+    assert_eq!(monitor.snapshot().trips, 1);
+    guard.stop().await;
+}
+
 #[derive(Default)]
 struct Outcomes(Mutex<Vec<Outcome>>);
 
