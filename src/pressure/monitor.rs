@@ -408,7 +408,14 @@ impl Shared {
         }
 
         self.lagging.store(lagging, Relaxed);
-        let was = self.under_pressure.swap(pressured, Relaxed);
+        // The overall state only changes when some signal does, so `changed` names it. A trip is counted as the
+        // pressure goes on, before any observer is told, so that a snapshot never shows one without the other.
+        let was = self.under_pressure.load(Relaxed);
+        let change = (was != pressured).then_some(changed).flatten();
+        if change.is_some() && pressured {
+            self.trips.fetch_add(1, Relaxed);
+        }
+        self.under_pressure.store(pressured, Relaxed);
         self.samples.fetch_add(1, Relaxed);
         self.tell(&Event::RuntimeLag {
             layer: LAYER,
@@ -416,11 +423,7 @@ impl Shared {
             alive_tasks: sample.alive_tasks,
             global_queue_depth: sample.global_queue_depth,
         });
-        // The overall state only changes when some signal does, so `changed` names it.
-        if let (true, Some(signal)) = (was != pressured, changed) {
-            if pressured {
-                self.trips.fetch_add(1, Relaxed);
-            }
+        if let Some(signal) = change {
             self.tell(&Event::PressureChanged {
                 layer: LAYER,
                 under_pressure: pressured,

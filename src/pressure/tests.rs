@@ -442,6 +442,38 @@ async fn a_panicking_observer_does_not_stop_the_monitor() {
     guard.stop().await;
 }
 
+/// An observer reading the monitor's snapshot when told of a sample (an exporter publishing every figure at once)
+/// must see one consistent state: it saw the pressure on while the trip that turned it on was not counted yet.
+#[tokio::test(start_paused = true)]
+async fn an_observer_told_of_a_sample_sees_its_trip_counted() {
+    let monitor_cell: Arc<std::sync::OnceLock<RuntimeMonitor>> = Arc::default();
+    let seen: Arc<Mutex<Vec<(bool, u64, u64)>>> = Arc::default();
+    let (cell, log) = (monitor_cell.clone(), seen.clone());
+    let observer = move |e: &Event| {
+        if let (Event::RuntimeLag { .. }, Some(monitor)) = (e, cell.get()) {
+            let snap = monitor.snapshot();
+            log.lock()
+                .unwrap()
+                .push((snap.under_pressure, snap.trips, snap.samples));
+        }
+    };
+    let monitor = RuntimeMonitor::builder()
+        .max_lag(50 * MS, 20 * MS)
+        .observer(observer)
+        .build()
+        .unwrap();
+    monitor_cell.set(monitor.clone()).unwrap();
+    let mut eval = monitor.evaluator();
+    feed(&monitor, &mut eval, lag(10));
+    feed(&monitor, &mut eval, lag(80));
+    feed(&monitor, &mut eval, lag(5));
+    feed(&monitor, &mut eval, lag(90));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(false, 0, 1), (true, 1, 2), (false, 1, 3), (true, 2, 4)]
+    );
+}
+
 #[derive(Default)]
 struct Outcomes(Mutex<Vec<Outcome>>);
 
