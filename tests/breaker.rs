@@ -1309,11 +1309,58 @@ async fn readiness_mode_stays_blocked_while_forced_open() {
     let ready = tokio::time::timeout(Duration::from_secs(60), svc.ready()).await;
     assert!(ready.is_err(), "ready while forced open");
     handle.force_closed();
-    let ready = tokio::time::timeout(Duration::from_secs(6), svc.ready()).await;
-    assert!(
-        ready.is_ok(),
-        "still blocked after force_closed (rechecked every open period)"
-    );
+    let ready = tokio::time::timeout(Duration::from_millis(1), svc.ready()).await;
+    assert!(ready.is_ok(), "still blocked after force_closed");
+}
+
+/// A service blocked in readiness mode wakes at an operator's change, not at the end of the open period it was
+/// waiting out (which `max_wait_in_open` may make long): the task polling it is woken.
+#[tokio::test(start_paused = true)]
+async fn readiness_mode_wakes_when_an_operator_ends_the_open_state() {
+    struct Woken(std::sync::atomic::AtomicBool);
+    impl std::task::Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let layer = r4j()
+        .count_window(1)
+        .minimum_calls(1)
+        .wait_in_open(Duration::from_secs(3600))
+        .max_wait_in_open(Duration::from_secs(3600))
+        .readiness_mode(true)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner());
+    let operators: [(&str, fn(&_)); 4] = [
+        (
+            "reset",
+            |h: &tower_backpressure::breaker::CircuitBreakerHandle| h.reset(),
+        ),
+        ("force_closed", |h| h.force_closed()),
+        ("disable", |h| h.disable()),
+        ("metrics_only", |h| h.metrics_only()),
+    ];
+    for (name, operator) in operators {
+        handle.reset();
+        let _ = send(&mut svc, Call::Fail).await;
+        assert_eq!(handle.state(), CircuitState::Open, "{name}");
+        let woken = Arc::new(Woken(false.into()));
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut ready = std::pin::pin!(svc.ready());
+        assert!(
+            ready.as_mut().poll(&mut cx).is_pending(),
+            "{name}: blocked while open"
+        );
+        operator(&handle);
+        assert!(
+            woken.0.load(Ordering::SeqCst),
+            "{name}: the blocked task was not woken"
+        );
+        assert!(ready.as_mut().poll(&mut cx).is_ready(), "{name}");
+    }
 }
 
 /// In HTTP mode the call lasts until the response body is done: a body streamed slowly makes a slow call.

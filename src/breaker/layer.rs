@@ -257,7 +257,10 @@ impl<C, M, O> CircuitBreakerBuilder<C, M, O> {
     );
     setter!(
         /// Readiness mode: while open, `poll_ready` is not ready and wakes the task when the open period ends,
-        /// so a balancer such as `tower::balance` routes around this endpoint. Calls made anyway are still
+        /// or at once when an operator ends the open state (`force_closed`, `reset`, `disable`, `metrics_only`
+        /// on the handle), so a balancer such as `tower::balance` routes around this endpoint. Only a blocked
+        /// `poll_ready` pays for the operator's wake-up; the closed path reads the state word and nothing more.
+        /// Calls made anyway are still
         /// rejected, as are calls beyond the probes while half-open (readiness cannot reserve a probe slot).
         /// Off by default (fail-fast: every call is answered at once).
         readiness_mode(enabled: bool) => readiness = enabled

@@ -3,6 +3,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
 use tower_service::Service;
 
@@ -20,6 +21,9 @@ pub struct CircuitBreaker<S, C = crate::core::AnyOk, M = crate::core::ErrorMode,
     readiness: bool,
     // Readiness mode only: the wake-up at the end of the open period, made the first time it is needed.
     wake: Option<Pin<Box<Sleep>>>,
+    // Readiness mode only, while blocked: the wake-up at an operator's change (`force_closed`, `reset`, ...),
+    // which may end the open state long before its period does.
+    operator: Option<Pin<Box<OwnedNotified>>>,
 }
 
 impl<S, C, M, O> CircuitBreaker<S, C, M, O> {
@@ -37,6 +41,7 @@ impl<S, C, M, O> CircuitBreaker<S, C, M, O> {
             mode,
             readiness,
             wake: None,
+            operator: None,
         }
     }
 
@@ -81,8 +86,23 @@ where
     type Future = ResponseFuture<S::Future, C, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if self.readiness {
-            while let Some(until) = self.shared.blocked_until() {
+        if self.readiness && self.shared.blocked_until().is_some() {
+            loop {
+                // Registered before the state is read again, so that an operator's change after that read wakes
+                // this task; the closed path never gets here, and takes no lock.
+                let operator = self
+                    .operator
+                    .get_or_insert_with(|| Box::pin(self.shared.operator_change()));
+                operator.as_mut().enable();
+                let Some(until) = self.shared.blocked_until() else {
+                    self.operator = None;
+                    break;
+                };
+                if operator.as_mut().poll(cx).is_ready() {
+                    // Changed by an operator: read the state again, with a fresh registration.
+                    self.operator = None;
+                    continue;
+                }
                 match &mut self.wake {
                     Some(sleep) => sleep.as_mut().reset(until),
                     None => self.wake = Some(Box::pin(tokio::time::sleep_until(until))),

@@ -3,8 +3,11 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::window::{Counts, Window, WindowKind};
@@ -167,6 +170,9 @@ pub(crate) struct Shared<O> {
     consecutive_failures: Padded<AtomicU32>,
     rng: AtomicU64,
     base: Instant,
+    // Told of every operator's change (`force`): services blocked in readiness mode wait on it beside their timer,
+    // since nothing else announces the end of a forced or cut-short open state.
+    operator: Arc<Notify>,
     observer: O,
 }
 
@@ -220,6 +226,7 @@ impl<O: Observer> Shared<O> {
             in_flight: Counter::default(),
             rng: AtomicU64::new(seed),
             base,
+            operator: Arc::new(Notify::new()),
             observer,
         }
     }
@@ -467,10 +474,16 @@ impl<O: Observer> Shared<O> {
         let mut word = self.word.load(Ordering::Acquire);
         loop {
             match self.transition(word, next_word(word, to, 0)) {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(actual) => word = actual,
             }
         }
+        self.operator.notify_waiters();
+    }
+
+    /// Completes at the next operator's change ([`force`](Self::force)) after it is enabled or first polled.
+    pub(crate) fn operator_change(&self) -> OwnedNotified {
+        self.operator.clone().notified_owned()
     }
 
     /// As if just built: closed, counts and backoff forgotten, and the jitter sequence restarted from the seed
