@@ -1213,3 +1213,40 @@ fn the_priority_header_is_the_one_the_simulator_sends() {
         tower_backpressure::sim::PRIORITY_HEADER
     );
 }
+
+/// A live limit raised while a request waits, with no arrival or release to hand the new slot over: when the
+/// request's wait runs out the queue must admit it into the free slot, not refuse it with `QueueTimeout`.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_whose_wait_runs_out_takes_a_slot_a_raised_limit_freed() {
+    let limit = Arc::new(AtomicUsize::new(1));
+    let layer = QueueLayer::builder()
+        .limit(Live {
+            limit: limit.clone(),
+            expected_ms: Arc::default(),
+        })
+        .max_wait(MS * 100)
+        // Off: CoDel would rightly cut a request that waited a whole standing interval.
+        .codel(false)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let log = Log::default();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(sleeper(log.clone(), 1000));
+    let a = tokio::spawn(svc.ready().await.unwrap().call(0));
+    let b = tokio::spawn(svc.ready().await.unwrap().call(1));
+    tokio::task::yield_now().await;
+    assert_eq!(handle.snapshot().depth, 1);
+    sleep(MS * 10).await;
+    limit.store(2, Ordering::SeqCst);
+    let start = Instant::now();
+    let b = b.await.unwrap();
+    assert!(b.is_ok(), "refused with a free slot: {b:?}");
+    assert_eq!(*log.lock().unwrap(), vec![0, 1]);
+    // Admitted when its wait ran out (t = 100 ms), not when the first request freed its slot (t = 1000 ms).
+    assert!(start.elapsed() < MS * 1100, "{:?}", start.elapsed());
+    a.await.unwrap().unwrap();
+    let s = handle.snapshot();
+    assert_eq!((s.in_flight, s.depth, s.rejected_queue_timeout), (0, 0, 0));
+}

@@ -140,7 +140,8 @@ impl<L, C, M, O, P, D> fmt::Debug for QueueBuilder<L, C, M, O, P, D> {
 
 impl<L, C, M, O, P, D> QueueBuilder<L, C, M, O, P, D> {
     /// The concurrency limit: a fixed number, or any [`LimitSource`] such as an adaptive limiter's handle, read
-    /// live on every arrival and release (so a raised limit is used at the next one). Required.
+    /// live on every arrival and release and when a waiter's wait runs out (so a raised limit is used at the next of
+    /// these). Required.
     pub fn limit<L2: LimitSource>(self, limit: L2) -> QueueBuilder<L2, C, M, O, P, D> {
         QueueBuilder {
             limit: Some(limit),

@@ -47,7 +47,8 @@
 //!   deadline layer stores it there (`request_extension(true)`); or your own ([`QueueBuilder::deadline_source`]).
 //!
 //! The limit is any [`LimitSource`](crate::core::LimitSource): a fixed `usize`, or the adaptive limiter's handle.
-//! It is read live, so a raised limit is used at the next arrival or release.
+//! It is read live, so a raised limit is used at the next arrival or release, or at the latest when a waiter's
+//! wait runs out.
 //!
 //! Admission happens in `call`, never in `poll_ready`. Below the limit with nobody queued, admission is one
 //! atomic compare-and-swap: no lock, no allocation. Only the queueing path takes a small mutex around the wait

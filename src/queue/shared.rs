@@ -599,6 +599,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
                 }
             }
         }
+        self.serve(q, now);
+    }
+
+    /// Hands free slots to waiters in priority order (FIFO within a level, newest first while it is managed),
+    /// refusing on the way those whose deadline can no longer be met.
+    fn serve(&self, q: &mut WaitQueue, now: Instant) {
         let expected = self.expected();
         while let Some(level) = q.top_level() {
             let list = q.lists[level];
@@ -620,6 +626,12 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
     fn poll_waiter_inner(&self, index: usize, timed_out: bool, cx: &mut Context<'_>) -> Waiting {
         let now = Instant::now();
         let mut q = self.lock();
+        if timed_out && q.nodes[index].slot == Slot::Queued {
+            // A slot can free up without a release to hand it over: a live limit raised. Before this waiter is
+            // judged out of time, free slots go to the waiters, in their order (perhaps to this one). Only the
+            // hand-over: with no slot free it does nothing, and CoDel's verdicts stay those of arrivals and releases.
+            self.serve(&mut q, now);
+        }
         let mut rearm = None;
         match q.nodes[index].slot {
             Slot::Queued if timed_out => {
