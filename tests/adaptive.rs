@@ -260,6 +260,57 @@ async fn windows_move_the_limit_and_report_it() {
     assert_eq!(LimitSource::limit(&handle), handle.limit());
 }
 
+/// The last `LimitChanged` an observer is told is the limit in force, even when a change made meanwhile (here by
+/// the observer itself, through the handle, while it is told of the completion that moved the limit) is told first.
+#[tokio::test(start_paused = true)]
+async fn the_last_limit_told_is_the_limit_in_force() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let handle_cell = Arc::new(std::sync::OnceLock::<
+        tower_backpressure::adaptive::AdaptiveHandle,
+    >::new());
+    let cell = handle_cell.clone();
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .initial_limit(2)
+        .algorithm(Aimd::new())
+        .min_samples(2)
+        .window(Duration::from_millis(10))
+        .observer(move |e: &Event| match e {
+            Event::LimitChanged { limit, .. } => log.lock().unwrap().push(*limit),
+            Event::Completed { .. } => {
+                // The window this completion closed raised the limit to 3: an operator narrows the bounds.
+                if let Some(handle) = cell.get() {
+                    if handle.limit() == 3 {
+                        handle.set_bounds(1, 2).unwrap();
+                    }
+                }
+            }
+            _ => {}
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    handle_cell.set(handle.clone()).ok().unwrap();
+    let mut svc = layer.layer(service_fn(|(): ()| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok::<_, BoxError>(())
+    }));
+    for _ in 0..3 {
+        let a = svc.ready().await.unwrap().call(());
+        let b = svc.ready().await.unwrap().call(());
+        let (a, b) = tokio::join!(a, b);
+        a.unwrap();
+        b.unwrap();
+    }
+    assert_eq!(handle.limit(), 2);
+    let told = events.lock().unwrap().clone();
+    assert!(
+        told.len() >= 2,
+        "the raise and the narrowing are both told: {told:?}"
+    );
+    assert_eq!(*told.last().unwrap(), handle.limit(), "told {told:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn drops_shrink_the_limit() {
     let layer = AdaptiveConcurrencyLayer::builder()

@@ -108,9 +108,9 @@ impl AdaptiveHandle {
         let mut updater = core.lock_updater();
         core.min_limit.store(min_limit, Ordering::Relaxed);
         core.max_limit.store(max_limit, Ordering::Relaxed);
-        if let Some(limit) = core.apply_estimate(&mut updater) {
+        if core.apply_estimate(&mut updater).is_some() {
             drop(updater);
-            self.shared.limit_changed(limit);
+            self.shared.limit_changed();
         }
         Ok(())
     }

@@ -559,10 +559,14 @@ pub(crate) struct Shared<O> {
 }
 
 impl<O: Observer> Shared<O> {
-    pub(crate) fn limit_changed(&self, limit: usize) {
+    /// Tells the observer the limit moved. The event carries the limit in force when it is sent, not the value the
+    /// change computed: changes are told after the updater's lock is let go (an observer may call the handle), so
+    /// two close together may be told in the other order, and the last event must still be the limit in force
+    /// (a gauge keeps the last value it was given).
+    pub(crate) fn limit_changed(&self) {
         self.observer.on_event(&Event::LimitChanged {
             layer: "adaptive",
-            limit,
+            limit: self.core.limit.load(Ordering::Acquire),
         });
     }
 }
@@ -580,8 +584,8 @@ impl<O: Observer> Release for Shared<O> {
         observer::completed(&self.observer, "adaptive", outcome, latency, || {
             self.core.in_flight()
         });
-        if let Some(limit) = changed {
-            self.limit_changed(limit);
+        if changed.is_some() {
+            self.limit_changed();
         }
     }
 }
@@ -589,7 +593,7 @@ impl<O: Observer> Release for Shared<O> {
 /// What a handle needs from a `Shared<O>` without knowing `O`.
 pub(crate) trait Control: Send + Sync + 'static {
     fn core(&self) -> &Core;
-    fn limit_changed(&self, limit: usize);
+    fn limit_changed(&self);
 }
 
 impl<O: Observer> Control for Shared<O> {
@@ -597,8 +601,8 @@ impl<O: Observer> Control for Shared<O> {
         &self.core
     }
 
-    fn limit_changed(&self, limit: usize) {
-        Shared::limit_changed(self, limit)
+    fn limit_changed(&self) {
+        Shared::limit_changed(self)
     }
 }
 
