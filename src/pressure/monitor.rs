@@ -403,8 +403,14 @@ impl Shared {
         if let Some(t) = eval.alive_tasks.as_mut() {
             feed(t, sample.alive_tasks as u64, "alive_tasks");
         }
-        if let (Some((t, name)), Some(value)) = (eval.probe.as_mut(), sample.probe) {
-            feed(t, value, name);
+        if let Some((t, name)) = eval.probe.as_mut() {
+            match sample.probe {
+                Some(value) => {
+                    feed(t, value, name);
+                }
+                // No reading (the probe panicked): the signal stays as it was, tripped included.
+                None => pressured |= t.is_tripped(),
+            }
         }
 
         self.lagging.store(lagging, Relaxed);

@@ -409,6 +409,42 @@ async fn a_panicking_user_probe_costs_one_reading_not_the_monitor() {
     guard.stop().await;
 }
 
+/// A panicking reading leaves the probe's signal as it was, tripped included: it cleared the pressure the probe
+/// had declared (with no `PressureChanged` event), and the next good reading set it again, unannounced and
+/// uncounted.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_user_probe_leaves_a_tripped_signal_tripped() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    let reads = Arc::new(AtomicU64::new(0));
+    let counter = reads.clone();
+    let probe = move || match counter.fetch_add(1, SeqCst) + 1 {
+        2 => panic!("the probe failed to read"),
+        _ => 200,
+    };
+    let (events, record) = recorder();
+    let monitor = RuntimeMonitor::builder()
+        .interval(10 * MS)
+        .max_probe("memory", probe, 100, 50)
+        .observer(record)
+        .build()
+        .unwrap();
+    let guard = monitor.start().unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        monitor.next_sample().await;
+        seen.push(monitor.is_under_pressure());
+    }
+    assert_eq!(reads.load(SeqCst), 3);
+    assert_eq!(
+        seen,
+        [true, true, true],
+        "the failed reading cleared the pressure"
+    );
+    assert_eq!(transitions(&events), [("pressure", true, "memory")]);
+    assert_eq!(monitor.snapshot().trips, 1);
+    guard.stop().await;
+}
+
 /// An observer is user code too, and the monitor's task calls it on every sample: one that panics (a metrics
 /// exporter's bug) must not end the task. It did, and the monitor failed open for good.
 #[tokio::test(start_paused = true)]
