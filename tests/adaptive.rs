@@ -311,6 +311,50 @@ async fn the_last_limit_told_is_the_limit_in_force() {
     assert_eq!(*told.last().unwrap(), handle.limit(), "told {told:?}");
 }
 
+/// The same when the limit moves while its change is being told: here the observer narrows the bounds before it
+/// records the raise it is told of, as a change on another thread may land between the limit's read and the event.
+#[tokio::test(start_paused = true)]
+async fn a_limit_moved_while_it_is_told_is_told_again() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let handle_cell = Arc::new(std::sync::OnceLock::<
+        tower_backpressure::adaptive::AdaptiveHandle,
+    >::new());
+    let cell = handle_cell.clone();
+    let layer = AdaptiveConcurrencyLayer::builder()
+        .initial_limit(2)
+        .algorithm(Aimd::new())
+        .min_samples(2)
+        .window(Duration::from_millis(10))
+        .observer(move |e: &Event| {
+            if let Event::LimitChanged { limit, .. } = e {
+                if *limit == 3 {
+                    cell.get().unwrap().set_bounds(1, 2).unwrap();
+                }
+                log.lock().unwrap().push(*limit);
+            }
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    handle_cell.set(handle.clone()).ok().unwrap();
+    let mut svc = layer.layer(service_fn(|(): ()| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok::<_, BoxError>(())
+    }));
+    for _ in 0..3 {
+        let a = svc.ready().await.unwrap().call(());
+        let b = svc.ready().await.unwrap().call(());
+        let (a, b) = tokio::join!(a, b);
+        a.unwrap();
+        b.unwrap();
+    }
+    assert_eq!(handle.limit(), 2);
+    let told = events.lock().unwrap().clone();
+    assert!(told.contains(&3), "the raise is told: {told:?}");
+    assert_eq!(*told.last().unwrap(), handle.limit(), "told {told:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn drops_shrink_the_limit() {
     let layer = AdaptiveConcurrencyLayer::builder()

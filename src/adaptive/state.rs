@@ -560,14 +560,23 @@ pub(crate) struct Shared<O> {
 
 impl<O: Observer> Shared<O> {
     /// Tells the observer the limit moved. The event carries the limit in force when it is sent, not the value the
-    /// change computed: changes are told after the updater's lock is let go (an observer may call the handle), so
-    /// two close together may be told in the other order, and the last event must still be the limit in force
-    /// (a gauge keeps the last value it was given).
+    /// change computed, and is sent again if the limit moved while it was being told: changes are told after the
+    /// updater's lock is let go (an observer may call the handle), so two close together may be told in the other
+    /// order on two threads, and the last event must still be the limit in force (a gauge keeps the last value it
+    /// was given). Whoever moves the limit after the last check tells it too.
     pub(crate) fn limit_changed(&self) {
-        self.observer.on_event(&Event::LimitChanged {
-            layer: "adaptive",
-            limit: self.core.limit.load(Ordering::Acquire),
-        });
+        let mut limit = self.core.limit.load(Ordering::Acquire);
+        loop {
+            self.observer.on_event(&Event::LimitChanged {
+                layer: "adaptive",
+                limit,
+            });
+            let now = self.core.limit.load(Ordering::Acquire);
+            if now == limit {
+                return;
+            }
+            limit = now;
+        }
     }
 }
 
