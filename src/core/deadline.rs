@@ -321,9 +321,10 @@ pin_project! {
     }
 }
 
-/// Drops an unfinished inner future with its deadline current, as [`DeadlineScope`]'s drop does.
+/// Drops an unfinished inner future (or body) with its deadline current, as [`DeadlineScope`]'s drop does and the
+/// deadline layers' response body's.
 #[inline(never)]
-fn drop_in_scope<F>(deadline: Deadline, mut future: Pin<&mut Option<F>>) {
+pub(crate) fn drop_in_scope<F>(deadline: Deadline, mut future: Pin<&mut Option<F>>) {
     let _enter = Restore::earliest(deadline);
     future.set(None);
 }

@@ -68,10 +68,10 @@ pin_project! {
     impl<B> PinnedDrop for DeadlineBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            let mut inner = this.inner;
-            if let (Some(deadline), true) = (*this.deadline, std::mem::needs_drop::<B>() && inner.is_some()) {
-                let _scope = deadline.enter_poll();
-                inner.set(None);
+            if let Some(deadline) = *this.deadline {
+                if std::mem::needs_drop::<B>() && this.inner.is_some() {
+                    crate::core::deadline::drop_in_scope(deadline, this.inner);
+                }
             }
         }
     }
