@@ -260,66 +260,15 @@ async fn windows_move_the_limit_and_report_it() {
     assert_eq!(LimitSource::limit(&handle), handle.limit());
 }
 
-/// The last `LimitChanged` an observer is told is the limit in force, even when a change made meanwhile (here by
-/// the observer itself, through the handle, while it is told of the completion that moved the limit) is told first.
-#[tokio::test(start_paused = true)]
-async fn the_last_limit_told_is_the_limit_in_force() {
+/// Runs an AIMD limiter (initial limit 2, windows of 10 ms) through three rounds of two 20 ms calls, which raise the
+/// limit to 3, with an observer that hands each event and the layer's handle to `react` (which may narrow the
+/// bounds) and records the `LimitChanged` events. Returns the limits told and the handle.
+async fn limits_told(
+    react: impl Fn(&Event, &AdaptiveHandle) + Send + Sync + 'static,
+) -> (Vec<usize>, AdaptiveHandle) {
     let events = Arc::new(Mutex::new(Vec::new()));
     let log = events.clone();
-    let handle_cell = Arc::new(std::sync::OnceLock::<
-        tower_backpressure::adaptive::AdaptiveHandle,
-    >::new());
-    let cell = handle_cell.clone();
-    let layer = AdaptiveConcurrencyLayer::builder()
-        .initial_limit(2)
-        .algorithm(Aimd::new())
-        .min_samples(2)
-        .window(Duration::from_millis(10))
-        .observer(move |e: &Event| match e {
-            Event::LimitChanged { limit, .. } => log.lock().unwrap().push(*limit),
-            Event::Completed { .. } => {
-                // The window this completion closed raised the limit to 3: an operator narrows the bounds.
-                if let Some(handle) = cell.get() {
-                    if handle.limit() == 3 {
-                        handle.set_bounds(1, 2).unwrap();
-                    }
-                }
-            }
-            _ => {}
-        })
-        .build()
-        .unwrap();
-    let handle = layer.handle();
-    handle_cell.set(handle.clone()).ok().unwrap();
-    let mut svc = layer.layer(service_fn(|(): ()| async move {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok::<_, BoxError>(())
-    }));
-    for _ in 0..3 {
-        let a = svc.ready().await.unwrap().call(());
-        let b = svc.ready().await.unwrap().call(());
-        let (a, b) = tokio::join!(a, b);
-        a.unwrap();
-        b.unwrap();
-    }
-    assert_eq!(handle.limit(), 2);
-    let told = events.lock().unwrap().clone();
-    assert!(
-        told.len() >= 2,
-        "the raise and the narrowing are both told: {told:?}"
-    );
-    assert_eq!(*told.last().unwrap(), handle.limit(), "told {told:?}");
-}
-
-/// The same when the limit moves while its change is being told: here the observer narrows the bounds before it
-/// records the raise it is told of, as a change on another thread may land between the limit's read and the event.
-#[tokio::test(start_paused = true)]
-async fn a_limit_moved_while_it_is_told_is_told_again() {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let log = events.clone();
-    let handle_cell = Arc::new(std::sync::OnceLock::<
-        tower_backpressure::adaptive::AdaptiveHandle,
-    >::new());
+    let handle_cell = Arc::new(std::sync::OnceLock::<AdaptiveHandle>::new());
     let cell = handle_cell.clone();
     let layer = AdaptiveConcurrencyLayer::builder()
         .initial_limit(2)
@@ -327,10 +276,10 @@ async fn a_limit_moved_while_it_is_told_is_told_again() {
         .min_samples(2)
         .window(Duration::from_millis(10))
         .observer(move |e: &Event| {
+            if let Some(handle) = cell.get() {
+                react(e, handle);
+            }
             if let Event::LimitChanged { limit, .. } = e {
-                if *limit == 3 {
-                    cell.get().unwrap().set_bounds(1, 2).unwrap();
-                }
                 log.lock().unwrap().push(*limit);
             }
         })
@@ -349,8 +298,40 @@ async fn a_limit_moved_while_it_is_told_is_told_again() {
         a.unwrap();
         b.unwrap();
     }
-    assert_eq!(handle.limit(), 2);
     let told = events.lock().unwrap().clone();
+    (told, handle)
+}
+
+/// The last `LimitChanged` an observer is told is the limit in force, even when a change made meanwhile (here by
+/// the observer itself, through the handle, while it is told of the completion that moved the limit) is told first.
+#[tokio::test(start_paused = true)]
+async fn the_last_limit_told_is_the_limit_in_force() {
+    let (told, handle) = limits_told(|e, handle| {
+        // The window this completion closed raised the limit to 3: an operator narrows the bounds.
+        if matches!(e, Event::Completed { .. }) && handle.limit() == 3 {
+            handle.set_bounds(1, 2).unwrap();
+        }
+    })
+    .await;
+    assert_eq!(handle.limit(), 2);
+    assert!(
+        told.len() >= 2,
+        "the raise and the narrowing are both told: {told:?}"
+    );
+    assert_eq!(*told.last().unwrap(), handle.limit(), "told {told:?}");
+}
+
+/// The same when the limit moves while its change is being told: here the observer narrows the bounds before it
+/// records the raise it is told of, as a change on another thread may land between the limit's read and the event.
+#[tokio::test(start_paused = true)]
+async fn a_limit_moved_while_it_is_told_is_told_again() {
+    let (told, handle) = limits_told(|e, handle| {
+        if matches!(e, Event::LimitChanged { limit: 3, .. }) {
+            handle.set_bounds(1, 2).unwrap();
+        }
+    })
+    .await;
+    assert_eq!(handle.limit(), 2);
     assert!(told.contains(&3), "the raise is told: {told:?}");
     assert_eq!(*told.last().unwrap(), handle.limit(), "told {told:?}");
 }

@@ -3,7 +3,7 @@
 //! Every ```` ```rust ```` block of those files appears below, line for line (leading and trailing spaces aside),
 //! inside just enough code to compile it; `guides_show_only_compiled_code` fails when a block is not found here,
 //! so a block edited in the guide must be edited here too, and an API change that breaks a block breaks the
-//! build. Lines ending in `// (test only)` are not part of any block. Blocks marked ```` ```rust,ignore ```` are
+//! build. Blocks marked ```` ```rust,ignore ```` are
 //! sketches that use crates this one does not depend on; they are not checked.
 #![cfg(all(feature = "sim", feature = "full"))]
 #![allow(dead_code, unused_variables)]
@@ -232,7 +232,7 @@ fn guides_show_only_compiled_code() {
     let here: Vec<String> = include_str!("doc_snippets.rs")
         .lines()
         .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.ends_with("// (test only)"))
+        .filter(|line| !line.is_empty())
         .map(str::to_owned)
         .collect();
     let guides = [

@@ -23,23 +23,26 @@ fn named_observers_keep_two_breakers_apart() {
         let payments = breaker(MetricsObserver::named("payments"));
         let search = breaker(MetricsObserver::named("search"));
         let unnamed = breaker(MetricsObserver::new());
+        let other_unnamed = breaker(MetricsObserver::new());
         payments.force_open();
         search.force_open();
         search.force_closed();
+        other_unnamed.force_open();
         unnamed.disable();
     });
     let text = prometheus.render();
-    let series: Vec<&str> = text
+    let mut series: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("backpressure_breaker_state{"))
         .collect();
+    // The two unnamed breakers share one series: the last change (disabled, 4) overwrote the other's (forced
+    // open, 3).
     let mut expected = vec![
         r#"backpressure_breaker_state{layer="breaker",name="payments"} 3"#,
         r#"backpressure_breaker_state{layer="breaker",name="search"} 0"#,
         r#"backpressure_breaker_state{layer="breaker"} 4"#,
     ];
-    let mut got = series.clone();
-    got.sort_unstable();
+    series.sort_unstable();
     expected.sort_unstable();
-    assert_eq!(got, expected, "{text}");
+    assert_eq!(series, expected, "{text}");
 }

@@ -663,7 +663,7 @@ fn overload_example_refuses_two_scenarios_of_one_name() {
     let short = ONE_WORKER.replace("duration_s = 20", "duration_s = 0.1");
     std::fs::write(&a, &short).unwrap();
     std::fs::write(&b, short.replace("rps = 50.0", "rps = 20.0")).unwrap();
-    let output = std::process::Command::new(exe)
+    let output = std::process::Command::new(&exe)
         .args(["--json", "--scenario"])
         .arg(&a)
         .arg(&b)
@@ -677,7 +677,7 @@ fn overload_example_refuses_two_scenarios_of_one_name() {
         "{stderr}"
     );
     // The same goes for a strategy named twice.
-    let output = std::process::Command::new(overload_example().unwrap())
+    let output = std::process::Command::new(&exe)
         .args([
             "--json",
             "--strategy",

@@ -380,8 +380,7 @@ async fn a_restarted_monitor_shows_none_of_the_last_runs_figures() {
 #[tokio::test(start_paused = true)]
 async fn a_panicking_user_probe_costs_one_reading_not_the_monitor() {
     use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-    let reads = Arc::new(AtomicU64::new(0));
-    let counter = reads.clone();
+    let counter = AtomicU64::new(0);
     let probe = move || match counter.fetch_add(1, SeqCst) + 1 {
         2 => panic!("the probe failed to read"),
         n if n >= 3 => 200,
