@@ -506,13 +506,6 @@ impl Rig {
     }
 }
 
-/// Lets spawned tasks and wake-ups run to quiescence.
-async fn settle() {
-    for _ in 0..16 {
-        tokio::task::yield_now().await;
-    }
-}
-
 fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
     let waker = futures::task::noop_waker();
     future.poll_unpin(&mut Context::from_waker(&waker))
@@ -522,32 +515,19 @@ fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
 // 1 and 2: futures dropped, inner services that panic, errors and successes, in every layer and mode.
 
 #[tokio::test(start_paused = true)]
-async fn every_layer_releases_a_future_dropped_before_its_first_poll() {
-    for kind in KINDS {
-        for mode in MODES {
-            let mut rig = rig(kind, mode, Backend::default());
-            let future = rig.ready().await.call(req(Cmd::Hang));
-            rig.assert_holding("called", 1);
-            drop(future);
-            settle().await;
-            rig.assert_clean("dropped before its first poll", &[Outcome::Ignored]);
-        }
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn every_layer_releases_a_future_dropped_after_a_pending_poll() {
-    for kind in KINDS {
-        for mode in MODES {
-            let mut rig = rig(kind, mode, Backend::default());
-            let mut future = rig.ready().await.call(req(Cmd::Hang));
-            assert!(poll_once(&mut future).is_pending());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            assert!(poll_once(&mut future).is_pending());
-            rig.assert_holding("pending", 1);
-            drop(future);
-            settle().await;
-            rig.assert_clean("dropped after a pending poll", &[Outcome::Ignored]);
+async fn every_layer_releases_a_future_dropped_before_or_after_a_poll() {
+    for polled in [false, true] {
+        for kind in KINDS {
+            for mode in MODES {
+                let mut rig = rig(kind, mode, Backend::default());
+                let mut future = rig.ready().await.call(req(Cmd::Hang));
+                if polled {
+                    assert!(poll_once(&mut future).is_pending());
+                }
+                rig.assert_holding("under way", 1);
+                drop(future);
+                rig.assert_clean(&format!("dropped (polled: {polled})"), &[Outcome::Ignored]);
+            }
         }
     }
 }
@@ -560,7 +540,6 @@ async fn every_layer_releases_a_request_whose_inner_call_panics() {
             let svc = rig.ready().await;
             let unwound = catch_unwind(AssertUnwindSafe(|| drop(svc.call(req(Cmd::PanicInCall)))));
             assert!(unwound.is_err(), "the inner call panicked");
-            settle().await;
             rig.assert_clean("inner call panicked", &[Outcome::Failure]);
             // Still usable.
             let answered = rig.ready().await.call(req(Cmd::Answer)).await;
@@ -583,7 +562,6 @@ async fn every_layer_records_a_panic_in_the_inner_future_as_a_failure() {
                 // The runtime drops a task's future while the panic unwinds.
                 let joined = tokio::spawn(future).await;
                 assert!(joined.unwrap_err().is_panic());
-                settle().await;
                 rig.assert_clean(&format!("{cmd:?}"), &[Outcome::Failure]);
             }
         }
@@ -607,7 +585,6 @@ async fn every_layer_records_errors_failed_statuses_and_successes_once() {
                     vec![Outcome::Failure, Outcome::Success, Outcome::Dropped]
                 }
             };
-            settle().await;
             rig.assert_clean("error, success, 503", &expected);
         }
     }
@@ -693,7 +670,6 @@ async fn every_layer_holds_its_permit_until_the_body_is_done_and_releases_it_onc
                     }
                 };
                 drop(body);
-                settle().await;
                 rig.assert_clean(&what, &[expected]);
             }
         }
@@ -725,7 +701,6 @@ async fn readiness_taken_and_dropped_without_a_call_reserves_nothing() {
             );
             let answered = other.call(req(Cmd::Answer)).await;
             assert!(answered.is_ok());
-            settle().await;
             rig.assert_clean("readiness dropped, then one call", &[Outcome::Success]);
             assert_eq!(rig.log.admitted(), usize::from(rig.permits));
         }
@@ -845,7 +820,6 @@ async fn the_queue_gives_back_every_place_and_slot_whatever_its_waiters_do() {
         let joined = tokio::spawn(next).await;
         assert!(joined.unwrap_err().is_panic(), "{mode:?}");
         last.await.unwrap();
-        settle().await;
 
         let s = handle.snapshot();
         assert_eq!((s.in_flight, s.depth), (0, 0), "{mode:?}");
@@ -894,7 +868,6 @@ async fn a_queued_request_dropped_gives_back_the_readiness_it_carried() {
             .call(req(Cmd::Answer))
             .await
             .unwrap();
-        settle().await;
         let s = handle.snapshot();
         assert_eq!((s.in_flight, s.depth, s.cancelled), (0, 0, 2), "{mode:?}");
         assert_eq!(log.outcomes(), [Outcome::Ignored, Outcome::Success]);
@@ -1099,7 +1072,6 @@ async fn stacks_give_everything_back_when_the_deadline_passes_in_flight_or_in_th
             let first = first.await.unwrap();
             let second = second.await.unwrap();
             assert!(deadline_exceeded(mode, &first), "{what}: first");
-            settle().await;
             stack.assert_clean(&what);
             let outer = if server_side { "deadline" } else { "propagate" };
             assert_eq!(
@@ -1176,7 +1148,6 @@ async fn stacks_give_everything_back_when_the_deadline_cuts_a_body() {
             }
             assert!(feed.is_closed(), "{what}: the inner body went with the cut");
             drop(body);
-            settle().await;
             stack.assert_clean(&what);
             for (name, log) in &stack.logs {
                 assert_eq!(log.outcomes(), [Outcome::Dropped], "{what}: {name}");
@@ -1298,9 +1269,6 @@ async fn a_thousand_requests_leaving_at_random_leave_nothing_behind() {
                 }
             }
             assert!(panicked > 0, "{what}: some inner services panicked");
-            // The bodies' feeding tasks end once their bodies are gone.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            settle().await;
             stack.assert_clean(&what);
             let outer = stack.logs[0].1.outcomes();
             for outcome in [
