@@ -332,6 +332,16 @@ macro_rules! gauge {
         let $handle = $h;
         Box::new(move || $gauges) as Gauge
     }};
+    // A layer that queues nothing: its snapshot's in-flight figure alone.
+    (in_flight $h:expr) => {
+        gauge!(
+            |h| Gauges {
+                in_flight: h.snapshot().in_flight,
+                queued: 0
+            },
+            $h
+        )
+    };
 }
 
 /// Requests through the propagating layer carry a deadline (it has nothing to do without one).
@@ -358,13 +368,7 @@ where
                 .initial_limit(4)
                 .observer(obs);
             let (svc, h) = moded!(mode, builder, inner);
-            let gauges = gauge!(
-                |h| Gauges {
-                    in_flight: h.snapshot().in_flight,
-                    queued: 0
-                },
-                h
-            );
+            let gauges = gauge!(in_flight h);
             (svc, gauges)
         }
         Kind::Queue => {
@@ -410,25 +414,13 @@ where
                 .max_timeout(Duration::from_secs(60))
                 .observer(obs);
             let (svc, h) = moded!(mode, builder, inner);
-            let gauges = gauge!(
-                |h| Gauges {
-                    in_flight: h.snapshot().in_flight,
-                    queued: 0
-                },
-                h
-            );
+            let gauges = gauge!(in_flight h);
             (svc, gauges)
         }
         Kind::Propagate => {
             let builder = PropagateDeadlineLayer::builder().observer(obs);
             let (svc, h) = moded!(mode, builder, inner);
-            let gauges = gauge!(
-                |h| Gauges {
-                    in_flight: h.snapshot().in_flight,
-                    queued: 0
-                },
-                h
-            );
+            let gauges = gauge!(in_flight h);
             (BoxCloneService::new(svc.map_request(with_deadline)), gauges)
         }
         Kind::Rate => {
@@ -447,13 +439,7 @@ where
                 .unwrap();
             let builder = PressureLayer::builder(&monitor).observer(obs);
             let (svc, h) = moded!(mode, builder, inner);
-            let gauges = gauge!(
-                |h| Gauges {
-                    in_flight: h.snapshot().in_flight,
-                    queued: 0
-                },
-                h
-            );
+            let gauges = gauge!(in_flight h);
             (svc, gauges)
         }
     };
