@@ -1026,6 +1026,22 @@ fn client(mode: Mode, backend: Backend, timeout: Duration, limit: usize) -> Stac
     }
 }
 
+/// The server stack (no CoDel) or the client stack in `mode`, both with a deadline of `timeout` and a limit of 1,
+/// and the label for assertions.
+fn either_stack(
+    mode: Mode,
+    server_side: bool,
+    backend: Backend,
+    timeout: Duration,
+) -> (Stack, String) {
+    let (stack, side) = if server_side {
+        (server(mode, backend, timeout, 1, false), "server")
+    } else {
+        (client(mode, backend, timeout, 1), "client")
+    };
+    (stack, format!("{mode:?}, {side}"))
+}
+
 /// Whether `answer` says the deadline was exceeded, in `mode`.
 fn deadline_exceeded(mode: Mode, answer: &Result<Res, BoxError>) -> bool {
     match (mode, answer) {
@@ -1041,15 +1057,7 @@ async fn stacks_give_everything_back_when_the_deadline_passes_in_flight_or_in_th
     for mode in MODES {
         for server_side in [true, false] {
             let timeout = Duration::from_millis(100);
-            let mut stack = if server_side {
-                server(mode, Backend::default(), timeout, 1, false)
-            } else {
-                client(mode, Backend::default(), timeout, 1)
-            };
-            let what = format!(
-                "{mode:?}, {}",
-                if server_side { "server" } else { "client" }
-            );
+            let (mut stack, what) = either_stack(mode, server_side, Backend::default(), timeout);
             // The first runs into its deadline in flight; the second, on the server, waits in the queue behind
             // it until its own deadline passes (on the client the limiter refuses it at once).
             let first = stack.svc.ready().await.unwrap().call(req(Cmd::Hang));
@@ -1097,15 +1105,7 @@ async fn stacks_give_everything_back_when_the_deadline_cuts_a_body() {
         for server_side in [true, false] {
             let backend = Backend::default();
             let timeout = Duration::from_millis(100);
-            let mut stack = if server_side {
-                server(mode, backend.clone(), timeout, 1, false)
-            } else {
-                client(mode, backend.clone(), timeout, 1)
-            };
-            let what = format!(
-                "{mode:?}, {}",
-                if server_side { "server" } else { "client" }
-            );
+            let (mut stack, what) = either_stack(mode, server_side, backend.clone(), timeout);
             let response = stack
                 .svc
                 .ready()
