@@ -1320,13 +1320,20 @@ async fn many_requests_on_two_threads_leave_nothing_behind() {
 /// Waits until `done` holds, yielding to the runtime (which polls the sockets between yields); the timeout only
 /// guards against a hang.
 async fn until(what: &str, done: impl Fn() -> bool) {
-    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+    within(what, async {
         while !done() {
             tokio::task::yield_now().await;
         }
     })
     .await;
-    assert!(waited.is_ok(), "never happened: {what}");
+}
+
+/// `future`'s output; a failure naming `what` instead of a hang if the socket never delivers it.
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(10), future).await {
+        Ok(output) => output,
+        Err(_) => panic!("never happened: {what}"),
+    }
 }
 
 /// A bare HTTP/1 connection to `addr` sending `GET path`: the response (or the pending request) and the
@@ -1398,16 +1405,20 @@ async fn clients_that_hang_up_over_a_real_socket_leave_nothing_behind() {
     local
         .run_until(async {
             // One client streams a response and holds the only slot...
-            let (streaming, streaming_connection) = get(addr, "/stream").await;
-            let response = streaming.await.unwrap().unwrap();
+            let (streaming, streaming_connection) = within("connected", get(addr, "/stream")).await;
+            let response = within("the streaming head", streaming)
+                .await
+                .unwrap()
+                .unwrap();
             let feed = backend.feed();
             let mut body = response.into_body();
             feed.send(data("first")).unwrap();
-            assert!(body.frame().await.unwrap().unwrap().is_data());
+            let first = within("the first frame", body.frame()).await;
+            assert!(first.unwrap().unwrap().is_data());
             assert_eq!(gauge("adaptive in flight"), 1);
 
             // ...a second waits in the queue behind it, and hangs up there.
-            let (queued, queued_connection) = get(addr, "/hang").await;
+            let (queued, queued_connection) = within("connected", get(addr, "/hang")).await;
             until("the second request is queued", || gauge("queue depth") == 1).await;
             queued_connection.abort();
             queued.abort();
@@ -1426,7 +1437,7 @@ async fn clients_that_hang_up_over_a_real_socket_leave_nothing_behind() {
             assert!(feed.is_closed(), "the handler's body was dropped");
 
             // A third is admitted, its handler never answers, and it hangs up before the head.
-            let (pending, pending_connection) = get(addr, "/hang").await;
+            let (pending, pending_connection) = within("connected", get(addr, "/hang")).await;
             until("the third request is admitted", || {
                 gauge("adaptive in flight") == 1
             })
