@@ -74,6 +74,44 @@ fn events() -> (
     (log, move |e: &Event| sink.lock().unwrap().push(*e))
 }
 
+/// The outcomes of the `Completed` events in `log`, in order.
+fn completed(log: &Mutex<Vec<Event>>) -> Vec<Outcome> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Completed { outcome, .. } => Some(*outcome),
+            _ => None,
+        })
+        .collect()
+}
+
+type Boxed = tower::util::BoxService<Request<String>, Response<String>, BoxError>;
+
+/// The server layer (`server`) or the propagating one, with defaults and `observer`, over `inner`: the service and
+/// the layer's handle.
+fn server_or_client<S>(
+    server: bool,
+    observer: impl Fn(&Event) + Send + Sync + 'static,
+    inner: S,
+) -> (Boxed, tower_backpressure::deadline::DeadlineHandle)
+where
+    S: Service<Request<String>, Response = Response<String>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    if server {
+        let layer = DeadlineLayer::builder().observer(observer).build().unwrap();
+        (Boxed::new(layer.layer(inner)), layer.handle())
+    } else {
+        let layer = PropagateDeadlineLayer::builder()
+            .observer(observer)
+            .build()
+            .unwrap();
+        (Boxed::new(layer.layer(inner)), layer.handle())
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn effective_deadline_is_the_earliest_of_header_max_and_existing() {
     for store in [false, true] {
@@ -407,20 +445,7 @@ async fn no_request_stays_in_flight_when_its_future_is_dropped_or_the_inner_serv
     for exit in [Exit::Dropped, Exit::PanicInFuture, Exit::PanicInCall] {
         for server in [true, false] {
             let (log, observer) = events();
-            let handle;
-            let mut svc: tower::util::BoxService<Request<String>, Response<String>, BoxError> =
-                if server {
-                    let layer = DeadlineLayer::builder().observer(observer).build().unwrap();
-                    handle = layer.handle();
-                    tower::util::BoxService::new(layer.layer(leaving(exit)))
-                } else {
-                    let layer = PropagateDeadlineLayer::builder()
-                        .observer(observer)
-                        .build()
-                        .unwrap();
-                    handle = layer.handle();
-                    tower::util::BoxService::new(layer.layer(leaving(exit)))
-                };
+            let (mut svc, handle) = server_or_client(server, observer, leaving(exit));
             let deadline = Deadline::after(Duration::from_secs(5));
             let left = deadline
                 .scope(async {
@@ -448,14 +473,6 @@ async fn no_request_stays_in_flight_when_its_future_is_dropped_or_the_inner_serv
             let snapshot = handle.snapshot();
             assert_eq!(snapshot.in_flight, 0, "{what}");
             assert_eq!(snapshot.admitted, 1, "{what}");
-            let log = log.lock().unwrap();
-            let completed: Vec<_> = log
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Completed { outcome, .. } => Some(*outcome),
-                    _ => None,
-                })
-                .collect();
             // Exactly one outcome a request: a caller going away is nobody's signal; a panic in the inner
             // service is its failure when it unwinds through the permit, and is otherwise caught (by the runtime
             // or, here, the test) before the future holding the permit is dropped.
@@ -463,7 +480,7 @@ async fn no_request_stays_in_flight_when_its_future_is_dropped_or_the_inner_serv
                 Exit::PanicInCall => Outcome::Failure,
                 _ => Outcome::Ignored,
             };
-            assert_eq!(completed, vec![expected], "{what}");
+            assert_eq!(completed(&log), vec![expected], "{what}");
         }
     }
 }
@@ -1451,25 +1468,7 @@ async fn a_caller_hanging_up_after_the_deadline_leaves_a_dropped_request() {
     for server in [true, false] {
         for (hang_up_after, expected) in [(999, Outcome::Ignored), (1_000, Outcome::Dropped)] {
             let (log, observer) = events();
-            let (handle, mut svc): (
-                _,
-                tower::util::BoxService<Request<String>, Response<String>, BoxError>,
-            ) = if server {
-                let layer = DeadlineLayer::builder().observer(observer).build().unwrap();
-                (
-                    layer.handle(),
-                    tower::util::BoxService::new(layer.layer(leaving(Exit::Dropped))),
-                )
-            } else {
-                let layer = PropagateDeadlineLayer::builder()
-                    .observer(observer)
-                    .build()
-                    .unwrap();
-                (
-                    layer.handle(),
-                    tower::util::BoxService::new(layer.layer(leaving(Exit::Dropped))),
-                )
-            };
+            let (mut svc, handle) = server_or_client(server, observer, leaving(Exit::Dropped));
             // No scope around the caller (hyper's connection task calls the server): the server finds its deadline
             // in the header, the client in the request's extensions.
             let mut req = request(&[("grpc-timeout", "1S")]);
@@ -1481,16 +1480,7 @@ async fn a_caller_hanging_up_after_the_deadline_leaves_a_dropped_request() {
             tokio::time::advance(Duration::from_millis(hang_up_after)).await;
             drop(future);
             let what = format!("server {server}, hanging up after {hang_up_after} ms");
-            let completed: Vec<_> = log
-                .lock()
-                .unwrap()
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Completed { outcome, .. } => Some(*outcome),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(completed, vec![expected], "{what}");
+            assert_eq!(completed(&log), vec![expected], "{what}");
             let snapshot = handle.snapshot();
             assert_eq!(snapshot.in_flight, 0, "{what}");
             assert_eq!(
