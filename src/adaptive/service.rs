@@ -124,9 +124,8 @@ impl<S, C, M: Clone, O: Observer, B, D> AdaptiveConcurrency<S, C, M, O, B, D> {
         } else {
             core.tag(Instant::now())
         };
-        // The permit exists before the observer runs: an observer that panics cannot keep the token.
         let permit = Permit::untimed(releaser.clone(), tag);
-        observer::admitted(&shared.observer, "adaptive", || in_flight);
+        observer::admitted(&shared.observer, "adaptive", &permit, || in_flight);
         Some(permit)
     }
 

@@ -127,7 +127,7 @@ where
             }
             Admit::Tag(tag) => {
                 let permit = Permit::new(releaser.clone(), tag);
-                shared.note_admitted();
+                shared.note_admitted(&permit);
                 Some(permit)
             }
             Admit::Bypass => None,

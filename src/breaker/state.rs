@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::window::{Counts, Window, WindowKind};
 use crate::core::observer;
 use crate::core::stripe::Counter;
-use crate::core::{CircuitState, Event, Observer, Outcome, Reason, Rejection, Release};
+use crate::core::{CircuitState, Event, Observer, Outcome, Permit, Reason, Rejection, Release};
 
 pub(crate) const LAYER: &str = "breaker";
 
@@ -289,8 +289,10 @@ impl<O: Observer> Shared<O> {
 
     /// Tells the observer of an admission, once the permit that releases it exists (an observer that panics then
     /// cannot keep a half-open probe's slot or the in-flight count).
-    pub(crate) fn note_admitted(&self) {
-        observer::admitted(&self.observer, LAYER, || self.in_flight.sum() as usize);
+    pub(crate) fn note_admitted(&self, permit: &Permit) {
+        observer::admitted(&self.observer, LAYER, permit, || {
+            self.in_flight.sum() as usize
+        });
     }
 
     fn rejected(&self, retry_after: Option<Duration>) -> Admit {

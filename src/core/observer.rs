@@ -260,10 +260,15 @@ pub(crate) fn is_noop<O: Observer>() -> bool {
 
 /// Tells `observer` that a request was admitted, with the in-flight count `in_flight` works out; nothing at all
 /// for `()`, which neither computes the count (a sum over stripes, in most layers) nor sees the event.
+///
+/// It asks for the request's `permit`, which it does not use, so that no layer can tell the observer before the
+/// permit exists: an observer is user code and may panic, and the permit is what gives back what the admission
+/// took (an in-flight count, a slot, a probe) when that panic unwinds.
 #[inline]
 pub(crate) fn admitted<O: Observer>(
     observer: &O,
     layer: &'static str,
+    _permit: &super::Permit,
     in_flight: impl FnOnce() -> usize,
 ) {
     if !is_noop::<O>() {

@@ -95,9 +95,8 @@ where
     O: Observer,
 {
     let (shared, releaser) = shared.next();
-    // The permit first: an observer that panics on the admission cannot leave the request counted in flight.
     let permit = shared.permit(releaser, now);
-    shared.admitted();
+    shared.admitted(&permit);
     permit
 }
 

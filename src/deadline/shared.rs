@@ -42,10 +42,10 @@ impl<K, O: Observer> Shared<K, O> {
         }
     }
 
-    pub(super) fn admitted(&self) {
+    pub(super) fn admitted(&self, permit: &Permit) {
         let requests = &self.counters.requests;
         requests.admit();
-        observer::admitted(&self.observer, self.layer, || requests.in_flight());
+        observer::admitted(&self.observer, self.layer, permit, || requests.in_flight());
     }
 
     pub(super) fn rejected(&self) {

@@ -146,9 +146,10 @@ where
         let permit = if is_noop::<O>() {
             Permit::untimed(releaser.clone(), 0)
         } else {
-            // The permit first: an observer that panics cannot leave the request counted in flight.
             let permit = Permit::new(releaser.clone(), 0);
-            observer::admitted(&state.observer, LAYER, || state.requests.in_flight());
+            observer::admitted(&state.observer, LAYER, &permit, || {
+                state.requests.in_flight()
+            });
             permit
         };
         ResponseFuture::admitted(

@@ -52,7 +52,7 @@ impl Waiter {
         Poll::Ready(match answer {
             Ok(granted) => {
                 let permit = Permit::admitted_at(self.owner.clone(), granted.tag, granted.at);
-                self.queue.admitted();
+                self.queue.admitted(&permit);
                 Ok(permit)
             }
             Err(reason) => Err(Rejection::new(reason)),

@@ -425,8 +425,8 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
 
     /// Reports an admission (the slot was counted when it was taken). Called once the permit that gives the slot
     /// back exists, so that an observer that panics cannot keep the slot.
-    fn note_admitted(&self) {
-        observer::admitted(&self.observer, LAYER, || self.in_flight());
+    fn note_admitted(&self, permit: &Permit) {
+        observer::admitted(&self.observer, LAYER, permit, || self.in_flight());
     }
 
     fn permit(&self, owner: &Releaser, level: usize, now: Option<Instant>) -> Permit {
@@ -437,7 +437,7 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             None if self.timed => Permit::new(owner, tag),
             None => Permit::untimed(owner, tag),
         };
-        self.note_admitted();
+        self.note_admitted(&permit);
         permit
     }
 
@@ -812,8 +812,8 @@ pub(crate) trait WaitSlot: Send + Sync + 'static {
     /// A waiter's future was dropped before it collected its answer.
     fn cancel_waiter(&self, index: usize);
 
-    /// A waiter collected its admission and holds the permit for it: tells the observer.
-    fn admitted(&self);
+    /// A waiter collected its admission and holds `permit` for it: tells the observer.
+    fn admitted(&self, permit: &Permit);
 }
 
 impl<L: LimitSource, O: Observer> WaitSlot for Shared<L, O> {
@@ -825,7 +825,7 @@ impl<L: LimitSource, O: Observer> WaitSlot for Shared<L, O> {
         self.cancel_waiter_inner(index)
     }
 
-    fn admitted(&self) {
-        self.note_admitted();
+    fn admitted(&self, permit: &Permit) {
+        self.note_admitted(permit);
     }
 }
