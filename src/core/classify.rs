@@ -106,15 +106,7 @@ mod tests {
 
     #[test]
     fn every_rejection_is_a_local_error() {
-        let reasons = [
-            Reason::Overloaded,
-            Reason::QueueFull,
-            Reason::QueueTimeout,
-            Reason::CircuitOpen,
-            Reason::DeadlineExceeded,
-            Reason::RateLimited,
-        ];
-        for reason in reasons {
+        for reason in Reason::ALL {
             assert!(
                 is_local_error(&Rejection::new(reason).into_error()),
                 "{reason:?}"

@@ -22,6 +22,17 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order they are declared.
+    #[cfg(any(test, feature = "metrics"))]
+    pub(crate) const ALL: [Reason; 6] = [
+        Reason::Overloaded,
+        Reason::QueueFull,
+        Reason::QueueTimeout,
+        Reason::CircuitOpen,
+        Reason::DeadlineExceeded,
+        Reason::RateLimited,
+    ];
+
     /// A short lowercase name, used as a metrics label.
     pub const fn as_str(self) -> &'static str {
         match self {
