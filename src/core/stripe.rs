@@ -7,6 +7,7 @@
 //! the stripes. With one thread (the simulator's current-thread runtime) there is one stripe in use and the sums are
 //! exactly what a single counter would hold.
 
+use std::cell::Cell as ThreadCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// How many stripes a striped counter set has. Threads beyond this share stripes (round robin).
@@ -14,16 +15,37 @@ pub(crate) const STRIPES: usize = 8;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// [`SEQ`] before the thread has touched a striped figure.
+const UNNUMBERED: usize = usize::MAX;
+
 thread_local! {
-    // This thread's number: threads are numbered in the order they first touch a striped figure, from 0.
-    static SEQ: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    // This thread's number: threads are numbered in the order they first touch a striped figure, from 0. A plain
+    // `Cell` with a constant initialiser and a sentinel, numbered on first use by `seq`, rather than a lazily
+    // initialised value: no state flag to test on every access (a lazy thread-local tests it before each read), no
+    // destructor, so it stays readable while the thread is torn down (a permit dropped from a TLS destructor).
+    static SEQ: ThreadCell<usize> = const { ThreadCell::new(UNNUMBERED) };
+}
+
+/// This thread's number (see [`SEQ`]).
+#[inline]
+fn seq() -> usize {
+    // Never fails for a constant-initialised `Cell` without destructor; if it did, the thread would be numbered
+    // again next time, and a number is only ever used to pick a cell or a stripe.
+    let n = SEQ.try_with(ThreadCell::get).unwrap_or(UNNUMBERED);
+    if n != UNNUMBERED {
+        return n;
+    }
+    // The first touch: numbered inline (an atomic addition and a store), since a call here made every caller
+    // save registers around it on the common path too.
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let _ = SEQ.try_with(|seq| seq.set(n));
+    n
 }
 
 /// This thread's stripe index in `0..STRIPES`, fixed for the thread's life.
 #[inline]
 pub(crate) fn index() -> usize {
-    // A thread being torn down (a permit dropped from a TLS destructor) still gets a valid stripe.
-    SEQ.try_with(|n| n % STRIPES).unwrap_or(0)
+    seq() % STRIPES
 }
 
 /// How many threads own a [`Counter`] cell: the first ones numbered.
@@ -33,14 +55,18 @@ const OWNED: usize = STRIPES;
 const CELLS: usize = OWNED + STRIPES;
 
 /// This thread's [`Counter`] cell, and whether the thread owns it. The first [`OWNED`] threads each own one for
-/// life: nobody else ever writes it. Later threads (short-lived ones, such as a blocking pool's, come and go) and
-/// threads being torn down write the shared cells, round robin, as every thread wrote [`Striped`]'s.
+/// life: nobody else ever writes it. Later threads (short-lived ones, such as a blocking pool's, come and go) write
+/// the shared cells, round robin, as every thread wrote [`Striped`]'s.
 #[inline]
 fn counter_cell() -> (usize, bool) {
-    match SEQ.try_with(|n| *n) {
+    // An owner is told by one comparison: the sentinel of a thread not numbered yet is above every owner's number,
+    // so it is looked for only on the way to the shared cells.
+    match SEQ.try_with(ThreadCell::get) {
         Ok(n) if n < OWNED => (n, true),
-        Ok(n) => (OWNED + n % STRIPES, false),
-        Err(_) => (OWNED, false),
+        _ => match seq() {
+            n if n < OWNED => (n, true),
+            n => (OWNED + n % STRIPES, false),
+        },
     }
 }
 
