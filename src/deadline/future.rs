@@ -150,7 +150,9 @@ impl<F, C, T, I> State<F, C, T, I> {
     #[inline]
     fn release_unfinished(self: Pin<&mut Self>) {
         if let StateProj::Running { inner, permit, .. } = self.project() {
-            if let Some(permit) = permit.take() {
+            // Tested before it is taken: an answered request's permit is gone already, and taking it would write
+            // the empty slot again.
+            if permit.is_some() {
                 release_in_scope(inner.deadline(), permit);
             }
         }
@@ -268,9 +270,9 @@ where
 
 /// Drops an unfinished `permit` with `deadline` current: see [`State::release_unfinished`].
 #[cold]
-fn release_in_scope(deadline: Deadline, permit: Permit) {
+fn release_in_scope(deadline: Deadline, permit: &mut Option<Permit>) {
     let _scope = deadline.enter_poll();
-    drop(permit);
+    drop(permit.take());
 }
 
 /// The answer when the deadline has passed: the permit records an overload signal.
