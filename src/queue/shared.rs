@@ -306,8 +306,6 @@ pub(crate) struct Shared<L, O> {
     /// Written by every admission and release.
     slots: Slots,
     limit: L,
-    /// Whether latencies are worth a clock read: only the observer uses them, and `()` ignores them.
-    timed: bool,
     reserving: bool,
     observer: O,
     config: Config,
@@ -334,7 +332,6 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
             observer,
             reserving: config.critical_reserve > 0.0,
             config,
-            timed: !is_noop::<O>(),
             slots: Slots {
                 admitted: AtomicU64::new(0),
                 released: AtomicU64::new(0),
@@ -434,7 +431,8 @@ impl<L: LimitSource, O: Observer> Shared<L, O> {
         let tag = self.tag(level);
         let permit = match now {
             Some(now) => Permit::admitted_at(owner, tag, now),
-            None if self.timed => Permit::new(owner, tag),
+            // Latencies are worth a clock read only to an observer: `()` ignores them (a constant test).
+            None if !is_noop::<O>() => Permit::new(owner, tag),
             None => Permit::untimed(owner, tag),
         };
         self.note_admitted(&permit);
