@@ -220,14 +220,6 @@ impl Deadline {
         DeadlineScope::new(effective, future)
     }
 
-    /// Like [`Deadline::scope`] for a deadline the caller already made no later than [`Deadline::current`], which
-    /// is therefore not read again.
-    #[cfg(feature = "http")]
-    pub(crate) fn scope_earliest<F: Future>(self, future: F) -> DeadlineScope<F> {
-        debug_assert!(Deadline::current().is_none_or(|outer| self <= outer));
-        DeadlineScope::new(self, future)
-    }
-
     /// Makes this deadline [`Deadline::current`] and `now` (the caller's clock reading) [`now_in_call`] until the
     /// returned guard is dropped, which restores both (also while unwinding). The caller makes sure the deadline
     /// is no later than the current one.
@@ -344,12 +336,6 @@ impl<F> DeadlineScope<F> {
     pub fn deadline(&self) -> Deadline {
         self.deadline
     }
-
-    /// Whether the inner future has answered (and been dropped).
-    #[cfg(feature = "http")]
-    pub(crate) fn is_done(&self) -> bool {
-        self.future.is_none()
-    }
 }
 
 impl<F: Future> Future for DeadlineScope<F> {
@@ -357,18 +343,27 @@ impl<F: Future> Future for DeadlineScope<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let _enter = Restore::earliest(*this.deadline);
-        let mut future = this.future;
-        let Some(inner) = future.as_mut().as_pin_mut() else {
-            panic!("`DeadlineScope` polled after completion");
-        };
-        let output = inner.poll(cx);
-        if output.is_ready() {
-            // Dropped while the deadline is still current, as it would be had the caller dropped it.
-            future.set(None);
-        }
-        output
+        poll_in_scope(*this.deadline, this.future, cx)
+            .expect("`DeadlineScope` polled after completion")
     }
+}
+
+/// Polls `future` with `deadline` current (unless an earlier one is), and drops it, still inside, once it has
+/// answered: [`DeadlineScope`]'s poll, and the deadline layers' response futures' (whose inner future is not in a
+/// `DeadlineScope`, see `deadline::future`). `None` if it has answered already.
+#[inline]
+pub(crate) fn poll_in_scope<F: Future>(
+    deadline: Deadline,
+    mut future: Pin<&mut Option<F>>,
+    cx: &mut Context<'_>,
+) -> Option<Poll<F::Output>> {
+    let _enter = Restore::earliest(deadline);
+    let output = future.as_mut().as_pin_mut()?.poll(cx);
+    if output.is_ready() {
+        // Dropped while the deadline is still current, as it would be had the caller dropped it.
+        future.set(None);
+    }
+    Some(output)
 }
 
 impl<F> fmt::Debug for DeadlineScope<F> {

@@ -272,7 +272,8 @@ where
                 // The inner `call` is over: the deadline and the clock reading stop being current.
                 drop(call);
                 ResponseFuture::running(
-                    deadline.scope_earliest(inner),
+                    inner,
+                    deadline,
                     permit,
                     self.classify.clone(),
                     self.mode.clone(),
@@ -456,7 +457,8 @@ where
             self.inner.call(request)
         };
         PropagateFuture::running(
-            deadline.scope_earliest(inner),
+            inner,
+            deadline,
             permit,
             self.classify.clone(),
             self.mode.clone(),
