@@ -209,11 +209,11 @@ fn drop_unfinished<F>(deadline: Deadline, permit: Option<Permit>, mut inner: Pin
 /// Polls the state to its answer, dropping the inner future and the timer at once rather than whenever the caller
 /// drops the future. `invalid` answers the `Invalid` state.
 ///
-/// Only the running state (a request under a deadline, the layer's common case) is polled here, inline in the
-/// caller; the others, the passthrough of a request without any deadline included, are answered out of line by
-/// [`poll_other`]. With all of them inline, the caller's poll carried every state's code and the compiler made
-/// costlier choices around it: the benchmark's server stack ran 39 instructions a request more (docs/PERFORMANCE.md,
-/// "Stop 30").
+/// The running state (a request under a deadline, the layer's common case) is polled here, the others by
+/// [`poll_other`], both inline in the caller. `poll_other` was out of line while the inner future was held in the
+/// state's variants (inline, the server stack then ran 39 instructions a request more); with the inner future in
+/// one place, inline is the cheaper of the two for every deadline stack of the benchmark (docs/PERFORMANCE.md,
+/// "Stop 30" and "Stop 31").
 #[inline]
 fn poll_state<F, Res, E, C, M, T, I>(
     machine: Pin<&mut Machine<F, C, T, I>>,
@@ -287,8 +287,8 @@ where
     Poll::Ready(output)
 }
 
-/// [`poll_state`] for every state but the running one: out of line (see there).
-#[inline(never)]
+/// [`poll_state`] for every state but the running one (see there).
+#[inline]
 fn poll_other<F, Res, E, C, M, T, I>(
     mut inner: Pin<&mut Option<F>>,
     state: &mut State<C, T, I>,
