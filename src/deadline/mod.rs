@@ -35,9 +35,10 @@
 //!   ([`request_extension(true)`](DeadlineLayerBuilder::request_extension): for a request handed to another task
 //!   before the inner `call`, as behind tower's `Buffer`), makes it current while the inner
 //!   service's `call` runs (so a queue or a limiter inside sees it when it decides, and judges it by this layer's
-//!   clock reading instead of reading the clock again), runs the inner future inside [`Deadline::scope`] and races
-//!   it against a timer. On expiry the inner future is
-//!   dropped, the answer is deadline-exceeded and the outcome [`Outcome::Dropped`](crate::core::Outcome::Dropped).
+//!   clock reading instead of reading the clock again), runs the inner future with the deadline current, as
+//!   [`Deadline::scope`] does (around every poll and its drop), and races it against a timer. On expiry the inner
+//!   future is dropped, the answer is deadline-exceeded and the outcome
+//!   [`Outcome::Dropped`](crate::core::Outcome::Dropped).
 //!   A caller that hangs up before the deadline leaves the outcome `Ignored`; one that hangs up once it has
 //!   passed, before the timer has answered (timers fire at the next millisecond tick), `Dropped` as well.
 //!   In HTTP and gRPC modes the deadline goes on bounding the response body (see below).
