@@ -153,6 +153,16 @@ impl<F, C, T, I> Machine<F, C, T, I> {
         }
     }
 
+    /// A request without any deadline: the inner future is only forwarded.
+    fn passthrough(inner: F, classify: C) -> Self {
+        Self::new(Some(inner), None, State::Passthrough { classify })
+    }
+
+    /// A request refused before it starts: its deadline has passed, or too little of it is left.
+    fn rejected() -> Self {
+        Self::new(None, None, State::Rejected)
+    }
+
     fn running(inner: F, deadline: Deadline, permit: Permit, classify: C, sent: T) -> Self {
         // The caller made the deadline no later than the current one, which `Deadline::scope` would have taken.
         debug_assert!(Deadline::current().is_none_or(|outer| deadline <= outer));
@@ -342,10 +352,7 @@ impl<F, C, M> ResponseFuture<F, C, M> {
     }
 
     pub(super) fn passthrough(inner: F, classify: C, mode: M) -> Self {
-        Self::new(
-            Machine::new(Some(inner), None, State::Passthrough { classify }),
-            mode,
-        )
+        Self::new(Machine::passthrough(inner, classify), mode)
     }
 
     pub(super) fn running(
@@ -362,7 +369,7 @@ impl<F, C, M> ResponseFuture<F, C, M> {
     }
 
     pub(super) fn rejected(mode: M) -> Self {
-        Self::new(Machine::new(None, None, State::Rejected), mode)
+        Self::new(Machine::rejected(), mode)
     }
 
     pub(super) fn invalid(error: InvalidTimeout, mode: M) -> Self {
@@ -396,7 +403,7 @@ impl<F, C, M> fmt::Debug for ResponseFuture<F, C, M> {
 impl<F, C, M> PropagateFuture<F, C, M> {
     pub(super) fn passthrough(inner: F, classify: C, mode: M) -> Self {
         PropagateFuture {
-            machine: Machine::new(Some(inner), None, State::Passthrough { classify }),
+            machine: Machine::passthrough(inner, classify),
             mode,
         }
     }
@@ -417,7 +424,7 @@ impl<F, C, M> PropagateFuture<F, C, M> {
 
     pub(super) fn rejected(mode: M) -> Self {
         PropagateFuture {
-            machine: Machine::new(None, None, State::Rejected),
+            machine: Machine::rejected(),
             mode,
         }
     }
