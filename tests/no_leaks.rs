@@ -198,34 +198,28 @@ fn trailers(grpc_status: &'static str) -> Item {
 struct Log(Mutex<Vec<Event>>);
 
 impl Log {
+    /// What `pick` takes from each event reported, in order.
+    fn collect<T>(&self, pick: impl FnMut(&Event) -> Option<T>) -> Vec<T> {
+        self.0.lock().unwrap().iter().filter_map(pick).collect()
+    }
+
     fn admitted(&self) -> usize {
-        let events = self.0.lock().unwrap();
-        events
-            .iter()
-            .filter(|e| matches!(e, Event::Admitted { .. }))
-            .count()
+        self.collect(|e| matches!(e, Event::Admitted { .. }).then_some(()))
+            .len()
     }
 
     fn outcomes(&self) -> Vec<Outcome> {
-        let events = self.0.lock().unwrap();
-        events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Completed { outcome, .. } => Some(*outcome),
-                _ => None,
-            })
-            .collect()
+        self.collect(|e| match e {
+            Event::Completed { outcome, .. } => Some(*outcome),
+            _ => None,
+        })
     }
 
     fn rejections(&self) -> Vec<Reason> {
-        let events = self.0.lock().unwrap();
-        events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Rejected { reason, .. } => Some(*reason),
-                _ => None,
-            })
-            .collect()
+        self.collect(|e| match e {
+            Event::Rejected { reason, .. } => Some(*reason),
+            _ => None,
+        })
     }
 }
 
