@@ -215,39 +215,10 @@ async fn bypassed_requests_take_no_permit() {
 
 #[tokio::test(start_paused = true)]
 async fn windows_move_the_limit_and_report_it() {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let log = events.clone();
-    let layer = AdaptiveConcurrencyLayer::builder()
-        .initial_limit(2)
-        .algorithm(Aimd::new())
-        .min_samples(2)
-        .window(Duration::from_millis(10))
-        .observer(move |e: &Event| {
-            if let Event::LimitChanged { limit, .. } = e {
-                log.lock().unwrap().push(*limit);
-            }
-        })
-        .build()
-        .unwrap();
-    let handle = layer.handle();
-    let mut svc = layer.layer(service_fn(|ok: bool| async move {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if ok {
-            Ok(())
-        } else {
-            Err(BoxError::from("timeout"))
-        }
-    }));
     // Two at a time fill the limit of 2: AIMD adds one per window.
-    for _ in 0..3 {
-        let a = svc.ready().await.unwrap().call(true);
-        let b = svc.ready().await.unwrap().call(true);
-        let (a, b) = tokio::join!(a, b);
-        a.unwrap();
-        b.unwrap();
-    }
+    let (told, handle) = limits_told(|_, _| {}).await;
     assert!(handle.limit() > 2, "limit {}", handle.limit());
-    assert_eq!(*events.lock().unwrap().last().unwrap(), handle.limit());
+    assert_eq!(*told.last().unwrap(), handle.limit());
     let snapshot = handle.snapshot();
     assert!(snapshot.windows >= 1);
     assert_eq!(snapshot.algorithm, "aimd");
