@@ -1343,6 +1343,18 @@ fn failing_after(
     })
 }
 
+/// The error of one call through `client`, made with 3 s left.
+async fn error_with_3s_left<S>(client: S, headers: &[(&str, &str)]) -> BoxError
+where
+    S: Service<Request<String>, Error = BoxError>,
+{
+    Deadline::after(Duration::from_secs(3))
+        .scope(client.oneshot(request(headers)))
+        .await
+        .err()
+        .expect("the call fails")
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_error_once_the_sent_budget_is_spent_is_deadline_exceeded() {
     // 3 s left, a 100 ms margin: the next hop is told 2.9 s, and the transport gives up at 2.9 s.
@@ -1350,41 +1362,32 @@ async fn an_error_once_the_sent_budget_is_spent_is_deadline_exceeded() {
         .margin(Duration::from_millis(100))
         .build()
         .unwrap();
-    let error = Deadline::after(Duration::from_secs(3))
-        .scope(
-            layer
-                .layer(failing_after(Duration::from_millis(2_900)))
-                .oneshot(request(&[])),
-        )
-        .await
-        .unwrap_err();
+    let error = error_with_3s_left(
+        layer.layer(failing_after(Duration::from_millis(2_900))),
+        &[],
+    )
+    .await;
     assert!(error.is::<DeadlineExceeded>(), "{error}");
     let s = layer.handle().snapshot();
     assert_eq!((s.in_flight, s.dropped), (0, 1));
 
     // An error while budget is left is the transport's own, passed on as it is and not an overload signal.
-    let error = Deadline::after(Duration::from_secs(3))
-        .scope(
-            layer
-                .layer(failing_after(Duration::from_millis(2_000)))
-                .oneshot(request(&[])),
-        )
-        .await
-        .unwrap_err();
+    let error = error_with_3s_left(
+        layer.layer(failing_after(Duration::from_millis(2_000))),
+        &[],
+    )
+    .await;
     assert!(!error.is::<DeadlineExceeded>(), "{error}");
     assert_eq!(error.to_string(), "transport gave up");
     assert_eq!(layer.handle().snapshot().dropped, 1);
 
     // The caller already set a smaller grpc-timeout (1 s), which the layer keeps: the transport enforces that one,
     // so its error at 1 s is the expiry too.
-    let error = Deadline::after(Duration::from_secs(3))
-        .scope(
-            layer
-                .layer(failing_after(Duration::from_secs(1)))
-                .oneshot(request(&[("grpc-timeout", "1S")])),
-        )
-        .await
-        .unwrap_err();
+    let error = error_with_3s_left(
+        layer.layer(failing_after(Duration::from_secs(1))),
+        &[("grpc-timeout", "1S")],
+    )
+    .await;
     assert!(error.is::<DeadlineExceeded>(), "{error}");
     assert_eq!(layer.handle().snapshot().dropped, 2);
 }
@@ -1419,14 +1422,11 @@ async fn with_no_timeout_header_written_an_error_before_the_deadline_is_the_inne
         .build()
         .unwrap();
     // 3 s left, a 100 ms margin: the call fails at 2.95 s, after `deadline - margin` but before the deadline.
-    let error = Deadline::after(Duration::from_secs(3))
-        .scope(
-            layer
-                .layer(failing_after(Duration::from_millis(2_950)))
-                .oneshot(request(&[])),
-        )
-        .await
-        .unwrap_err();
+    let error = error_with_3s_left(
+        layer.layer(failing_after(Duration::from_millis(2_950))),
+        &[],
+    )
+    .await;
     assert!(!error.is::<DeadlineExceeded>(), "{error}");
     assert_eq!(error.to_string(), "transport gave up");
     let s = layer.handle().snapshot();
