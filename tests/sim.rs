@@ -663,32 +663,35 @@ fn overload_example_refuses_two_scenarios_of_one_name() {
     let short = ONE_WORKER.replace("duration_s = 20", "duration_s = 0.1");
     std::fs::write(&a, &short).unwrap();
     std::fs::write(&b, short.replace("rps = 50.0", "rps = 20.0")).unwrap();
-    let output = std::process::Command::new(&exe)
-        .args(["--json", "--scenario"])
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // Refused: exit code 2 and one line on stderr, which is returned.
+    let refused = |args: &[&std::ffi::OsStr]| {
+        let output = std::process::Command::new(&exe)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        stderr
+    };
+    let stderr = refused(&[
+        "--json".as_ref(),
+        "--scenario".as_ref(),
+        a.as_ref(),
+        b.as_ref(),
+    ]);
     assert!(
         stderr.contains("b.toml") && stderr.contains("one-worker"),
         "{stderr}"
     );
     // The same goes for a strategy named twice.
-    let output = std::process::Command::new(&exe)
-        .args([
-            "--json",
-            "--strategy",
-            "unprotected,unprotected",
-            "--scenario",
-        ])
-        .arg(&a)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let stderr = refused(&[
+        "--json".as_ref(),
+        "--strategy".as_ref(),
+        "unprotected,unprotected".as_ref(),
+        "--scenario".as_ref(),
+        a.as_ref(),
+    ]);
     assert!(stderr.contains("unprotected"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
