@@ -377,6 +377,20 @@ async fn a_restarted_monitor_shows_none_of_the_last_runs_figures() {
 /// A user probe is user code: one that panics on a reading (a `/proc` read that failed, unwrapped) must cost that
 /// reading, not the monitor. Its task died with the panic, and the monitor failed open for good: no more lag or
 /// probe samples, and no shedding however loaded the runtime became.
+/// Starts `monitor` (sampling every 10 ms) and lets it run 55 ms: its task must still run, with a sample taken every
+/// interval, whatever panicked (`whose` panic) on the way. Returns the guard and the snapshot then.
+async fn five_samples(monitor: &RuntimeMonitor, whose: &str) -> (MonitorGuard, RuntimeSnapshot) {
+    let guard = monitor.start().unwrap();
+    tokio::time::sleep(55 * MS).await;
+    let snap = monitor.snapshot();
+    assert!(snap.running, "the probe task died with {whose} panic");
+    assert_eq!(
+        snap.samples, 5,
+        "a sample every interval, {whose} panic's too"
+    );
+    (guard, snap)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_user_probe_costs_one_reading_not_the_monitor() {
     use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
@@ -392,17 +406,7 @@ async fn a_panicking_user_probe_costs_one_reading_not_the_monitor() {
         .max_probe("memory", probe, 100, 50)
         .build()
         .unwrap();
-    let guard = monitor.start().unwrap();
-    tokio::time::sleep(55 * MS).await;
-    let snap = monitor.snapshot();
-    assert!(
-        snap.running,
-        "the probe task died with the user probe's panic"
-    );
-    assert_eq!(
-        snap.samples, 5,
-        "a sample every interval, the failed reading's too"
-    );
+    let (guard, snap) = five_samples(&monitor, "the user probe's").await;
     assert_eq!(snap.probe, Some(200));
     assert!(snap.under_pressure, "the readings after the panic count");
     guard.stop().await;
@@ -461,14 +465,7 @@ async fn a_panicking_observer_does_not_stop_the_monitor() {
         .observer(observer)
         .build()
         .unwrap();
-    let guard = monitor.start().unwrap();
-    tokio::time::sleep(55 * MS).await;
-    let snap = monitor.snapshot();
-    assert!(
-        snap.running,
-        "the probe task died with the observer's panic"
-    );
-    assert_eq!(snap.samples, 5);
+    let (guard, _) = five_samples(&monitor, "the observer's").await;
     // The rest of a sample's work is done: the pressure is set, and the change told and counted.
     feed(&monitor, &mut monitor.evaluator(), lag(80));
     assert!(monitor.is_under_pressure());
