@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tower_backpressure::core::{
     error, grpc::code, retry_after_millis, retry_after_secs, AnyOk, Classify, ConfigError,
     Deadline, ErrorMode, Event, GrpcClassifier, GrpcMode, HttpMode, HttpStatus, Observer, Outcome,
-    Permit, Reason, RejectMode, Rejection, Release, Releaser, ResponseFuture,
+    Permit, Reason, RejectMode, Rejection, Release, Releaser, ResponseFuture, TrackedBody,
 };
 
 /// Records every release, so a test sees both the outcome and that there was exactly one.
@@ -469,6 +469,20 @@ fn streaming() -> (Frames, Streaming) {
     (tx, StreamBody::new(rx))
 }
 
+/// A gRPC answer (200, with `grpc-status` in its head if given) whose streaming body is tracked by the classifier
+/// with a permit logged into `log`, and the sender that feeds the body.
+fn tracked_grpc_stream(
+    log: &Arc<Log>,
+    head_status: Option<&'static str>,
+) -> (Frames, TrackedBody<Streaming, GrpcClassifier>) {
+    let (tx, body) = streaming();
+    let res: Result<_, Infallible> = GrpcClassifier::new().finish(
+        Ok(grpc_response(StatusCode::OK, head_status, body)),
+        Some(permit(log)),
+    );
+    (tx, res.unwrap().into_body())
+}
+
 fn trailers(grpc_status: &'static str) -> Frame<Bytes> {
     let mut t = HeaderMap::new();
     t.insert("grpc-status", HeaderValue::from_static(grpc_status));
@@ -500,12 +514,7 @@ async fn grpc_status_in_trailers_at_end_of_body() {
         ("5", Outcome::Success),
     ] {
         let log = Log::new();
-        let (tx, body) = streaming();
-        let res: Result<_, Infallible> = GrpcClassifier::new().finish(
-            Ok(grpc_response(StatusCode::OK, None, body)),
-            Some(permit(&log)),
-        );
-        let mut body = res.unwrap().into_body();
+        let (tx, mut body) = tracked_grpc_stream(&log, None);
         tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"msg"))))
             .unwrap();
         let _ = body.frame().await.unwrap().unwrap();
@@ -524,12 +533,7 @@ async fn grpc_body_dropped_right_after_its_trailers_keeps_their_outcome() {
     // a streaming body need not report its end before it is polled once more: the trailers are the end.
     for (status, outcome) in [("0", Outcome::Success), ("14", Outcome::Dropped)] {
         let log = Log::new();
-        let (tx, body) = streaming();
-        let res: Result<_, Infallible> = GrpcClassifier::new().finish(
-            Ok(grpc_response(StatusCode::OK, None, body)),
-            Some(permit(&log)),
-        );
-        let mut body = res.unwrap().into_body();
+        let (tx, mut body) = tracked_grpc_stream(&log, None);
         tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"msg"))))
             .unwrap();
         tx.unbounded_send(Ok(trailers(status))).unwrap();
@@ -555,13 +559,8 @@ async fn grpc_body_dropped_right_after_its_trailers_keeps_their_outcome() {
 #[tokio::test]
 async fn grpc_stream_ending_without_status_is_failure() {
     let log = Log::new();
-    let (tx, body) = streaming();
-    let res: Result<_, Infallible> = GrpcClassifier::new().finish(
-        Ok(grpc_response(StatusCode::OK, None, body)),
-        Some(permit(&log)),
-    );
+    let (tx, mut body) = tracked_grpc_stream(&log, None);
     drop(tx);
-    let mut body = res.unwrap().into_body();
     assert!(body.frame().await.is_none());
     assert_eq!(log.outcomes(), [Outcome::Failure]);
 }
@@ -655,12 +654,7 @@ async fn body_of_a_failed_response_dropped_unread_keeps_the_heads_outcome() {
     }
     // The same for a gRPC status in the head of a stream, dropped half-read.
     let log = Log::new();
-    let (tx, body) = streaming();
-    let res: Result<_, Infallible> = GrpcClassifier::new().finish(
-        Ok(grpc_response(StatusCode::OK, Some("14"), body)),
-        Some(permit(&log)),
-    );
-    let mut body = res.unwrap().into_body();
+    let (tx, mut body) = tracked_grpc_stream(&log, Some("14"));
     tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"half"))))
         .unwrap();
     assert!(body.frame().await.unwrap().is_ok());
@@ -693,7 +687,7 @@ async fn http_error_result_records_failure() {
     assert!(res.is_err());
     assert_eq!(log.outcomes(), [Outcome::Failure]);
 }
-type TrackedEmpty = tower_backpressure::core::TrackedBody<Empty<Bytes>>;
+type TrackedEmpty = TrackedBody<Empty<Bytes>>;
 
 // ---------------------------------------------------------------- observers, config errors, deadlines
 
